@@ -1,0 +1,250 @@
+"""The `retrieval` command: train, index, evaluate, serve, demo.
+
+Every subcommand validates its inputs at the edge; a bad spec, path, model URI or
+argument is reported as one clear line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from retrieval.errors import RetrievalError
+
+logger = logging.getLogger("retrieval")
+
+DEFAULT_DEMO_SPEC = "jobs/digits_deep_metric.yaml"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # A fresh local ray.init() turns on token authentication; a local demo needs none.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    try:
+        result: int = args.handler(args)
+        return result
+    except RetrievalError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retrieval", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a job spec with Ray Train, evaluate, register in MLflow")
+    train.add_argument("spec", help="job spec YAML (jobs/...)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a spec key, e.g. train.epochs=3")
+    train.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or a new local cluster)")
+    train.add_argument("--summary", type=Path, default=None, help="write the outcome as JSON here")
+    train.set_defaults(handler=_train)
+
+    index = commands.add_parser("index", help="embed a gallery with a registered model and write a sharded Faiss index")
+    index.add_argument("--model", required=True, help="models:/name/version, models:/name@alias, or a model package folder")
+    index.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    index.add_argument("--out", default=None, help="index root folder (default: the model's job spec index.out)")
+    index.add_argument("--shards", type=int, default=None, help="number of shards (default: from the job spec)")
+    index.add_argument("--factory", default=None, help="Faiss factory string (default: from the job spec)")
+    index.add_argument("--gallery", choices=["test", "train", "all"], default=None, help="which split to index")
+    index.set_defaults(handler=_index)
+
+    evaluate = commands.add_parser("evaluate", help="score a registered model on its job's held-out split")
+    evaluate.add_argument("--model", required=True, help="models:/name/version, models:/name@alias, or a model package folder")
+    evaluate.add_argument("--tracking-uri", default=None)
+    evaluate.set_defaults(handler=_evaluate)
+
+    serve = commands.add_parser("serve", help="run a Serve config file (serve/...yaml) until Ctrl-C")
+    serve.add_argument("config", help="Ray Serve config file")
+    serve.add_argument("--address", default=None, help="Ray cluster address (default: a new local cluster)")
+    serve.set_defaults(handler=_serve)
+
+    demo = commands.add_parser("demo", help="train, register, index, serve and query the bundled digits, end to end")
+    demo.add_argument("--spec", default=DEFAULT_DEMO_SPEC, help=f"job spec (default {DEFAULT_DEMO_SPEC})")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default 8000)")
+    demo.add_argument("--once", action="store_true", help="stop after the sample queries instead of serving until Ctrl-C")
+    demo.add_argument("--summary", type=Path, default=None, help="write the demo's JSON summary here")
+    demo.add_argument("--address", default=None, help="Ray cluster address (default: a new local cluster)")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def _train(args: argparse.Namespace) -> int:
+    from retrieval.config import load_job_spec
+
+    spec = load_job_spec(args.spec, args.overrides)
+    _init_ray(args.address)
+    from retrieval.train import run_training
+
+    outcome = run_training(spec)
+    print(format_results_table(outcome.metrics, outcome.baselines, ks=spec.evaluation.recall_ks))
+    print(_registration_line(outcome.summary()))
+    if args.summary:
+        _write_json(args.summary, outcome.summary())
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    manifest = build_index_from_model(
+        args.model,
+        tracking_uri=_tracking_uri(args.tracking_uri),
+        out=args.out,
+        shards=args.shards,
+        factory=args.factory,
+        gallery=args.gallery,
+    )
+    print(f"index manifest: {manifest}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from retrieval.data.from_spec import datasets_from_spec
+    from retrieval.evaluation.runs import embed_dataset, score_embeddings
+    from retrieval.tracking import load_embedder
+
+    package = load_embedder(args.model, tracking_uri=_tracking_uri(args.tracking_uri))
+    test = datasets_from_spec(package.spec.dataset).test
+    vectors = embed_dataset(lambda batch: package.method.embed(package.model, batch), test, device=package.device)
+    metrics = score_embeddings(vectors, test.labels, ks=package.spec.evaluation.recall_ks)
+    print(format_results_table(metrics, {}, ks=package.spec.evaluation.recall_ks))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import time
+
+    from ray import serve
+
+    from retrieval.config import read_yaml_mapping
+    from retrieval.serving.app import build_app
+
+    config = read_yaml_mapping(args.config)
+    applications = config.get("applications") or []
+    if not applications:
+        raise RetrievalError(f"{args.config}: no 'applications' to run")
+    _init_ray(args.address)
+    http = config.get("http_options") or {}
+    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": int(http.get("port", 8000))})
+    for application in applications:
+        serve.run(
+            build_app(application.get("args") or {}),
+            name=application.get("name", "retrieval"),
+            route_prefix=application.get("route_prefix", "/"),
+        )
+    print(f"serving on http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)} (Ctrl-C to stop)")
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from retrieval.demo import run_demo
+
+    summary = run_demo(
+        spec_path=args.spec,
+        overrides=args.overrides,
+        port=args.port,
+        once=args.once,
+        address=args.address,
+        summary_path=args.summary,
+    )
+    return 0 if summary["queries"] and all(query["ok"] for query in summary["queries"]) else 1
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def build_index_from_model(
+    model_uri: str,
+    *,
+    tracking_uri: str,
+    out: str | None = None,
+    shards: int | None = None,
+    factory: str | None = None,
+    gallery: str | None = None,
+) -> Path:
+    """`retrieval index`: settings default to the model's own job spec."""
+    from retrieval.index.gallery import build_gallery_index
+    from retrieval.index.manifest import ModelRef
+    from retrieval.tracking import load_embedder
+    from retrieval.tracking.registry import resolve_model_version
+
+    package = load_embedder(model_uri, tracking_uri=tracking_uri)
+    if model_uri.startswith("models:/"):
+        name, version = resolve_model_version(model_uri, tracking_uri=tracking_uri)
+        reference = ModelRef(name=name, version=version, uri=f"models:/{name}/{version}")
+    else:
+        folder = str(Path(model_uri).resolve())
+        reference = ModelRef(name=package.spec.registered_model_name, version="local", uri=folder)
+    spec = package.spec
+    return build_gallery_index(
+        package,
+        model=reference,
+        out_root=out or spec.index_root,
+        gallery=gallery or spec.index.gallery,  # type: ignore[arg-type]
+        num_shards=shards or spec.index.num_shards,
+        factory=factory or spec.index.factory,
+        metric=spec.index.metric,
+        batch_size=spec.train.embed_batch_size,
+    )
+
+
+def format_results_table(
+    metrics: Mapping[str, float], baselines: Mapping[str, Mapping[str, float]], *, ks: Sequence[int]
+) -> str:
+    """A plain-text table: one row per model, Recall@K columns and mAP@R."""
+    columns = [f"recall@{k}" for k in ks] + ["map@r"]
+    rows = {"trained": metrics, **baselines}
+    width = max(len(name) for name in rows) + 2
+    lines = ["model".ljust(width) + "".join(column.rjust(11) for column in columns)]
+    for name, values in rows.items():
+        lines.append(name.ljust(width) + "".join(f"{values.get(column, float('nan')):11.4f}" for column in columns))
+    return "\n".join(lines)
+
+
+def _registration_line(summary: Mapping[str, Any]) -> str:
+    model = summary["model"]
+    status = "promoted to champion" if summary["promoted_to_champion"] else f"not promoted (gate {summary['gate']})"
+    return f"registered {model['name']} version {model['version']} ({', '.join(model['aliases'])}); {status}"
+
+
+def _tracking_uri(value: str | None) -> str:
+    from retrieval.tracking.runs import resolve_tracking_uri
+
+    return resolve_tracking_uri(value or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"))
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Builds a job's train and test datasets from its (already validated) data settings."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from retrieval.data.base import ImageDataset
+from retrieval.data.digits import load_digits_dataset
+from retrieval.data.image_folder import load_image_folder
+from retrieval.data.splits import (
+    split_by_class_fraction,
+    split_by_class_ranges,
+    split_by_image_fraction,
+)
+from retrieval.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    eval_transform,
+    train_transform,
+)
+from retrieval.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+DatasetName = Literal["digits", "image_folder"]
+SplitMode = Literal["class_ranges", "class_fraction", "image_fraction"]
+DATASET_NAMES: tuple[str, ...] = ("digits", "image_folder")
+SPLIT_MODES: tuple[str, ...] = ("class_ranges", "class_fraction", "image_fraction")
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    """A job's two datasets: `train` with the training transform, `test` with the eval one."""
+
+    train: ImageDataset
+    test: ImageDataset
+
+
+def _load(name: DatasetName, *, root: str | None) -> ImageDataset:
+    if name == "digits":
+        return load_digits_dataset()
+    if name == "image_folder":
+        if root is None:
+            raise DatasetError("dataset 'image_folder' needs a root folder (root/<class>/<image>), got root=None")
+        return load_image_folder(root=root)
+    raise DatasetError(f"unknown dataset name {name!r}; expected one of {list(DATASET_NAMES)}")
+
+
+def _class_range_indices(
+    labels: np.ndarray,
+    *,
+    num_classes: int,
+    train_classes: Sequence[int] | None,
+    test_classes: Sequence[int] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    all_classes = list(range(num_classes))
+    if train_classes is None:
+        if test_classes is None:
+            # The usual zero-shot protocol (digits 0-4 / 5-9, CUB 1-100 / 101-200, Cars 1-98 / 99-196).
+            train_classes, test_classes = all_classes[: num_classes // 2], all_classes[num_classes // 2 :]
+        else:
+            excluded = set(test_classes)
+            train_classes = [class_id for class_id in all_classes if class_id not in excluded]
+    elif test_classes is None:
+        excluded = set(train_classes)
+        test_classes = [class_id for class_id in all_classes if class_id not in excluded]
+    return split_by_class_ranges(labels=labels, train_classes=train_classes, test_classes=test_classes)
+
+
+def build_datasets(
+    *,
+    name: DatasetName,
+    root: str | None,
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    augment: bool,
+    split_mode: SplitMode,
+    train_classes: Sequence[int] | None,
+    test_classes: Sequence[int] | None,
+    train_fraction: float,
+    seed: int,
+) -> DatasetSplits:
+    """Loads a dataset and splits it into a train and a test dataset.
+
+    The train split gets `train_transform(augment=augment)`, the test split
+    `eval_transform`; both keep the full dataset's class ids and class names.
+
+    Args:
+        name: "digits" (bundled, default protocol: classes 0-4 train, 5-9 test) or
+            "image_folder" (`root/<class>/<image>`).
+        root: The dataset folder; required for "image_folder", ignored for "digits".
+        image_size: Side of the square model input, in pixels.
+        mean: Per-channel normalisation mean.
+        std: Per-channel normalisation standard deviation.
+        augment: Random crop/rotation on the train split.
+        split_mode: "class_ranges" (`train_classes` / `test_classes`; when both are
+            None the first half of the class ids trains and the second half tests, when
+            one is None it is the complement of the other), "class_fraction" (random
+            class-disjoint split) or "image_fraction" (per-class image split).
+        train_classes: Class ids of the train split, for "class_ranges".
+        test_classes: Class ids of the test split, for "class_ranges".
+        train_fraction: Fraction of classes ("class_fraction") or of each class's
+            images ("image_fraction") used for training.
+        seed: Seed of the random split modes.
+
+    Returns:
+        The train and test datasets.
+
+    Raises:
+        DatasetError: The dataset cannot be read or the split is invalid.
+    """
+    dataset = _load(name, root=root)
+    if split_mode == "class_ranges":
+        train_indices, test_indices = _class_range_indices(
+            dataset.labels, num_classes=dataset.num_classes, train_classes=train_classes, test_classes=test_classes
+        )
+    elif split_mode == "class_fraction":
+        train_indices, test_indices = split_by_class_fraction(
+            labels=dataset.labels, num_classes=dataset.num_classes, train_fraction=train_fraction, seed=seed
+        )
+    elif split_mode == "image_fraction":
+        train_indices, test_indices = split_by_image_fraction(
+            labels=dataset.labels, train_fraction=train_fraction, seed=seed
+        )
+    else:
+        raise DatasetError(f"unknown split_mode {split_mode!r}; expected one of {list(SPLIT_MODES)}")
+    logger.info(
+        "dataset %s split %s: %d train images, %d test images", name, split_mode, len(train_indices), len(test_indices)
+    )
+    return DatasetSplits(
+        train=dataset.subset(train_indices).with_transform(
+            train_transform(image_size=image_size, mean=mean, std=std, augment=augment)
+        ),
+        test=dataset.subset(test_indices).with_transform(eval_transform(image_size=image_size, mean=mean, std=std)),
+    )

@@ -1,0 +1,161 @@
+"""`retrieval demo`: the whole platform on the bundled digits, end to end.
+
+Train with Ray Train (the spec's workers) -> evaluate beside baselines -> MLflow run and
+registered version -> 2-shard Faiss index of the held-out gallery -> Ray Serve on
+127.0.0.1 -> sample queries over HTTP (by image upload, by vector, by gallery id).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+
+from retrieval.config import load_job_spec
+from retrieval.index.gallery import gallery_dataset
+from retrieval.index.manifest import read_manifest
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_QUERY_COUNT = 3
+SAMPLE_K = 5
+APP_NAME = "retrieval"
+
+
+def run_demo(
+    *,
+    spec_path: str,
+    overrides: Sequence[str],
+    port: int,
+    once: bool,
+    address: str | None,
+    summary_path: Path | None,
+) -> dict[str, Any]:
+    """Run the demo; returns (and optionally writes) its JSON summary."""
+    import ray
+    from ray import serve
+
+    from retrieval.cli import build_index_from_model, format_results_table
+    from retrieval.serving.app import build_app
+    from retrieval.tracking import load_embedder
+    from retrieval.train import run_training
+
+    spec = load_job_spec(spec_path, overrides)
+    if not ray.is_initialized():
+        ray.init(address=address)
+
+    print(f"== 1/4 training {spec.name} with Ray Train ({spec.scaling.num_workers} workers, {spec.train.epochs} epochs)")
+    outcome = run_training(spec)
+    print(format_results_table(outcome.metrics, outcome.baselines, ks=spec.evaluation.recall_ks))
+    model_uri = outcome.model.uri
+    print(f"registered {model_uri} (aliases: {', '.join(outcome.model.aliases)})")
+
+    print(f"== 2/4 building a {spec.index.num_shards}-shard Faiss index of the held-out gallery")
+    tracking_uri = _absolute_tracking_uri(spec.tracking.tracking_uri)
+    manifest_path = build_index_from_model(model_uri, tracking_uri=tracking_uri, out=spec.index_root)
+    manifest, _ = read_manifest(manifest_path)
+    print(f"index {manifest.index_version}: {manifest.num_items} items in {len(manifest.shards)} shards -> {manifest_path}")
+
+    print(f"== 3/4 starting Ray Serve on http://127.0.0.1:{port}")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(
+        build_app({"index": str(Path(spec.index_root).resolve()), "tracking_uri": tracking_uri}),
+        name=APP_NAME,
+        route_prefix="/",
+    )
+    base_url = f"http://127.0.0.1:{port}"
+
+    print("== 4/4 sample queries over HTTP")
+    package = load_embedder(model_uri, tracking_uri=tracking_uri)
+    queries = sample_queries(base_url, package=package, gallery=spec.index.gallery)
+    for query in queries:
+        labels = " ".join(str(hit["label"]) for hit in query["results"])
+        mark = "ok" if query["ok"] else f"FAILED ({query.get('error')})"
+        print(f"  {query['kind']:>6} query, digit {query['query_label']} ({query['query_source']}): top-{SAMPLE_K} labels {labels}  [{mark}]")
+
+    summary = {
+        "job": spec.name,
+        "metrics": outcome.metrics,
+        "baselines": outcome.baselines,
+        "model": {"name": outcome.model.name, "version": outcome.model.version, "aliases": list(outcome.model.aliases), "uri": model_uri},
+        "promoted_to_champion": outcome.promoted,
+        "mlflow": {"tracking_uri": tracking_uri, "run_id": outcome.run_id, "experiment": spec.tracking.experiment},
+        "index": {"manifest": str(Path(manifest_path).resolve()), "index_version": manifest.index_version, "shards": len(manifest.shards), "items": manifest.num_items},
+        "url": base_url,
+        "queries": queries,
+    }
+    if summary_path is not None:
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"summary written to {summary_path}")
+
+    if once:
+        serve.delete(APP_NAME)
+        return summary
+    print(f"\nserving {base_url} (POST /search/image, /search/vector, /search/id; GET /version, /healthz; docs at {base_url}/docs)")
+    print(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)")
+    print("Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping")
+    finally:
+        serve.shutdown()
+    return summary
+
+
+def sample_queries(base_url: str, *, package: Any, gallery: str, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Query the live service three ways for a few gallery items of different classes."""
+    dataset = gallery_dataset(package, gallery)  # type: ignore[arg-type]
+    first_of_class: dict[int, int] = {}
+    for position, label in enumerate(dataset.labels):
+        first_of_class.setdefault(int(label), position)
+    chosen = sorted(first_of_class.values())[:SAMPLE_QUERY_COUNT]
+    version = requests.get(f"{base_url}/version", timeout=timeout).json()
+
+    queries: list[dict[str, Any]] = []
+    for position in chosen:
+        image = dataset.load_image(position)
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        vector = package.embed_images([image])[0]
+        requests_to_make = [
+            ("image", lambda: requests.post(f"{base_url}/search/image", files={"file": ("query.png", png.getvalue(), "image/png")}, data={"k": str(SAMPLE_K)}, timeout=timeout)),
+            ("vector", lambda: requests.post(f"{base_url}/search/vector", json={"vector": np.asarray(vector).tolist(), "k": SAMPLE_K}, timeout=timeout)),
+            ("id", lambda: requests.post(f"{base_url}/search/id", json={"id": position, "k": SAMPLE_K}, timeout=timeout)),
+        ]
+        label_name = dataset.class_names[int(dataset.labels[position])]
+        for kind, send in requests_to_make:
+            response = send()
+            body = response.json()
+            results = body.get("results", [])
+            queries.append(
+                {
+                    "kind": kind,
+                    "query_id": position,
+                    "query_label": label_name,
+                    "query_source": dataset.source(position),
+                    "status": response.status_code,
+                    "ok": response.status_code == 200 and body.get("index_version") == version["index_version"],
+                    "model_version": body.get("model", {}).get("version"),
+                    "index_version": body.get("index_version"),
+                    "results": [{"id": hit["id"], "score": hit["score"], "label": hit.get("label"), "source": hit.get("source")} for hit in results],
+                    "precision_at_k": float(np.mean([hit.get("label") == label_name for hit in results])) if results else 0.0,
+                    **({"error": body.get("error")} if response.status_code != 200 else {}),
+                }
+            )
+    return queries
+
+
+def _absolute_tracking_uri(uri: str) -> str:
+    from retrieval.tracking.runs import resolve_tracking_uri
+
+    return resolve_tracking_uri(uri)

@@ -1,0 +1,391 @@
+"""Build a versioned, sharded Faiss index on disk, and load one verified shard back.
+
+Each shard holds a contiguous range of the (sorted) gallery ids, so a shard's manifest
+entry says which ids it owns and a lookup by id goes to exactly one shard. Every shard
+returns global ids, so per-shard results merge without translation (see `merge.merge_topk`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+
+from retrieval.errors import IndexIntegrityError
+from retrieval.index.manifest import (
+    IndexManifest,
+    ModelRef,
+    ShardInfo,
+    set_current_version,
+    version_name_is_valid,
+    write_manifest,
+)
+
+logger = logging.getLogger(__name__)
+
+_FAISS_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+_HASH_CHUNK_BYTES = 1 << 20
+
+
+def faiss_metric(metric: str) -> int:
+    """Map ``"ip"`` / ``"l2"`` to the Faiss metric constant.
+
+    Raises:
+        ValueError: any other name.
+    """
+    if metric not in _FAISS_METRICS:
+        raise ValueError(f"metric must be one of {sorted(_FAISS_METRICS)}, got {metric!r}")
+    return _FAISS_METRICS[metric]
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes, read in chunks (shards can be large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(_HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def new_index_version() -> str:
+    """A fresh version name: a UTC timestamp (sorts by creation time) and a random suffix.
+
+    The suffix keeps two builds started in the same microsecond apart.
+    """
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def _validate_inputs(
+    *,
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    items: Sequence[Mapping[str, Any]],
+    num_shards: int,
+    index_version: str | None,
+    train_sample: int,
+    add_batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    vectors = np.asarray(vectors)
+    ids = np.asarray(ids)
+    if vectors.ndim != 2:
+        raise ValueError(f"vectors must be a 2-D array [N, D], got shape {vectors.shape}")
+    count, dim = vectors.shape
+    if count == 0 or dim == 0:
+        raise ValueError(f"vectors must be non-empty, got shape {vectors.shape}")
+    if ids.shape != (count,):
+        raise ValueError(f"ids must have shape [N] = ({count},) to match vectors {vectors.shape}, got {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must be integers, got dtype {ids.dtype}")
+    if len(items) != count:
+        raise ValueError(f"items must hold one mapping per vector: {count} vectors but {len(items)} items")
+    if not 1 <= num_shards <= count:
+        raise ValueError(f"num_shards must be between 1 and the number of vectors ({count}), got {num_shards}")
+    if train_sample < 1:
+        raise ValueError(f"train_sample must be >= 1, got {train_sample}")
+    if add_batch_size < 1:
+        raise ValueError(f"add_batch_size must be >= 1, got {add_batch_size}")
+    if index_version is not None and not version_name_is_valid(index_version):
+        raise ValueError(
+            f"index_version {index_version!r} must start with a letter or digit and hold only "
+            "letters, digits, '.', '_' and '-'"
+        )
+    if (ids < 0).any():
+        # Faiss pads missing results with id -1: a negative gallery id would be ambiguous.
+        raise ValueError(f"ids must be >= 0, got {int(ids.min())}")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    bad_rows = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if bad_rows.size:
+        raise ValueError(
+            f"vectors hold non-finite values (NaN or inf) in {bad_rows.size} rows, first at row {int(bad_rows[0])}"
+        )
+    unique_ids, counts = np.unique(ids, return_counts=True)
+    duplicated = unique_ids[counts > 1]
+    if duplicated.size:
+        raise ValueError(f"ids must be unique; {duplicated.size} repeat, e.g. {duplicated[:5].tolist()}")
+    return vectors, ids.astype(np.int64)
+
+
+def _new_shard_index(*, dim: int, factory: str, metric: str) -> faiss.Index:
+    try:
+        index = faiss.index_factory(dim, factory, faiss_metric(metric))
+    except RuntimeError as error:
+        raise ValueError(f"faiss cannot build factory {factory!r} for dim {dim}: {error}") from error
+    if isinstance(index, faiss.IndexIDMap) and not isinstance(index, faiss.IndexIDMap2):
+        raise ValueError(
+            f"factory {factory!r} gives an IndexIDMap, which cannot reconstruct vectors by id; use 'IDMap2,...'"
+        )
+    if not isinstance(index, faiss.IndexIDMap2):
+        index = faiss.IndexIDMap2(index)
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        ivf = None
+    if ivf is not None:
+        # An IVF index reconstructs a vector only through a direct map from its internal ids;
+        # made while empty, the map is kept up to date by every add and saved with the index.
+        ivf.make_direct_map()
+    return index
+
+
+def _write_items(path: Path, ids: np.ndarray, items: Sequence[Mapping[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8") as stream:
+        for item_id, item in zip(ids.tolist(), items, strict=True):
+            if "id" in item and item["id"] != item_id:
+                raise ValueError(f"item for id {item_id} carries a different 'id' field: {item['id']!r}")
+            try:
+                line = json.dumps({**item, "id": item_id}, sort_keys=True)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"item for id {item_id} is not JSON-serialisable: {error}") from error
+            stream.write(line + "\n")
+
+
+def build_shards(
+    *,
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    items: Sequence[Mapping[str, Any]],
+    out_root: str | Path,
+    num_shards: int,
+    factory: str = "Flat",
+    metric: Literal["ip", "l2"] = "ip",
+    model: ModelRef,
+    gallery: Mapping[str, Any],
+    index_version: str | None = None,
+    train_sample: int = 100_000,
+    add_batch_size: int = 65_536,
+) -> Path:
+    """Write a new version of a sharded index under ``out_root`` and make it current.
+
+    The version is built in a hidden staging directory and renamed into place, then
+    ``<out_root>/CURRENT`` is switched to it last, so a reader following ``CURRENT`` never
+    sees a half-written version and earlier versions stay intact.
+
+    Args:
+        vectors: gallery embeddings ``[N, D]``, float32 (converted if needed), all finite.
+        ids: gallery ids ``[N]``, unique non-negative integers.
+        items: per-vector metadata (``N`` JSON-serialisable mappings, e.g.
+            ``{"label": "7", "source": "digits:12"}``), stored per shard beside the index.
+        out_root: the index root directory (created if missing).
+        num_shards: number of shards, between 1 and ``N``; shard ``s`` holds the ``s``-th
+            contiguous range of the sorted ids.
+        factory: Faiss factory string (e.g. ``"Flat"``, ``"IVF4,Flat"``, ``"HNSW32"``).
+        metric: ``"ip"`` (inner product, higher is better) or ``"l2"`` (lower is better).
+        model: the model version that produced ``vectors``.
+        gallery: a free description of what was indexed (dataset, split, count).
+        index_version: the version name; default a sortable UTC timestamp + random suffix.
+        train_sample: at most this many vectors of a shard train an index that needs it.
+        add_batch_size: vectors added to Faiss per call (bounds peak memory).
+
+    Returns:
+        The path of the written ``manifest.json``.
+
+    Raises:
+        ValueError: inconsistent or invalid inputs, or ``index_version`` already exists.
+    """
+    vectors, ids = _validate_inputs(
+        vectors=vectors,
+        ids=ids,
+        items=items,
+        num_shards=num_shards,
+        index_version=index_version,
+        train_sample=train_sample,
+        add_batch_size=add_batch_size,
+    )
+    faiss_metric(metric)
+    count, dim = vectors.shape
+    root = Path(out_root)
+    root.mkdir(parents=True, exist_ok=True)
+    version = index_version or new_index_version()
+    version_dir = root / version
+    if version_dir.exists():
+        raise ValueError(f"index version directory {version_dir} already exists; choose another index_version")
+
+    order = np.argsort(ids, kind="stable")
+    staging = Path(tempfile.mkdtemp(prefix=f".building-{version}-", dir=root))
+    try:
+        shard_infos: list[ShardInfo] = []
+        for shard, positions in enumerate(np.array_split(order, num_shards)):
+            shard_vectors = vectors[positions]
+            shard_ids = ids[positions]
+            index = _new_shard_index(dim=dim, factory=factory, metric=metric)
+            if not index.is_trained:
+                rng = np.random.default_rng(shard)
+                take = min(train_sample, len(positions))
+                sample = shard_vectors[np.sort(rng.choice(len(positions), size=take, replace=False))]
+                index.train(sample)
+            for start in range(0, len(positions), add_batch_size):
+                stop = start + add_batch_size
+                index.add_with_ids(shard_vectors[start:stop], shard_ids[start:stop])
+
+            index_name = f"shard-{shard:03d}.faiss"
+            items_name = f"shard-{shard:03d}.items.jsonl"
+            faiss.write_index(index, str(staging / index_name))
+            _write_items(staging / items_name, shard_ids, [items[position] for position in positions.tolist()])
+            shard_infos.append(
+                ShardInfo(
+                    shard=shard,
+                    file=index_name,
+                    sha256=file_sha256(staging / index_name),
+                    items_file=items_name,
+                    items_sha256=file_sha256(staging / items_name),
+                    count=len(positions),
+                    id_min=int(shard_ids[0]),
+                    id_max=int(shard_ids[-1]),
+                )
+            )
+            logger.info(
+                "index %s: shard %d/%d written (%d vectors, ids %d..%d)",
+                version,
+                shard + 1,
+                num_shards,
+                len(positions),
+                shard_ids[0],
+                shard_ids[-1],
+            )
+
+        manifest = IndexManifest(
+            index_version=version,
+            created_at=datetime.now(timezone.utc).isoformat(),
+            model=model,
+            dim=dim,
+            metric=metric,
+            factory=factory,
+            num_items=count,
+            shards=shard_infos,
+            gallery=dict(gallery),
+        )
+        write_manifest(manifest, staging)
+        os.rename(staging, version_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    set_current_version(root, version)
+    logger.info("index %s: %d vectors in %d shards at %s", version, count, num_shards, version_dir)
+    return version_dir / "manifest.json"
+
+
+@dataclass
+class LoadedShard:
+    """One verified shard in memory.
+
+    Attributes:
+        index: the Faiss index; it answers with global gallery ids.
+        items: per-id metadata, each dict including its ``"id"``.
+        info: the shard's manifest entry.
+    """
+
+    index: faiss.Index
+    items: dict[int, dict[str, Any]]
+    info: ShardInfo
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Search the shard.
+
+        Args:
+            queries: ``[Q, D]`` query vectors.
+            k: neighbours per query, >= 1.
+
+        Returns:
+            Scores ``[Q, k]`` float32 and ids ``[Q, k]`` int64; ids are ``-1`` past the
+            shard's size (Faiss padding).
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.index.d:
+            raise ValueError(f"queries must have shape [Q, {self.index.d}], got {queries.shape}")
+        scores, ids = self.index.search(queries, k)
+        return scores, ids
+
+    def vector(self, item_id: int) -> np.ndarray:
+        """The stored vector ``[D]`` of a gallery id.
+
+        Raises:
+            KeyError: the id is not in this shard.
+        """
+        if item_id not in self.items:
+            raise KeyError(item_id)
+        return np.asarray(self.index.reconstruct(int(item_id)), dtype=np.float32)
+
+
+def _verified_path(version_dir: Path, name: str, expected_sha256: str) -> Path:
+    path = version_dir / name
+    if not path.is_file():
+        raise IndexIntegrityError(f"{path}: shard file is missing")
+    actual = file_sha256(path)
+    if actual != expected_sha256:
+        raise IndexIntegrityError(
+            f"{path}: sha256 mismatch, manifest expects {expected_sha256} but the file has {actual}"
+        )
+    return path
+
+
+def _read_items(path: Path) -> dict[int, dict[str, Any]]:
+    items: dict[int, dict[str, Any]] = {}
+    with path.open(encoding="utf-8") as stream:
+        for line_number, line in enumerate(stream, start=1):
+            try:
+                item = json.loads(line)
+                item_id = int(item["id"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                raise IndexIntegrityError(f"{path}:{line_number}: not an item with an 'id': {error}") from error
+            items[item_id] = item
+    return items
+
+
+def load_shard(*, manifest: IndexManifest, version_dir: Path, shard: int, verify: bool = True) -> LoadedShard:
+    """Load one shard of an index version, refusing it if its files do not match the manifest.
+
+    Args:
+        manifest: the version's manifest (from `read_manifest`).
+        version_dir: the directory holding the shard files.
+        shard: the shard number.
+        verify: check both files' sha256 against the manifest before reading them.
+
+    Returns:
+        The loaded shard.
+
+    Raises:
+        IndexIntegrityError: the shard is not in the manifest, a file is missing, a checksum
+            differs (the message names the file, the expected and the actual sha256), or
+            the contents disagree with the manifest.
+    """
+    matching = [info for info in manifest.shards if info.shard == shard]
+    if not matching:
+        raise IndexIntegrityError(
+            f"{version_dir}: manifest of index {manifest.index_version} has no shard {shard} "
+            f"(it has {len(manifest.shards)})"
+        )
+    info = matching[0]
+    version_dir = Path(version_dir)
+    if verify:
+        index_path = _verified_path(version_dir, info.file, info.sha256)
+        items_path = _verified_path(version_dir, info.items_file, info.items_sha256)
+    else:
+        index_path = version_dir / info.file
+        items_path = version_dir / info.items_file
+    try:
+        index = faiss.read_index(str(index_path))
+    except RuntimeError as error:
+        raise IndexIntegrityError(f"{index_path}: faiss cannot read the shard: {error}") from error
+    items = _read_items(items_path)
+    if index.ntotal != info.count or len(items) != info.count or index.d != manifest.dim:
+        raise IndexIntegrityError(
+            f"{index_path}: manifest expects {info.count} vectors of dim {manifest.dim}, the shard holds "
+            f"{index.ntotal} vectors of dim {index.d} and {items_path.name} holds {len(items)} items"
+        )
+    logger.info("index %s: loaded shard %d (%d vectors)", manifest.index_version, shard, info.count)
+    return LoadedShard(index=index, items=items, info=info)

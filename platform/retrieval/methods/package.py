@@ -1,0 +1,139 @@
+"""A trained model as a self-describing folder: weights + the job spec that built them.
+
+This is what is stored in MLflow (as the artifacts of a pyfunc model) and what serving
+loads: from the spec alone the method rebuilds the architecture and the exact image
+preprocessing used in training, so an embedder can never drift from its index.
+
+Layout::
+
+    <folder>/job.yaml       the validated JobSpec
+    <folder>/model.pt       the model's state_dict
+    <folder>/package.json   format version, method, embedding dim, sha256 of model.pt
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from torch import nn
+
+from retrieval.config import JobSpec
+from retrieval.errors import ModelNotFoundError
+from retrieval.methods.base import RetrievalMethod
+from retrieval.methods.registry import build_method
+
+PACKAGE_FORMAT = 1
+
+
+@dataclass
+class ModelPackage:
+    """A loaded, ready-to-embed model."""
+
+    spec: JobSpec
+    method: RetrievalMethod
+    model: nn.Module
+    dim: int
+    device: torch.device
+    source: str
+
+    @property
+    def model_uri(self) -> str:
+        return self.source
+
+    def preprocess(self) -> Any:
+        """The evaluation transform the model was trained with (PIL image -> `[3, H, W]`)."""
+        from retrieval.data.transforms import eval_transform
+
+        dataset = self.spec.dataset
+        return eval_transform(image_size=dataset.image_size, mean=dataset.mean, std=dataset.std)
+
+    @torch.no_grad()
+    def embed_tensor(self, images: torch.Tensor) -> np.ndarray:
+        """Embeddings `[B, D]` float32 of preprocessed images `[B, 3, H, W]`."""
+        self.model.eval()
+        vectors = self.method.embed(self.model, images.to(self.device))
+        return vectors.float().cpu().numpy()
+
+    def embed_images(self, images: Sequence[Image.Image], *, batch_size: int = 64) -> np.ndarray:
+        """Embeddings `[N, D]` float32, L2-normalised, of PIL images."""
+        transform = self.preprocess()
+        chunks = [
+            self.embed_tensor(torch.stack([transform(image) for image in images[start : start + batch_size]]))
+            for start in range(0, len(images), batch_size)
+        ]
+        if not chunks:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def save_model_package(directory: str | Path, *, spec: JobSpec, state_dict: Mapping[str, torch.Tensor]) -> Path:
+    """Write a model package; returns the folder.
+
+    Args:
+        directory: created if missing; existing package files are overwritten.
+        spec: the job spec the weights were trained with.
+        state_dict: the bare model's weights (not DDP-wrapped).
+    """
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "model.pt"
+    torch.save({name: tensor.detach().cpu() for name, tensor in state_dict.items()}, weights)
+    (folder / "job.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    info = {
+        "format": PACKAGE_FORMAT,
+        "method": spec.method.name,
+        "embedding_dim": _embedding_dim(spec),
+        "model_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+    }
+    (folder / "package.json").write_text(json.dumps(info, indent=2))
+    return folder
+
+
+def load_model_package(directory: str | Path, *, device: str = "cpu", source: str | None = None) -> ModelPackage:
+    """Load a model package written by `save_model_package`.
+
+    Raises:
+        ModelNotFoundError: the folder or one of its files is missing, or the weights do not
+            match their recorded checksum or the spec's architecture.
+    """
+    folder = Path(directory)
+    for required in ("job.yaml", "model.pt", "package.json"):
+        if not (folder / required).is_file():
+            raise ModelNotFoundError(f"{folder}: not a model package (missing {required})")
+    info = json.loads((folder / "package.json").read_text())
+    weights = folder / "model.pt"
+    actual = hashlib.sha256(weights.read_bytes()).hexdigest()
+    if actual != info.get("model_sha256"):
+        raise ModelNotFoundError(
+            f"{weights}: checksum mismatch (expected {info.get('model_sha256')}, got {actual}); refusing to load"
+        )
+    spec = JobSpec.from_mapping(yaml.safe_load((folder / "job.yaml").read_text()), source=str(folder / "job.yaml"))
+    method = build_method(spec)
+    model = method.build_model()
+    try:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except RuntimeError as error:
+        raise ModelNotFoundError(f"{weights}: weights do not fit the spec's architecture: {error}") from error
+    torch_device = torch.device(device)
+    model.to(torch_device).eval()
+    return ModelPackage(
+        spec=spec,
+        method=method,
+        model=model,
+        dim=int(info["embedding_dim"]),
+        device=torch_device,
+        source=source or str(folder),
+    )
+
+
+def _embedding_dim(spec: JobSpec) -> int:
+    return spec.model.embedding_dim

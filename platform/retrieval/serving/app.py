@@ -1,0 +1,75 @@
+"""The Serve application builder: ``import_path: retrieval.serving.app:build_app``.
+
+Example Serve config (see ``serve/digits.yaml``)::
+
+    applications:
+      - name: retrieval
+        route_prefix: /
+        import_path: retrieval.serving.app:build_app
+        args: {index: indices/digits, tracking_uri: sqlite:///mlflow.db}
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from retrieval.config import ServingSpec
+from retrieval.index.manifest import MANIFEST_FILE, read_manifest
+from retrieval.serving.deployments import EmbedderDeployment, SearchIngress, ShardDeployment
+
+logger = logging.getLogger(__name__)
+
+# The ingress only awaits other deployments and merges a few lists: reserving a whole CPU
+# for it (Serve's default) would leave none for the shards on a small machine.
+INGRESS_NUM_CPUS = 0.0
+
+
+def build_app(args: Mapping[str, Any]) -> serve.Application:
+    """Build the search application from a Serve config's ``args`` (a `ServingSpec`).
+
+    The index is resolved once, here: every deployment is given the absolute path of the
+    same version's manifest, so all of them serve one version even if the index root's
+    ``CURRENT`` moves while replicas start (ARCHITECTURE invariant 1).
+
+    Args:
+        args: the `ServingSpec` fields, e.g. ``{"index": "indices/digits"}``.
+
+    Returns:
+        The application: ``Shard0..ShardN-1``, ``Embedder`` and the ``SearchIngress``.
+
+    Raises:
+        ConfigError: unknown or invalid args.
+        IndexIntegrityError: the index root or manifest is missing or malformed.
+    """
+    spec = ServingSpec.from_mapping(args, source="serve args")
+    manifest, version_dir = read_manifest(spec.index)
+    pinned = spec.model_copy(update={"index": str((Path(version_dir) / MANIFEST_FILE).resolve())})
+    # mypy does not apply class decorators, so it sees the plain classes without `.options`.
+    shards = [
+        ShardDeployment.options(  # type: ignore[attr-defined]
+            name=f"Shard{info.shard}",
+            num_replicas=spec.shard_replicas,
+            ray_actor_options={"num_cpus": spec.shard_num_cpus},
+        ).bind(spec=pinned, shard=info.shard)
+        for info in manifest.shards
+    ]
+    embedder = EmbedderDeployment.options(  # type: ignore[attr-defined]
+        name="Embedder",
+        num_replicas=spec.embedder_replicas,
+        ray_actor_options={"num_cpus": spec.embedder_num_cpus},
+    ).bind(spec=pinned)
+    logger.info(
+        "serving index %s (%d shards, model %s) from %s",
+        manifest.index_version,
+        len(shards),
+        manifest.model.uri,
+        version_dir,
+    )
+    return SearchIngress.options(  # type: ignore[attr-defined]
+        ray_actor_options={"num_cpus": INGRESS_NUM_CPUS}
+    ).bind(spec=pinned, shards=shards, embedder=embedder)

@@ -1,0 +1,29 @@
+"""Errors of the search service, each mapped to one HTTP status by `retrieval.serving.http`."""
+
+from __future__ import annotations
+
+from retrieval.errors import BadRequestError, RetrievalError
+
+
+class VersionNotLoadedError(RetrievalError):
+    """A shard or embedder replica was asked for an index version it does not hold.
+
+    The ingress retries such a call (another replica may hold the version, e.g. during a
+    rolling swap); a replica never answers with another version's results instead.
+    """
+
+
+class VersionUnavailableError(RetrievalError):
+    """No replica answered for the pinned index version after the ingress's retries (503)."""
+
+
+class ItemNotFoundError(BadRequestError):
+    """A request names a gallery id that is not in the index (404)."""
+
+
+class NotAnImageError(BadRequestError):
+    """An upload is empty, not an image Pillow can decode, or a decompression bomb (400)."""
+
+
+class PayloadTooLargeError(BadRequestError):
+    """An upload is bigger than the serving spec's `max_upload_bytes` (413)."""

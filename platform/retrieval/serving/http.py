@@ -1,0 +1,197 @@
+"""The HTTP API of the search service (FastAPI), over a `SearchService`.
+
+Endpoints::
+
+    POST /search/vector   JSON {"vector": [float, ...], "k": int?}
+    POST /search/image    multipart form: file (image bytes), k (optional form field)
+    POST /search/id       JSON {"id": int, "k": int?}   neighbours, excluding the item
+    GET  /items/{id}      the stored metadata of one gallery item
+    GET  /healthz         {"status": "ok"}
+    GET  /version         {"model": {...}, "index_version": str, "manifest": {...}}
+
+Every search reply is ``{"model": {"name", "version", "uri"}, "index_version", "k",
+"results": [{"id", "score", <item fields, e.g. label, source>}, ...]}``.
+
+Every error reply is ``{"error": {"type": str, "message": str}}`` (ARCHITECTURE invariant 4):
+
+    422 validation_error    the request does not fit the schema: malformed JSON, a missing
+                            or unknown field, a value of the wrong type (FastAPI's
+                            RequestValidationError, reshaped)
+    400 bad_request         well-formed but invalid: wrong vector length, non-finite values,
+                            k outside 1..max_k
+    400 not_an_image        the upload is not a readable image
+    413 payload_too_large   the upload is bigger than max_upload_bytes
+    404 not_found           unknown gallery id, or unknown route
+    405 method_not_allowed  a known route with the wrong method
+    503 version_unavailable no replica holds the pinned index version (retry later)
+    500 internal_error      anything else (a bug); the replica keeps serving
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from retrieval import __version__
+from retrieval.errors import BadRequestError, RetrievalError
+from retrieval.serving.errors import (
+    ItemNotFoundError,
+    NotAnImageError,
+    PayloadTooLargeError,
+    VersionNotLoadedError,
+    VersionUnavailableError,
+)
+from retrieval.serving.service import SearchService
+
+logger = logging.getLogger(__name__)
+
+# Most specific first: the first matching class decides the status and the type.
+_ERROR_STATUS: list[tuple[type[RetrievalError], int, str]] = [
+    (ItemNotFoundError, 404, "not_found"),
+    (PayloadTooLargeError, 413, "payload_too_large"),
+    (NotAnImageError, 400, "not_an_image"),
+    (BadRequestError, 400, "bad_request"),
+    (VersionNotLoadedError, 503, "version_unavailable"),
+    (VersionUnavailableError, 503, "version_unavailable"),
+]
+_HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+# Room for the multipart boundaries and headers around the file itself.
+_MULTIPART_OVERHEAD_BYTES = 64 * 1024
+# A 512-dimensional vector of strings would otherwise give a 512-part message.
+_MAX_REPORTED_ERRORS = 3
+
+
+class VectorQuery(BaseModel):
+    """Body of ``POST /search/vector``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vector: list[float]
+    k: int | None = None
+
+
+class IdQuery(BaseModel):
+    """Body of ``POST /search/id``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: int
+    k: int | None = None
+
+
+def error_response(status: int, error_type: str, message: str) -> JSONResponse:
+    """The one shape of every error reply: ``{"error": {"type", "message"}}``."""
+    return JSONResponse(status_code=status, content={"error": {"type": error_type, "message": message}})
+
+
+def describe_validation_error(error: RequestValidationError) -> str:
+    """One line naming each offending field, e.g. ``body.vector: Field required``."""
+    details = list(error.errors())
+    parts = []
+    for detail in details[:_MAX_REPORTED_ERRORS]:
+        location = detail.get("loc", ())
+        if detail.get("type") == "json_invalid":
+            reason = (detail.get("ctx") or {}).get("error", detail.get("msg", ""))
+            where = f" at character {location[1]}" if len(location) > 1 else ""
+            parts.append(f"malformed JSON body{where}: {reason}")
+            continue
+        dotted = ".".join(str(part) for part in location)
+        parts.append(f"{dotted}: {detail.get('msg', 'invalid')}" if dotted else str(detail.get("msg")))
+    if len(details) > _MAX_REPORTED_ERRORS:
+        parts.append(f"and {len(details) - _MAX_REPORTED_ERRORS} more problems")
+    return "; ".join(parts) or "invalid request"
+
+
+def _install_error_handlers(api: FastAPI) -> None:
+    @api.exception_handler(RequestValidationError)
+    async def _validation(_: Request, error: RequestValidationError) -> JSONResponse:
+        return error_response(422, "validation_error", describe_validation_error(error))
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        error_type = _HTTP_TYPES.get(error.status_code, "bad_request" if error.status_code < 500 else "internal_error")
+        return error_response(error.status_code, error_type, f"{error.detail} ({request.method} {request.url.path})")
+
+    @api.exception_handler(RetrievalError)
+    async def _retrieval(_: Request, error: RetrievalError) -> JSONResponse:
+        for error_class, status, error_type in _ERROR_STATUS:
+            if isinstance(error, error_class):
+                return error_response(status, error_type, str(error))
+        logger.error("unmapped platform error: %s", error)
+        return error_response(500, "internal_error", str(error))
+
+    @api.exception_handler(Exception)
+    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+        logger.exception("internal error while answering a request")
+        return error_response(500, "internal_error", f"{type(error).__name__}: {error}")
+
+
+async def _read_upload(request: Request, *, max_bytes: int) -> tuple[bytes, int | None]:
+    """The ``file`` and ``k`` fields of a multipart upload, refusing oversize uploads early."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes + _MULTIPART_OVERHEAD_BYTES:
+        raise PayloadTooLargeError(f"the upload is {int(declared)} bytes, the limit is {max_bytes}")
+    async with request.form(max_files=1, max_fields=8) as form:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise RequestValidationError(
+                [{"type": "missing", "loc": ("body", "file"), "msg": "Field required (a multipart file upload)"}]
+            )
+        data = await upload.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise PayloadTooLargeError(f"the uploaded file is over {max_bytes} bytes, the limit")
+        raw_k = form.get("k")
+    if raw_k is None or raw_k == "":
+        return data, None
+    if not isinstance(raw_k, str) or not raw_k.strip().lstrip("-").isdigit():
+        raise RequestValidationError(
+            [{"type": "int_parsing", "loc": ("body", "k"), "msg": "Input should be a valid integer"}]
+        )
+    return data, int(raw_k)
+
+
+def build_http_api(service: SearchService) -> FastAPI:
+    """The FastAPI app that serves ``service`` (see the module docstring for the routes).
+
+    Args:
+        service: the search logic, pinned to one index version.
+
+    Returns:
+        A FastAPI app; in Serve it is the ingress deployment's ASGI app.
+    """
+    api = FastAPI(title="retrieval search", version=__version__)
+    _install_error_handlers(api)
+
+    @api.post("/search/vector")
+    async def search_vector(query: VectorQuery) -> dict[str, Any]:
+        return await service.search_vector(query.vector, query.k)
+
+    @api.post("/search/image")
+    async def search_image(request: Request) -> dict[str, Any]:
+        data, k = await _read_upload(request, max_bytes=service.spec.max_upload_bytes)
+        return await service.search_image(data, k)
+
+    @api.post("/search/id")
+    async def search_id(query: IdQuery) -> dict[str, Any]:
+        return await service.search_id(query.id, query.k)
+
+    @api.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, Any]:
+        return await service.item(item_id)
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/version")
+    async def version() -> dict[str, Any]:
+        return service.version_info()
+
+    return api

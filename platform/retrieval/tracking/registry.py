@@ -1,0 +1,135 @@
+"""The model registry: register a trained model package, move aliases, load by URI.
+
+A registered version is an MLflow pyfunc model (models-from-code, `pyfunc_model.py`) whose artifacts are a model package
+(`retrieval.methods.package`): `mlflow.pyfunc.load_model("models:/name@champion")` works
+for anyone (it embeds a batch of images given as a float array `[B, 3, H, W]`), and the
+platform itself loads the package to rebuild the exact model and preprocessing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models.signature import ModelSignature
+from mlflow.types.schema import Schema, TensorSpec
+
+from retrieval import __version__
+from retrieval.errors import ModelNotFoundError
+from retrieval.methods.package import ModelPackage, load_model_package
+from retrieval.tracking.runs import metric_key, resolve_tracking_uri
+
+logger = logging.getLogger(__name__)
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
+PACKAGE_ARTIFACT = "package"
+_PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    version: str
+    aliases: tuple[str, ...]
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def register_model_package(
+    package_dir: str | Path,
+    *,
+    tracking_uri: str,
+    run_id: str,
+    registered_model: str,
+    aliases: tuple[str, ...] = ("candidate",),
+    tags: dict[str, str] | None = None,
+) -> RegisteredModel:
+    """Log a model package to a run as a pyfunc model and register it as a new version."""
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    package = load_model_package(package_dir)
+    image_size = package.spec.dataset.image_size
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, image_size, image_size))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, package.dim))]),
+    )
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(_PYFUNC_CODE),
+            signature=signature,
+            artifacts={PACKAGE_ARTIFACT: str(package_dir)},
+            registered_model_name=registered_model,
+            pip_requirements=[f"retrieval-platform=={__version__}"],
+        )
+    version = str(info.registered_model_version)
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(registered_model, version, metric_key(key), value)
+    for alias in aliases:
+        client.set_registered_model_alias(registered_model, alias, version)
+    logger.info("registered %s version %s with aliases %s", registered_model, version, aliases)
+    return RegisteredModel(name=registered_model, version=version, aliases=tuple(aliases))
+
+
+def set_alias(*, tracking_uri: str, name: str, alias: str, version: str) -> None:
+    MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri)).set_registered_model_alias(name, alias, version)
+
+
+def resolve_model_version(model_uri: str, *, tracking_uri: str | None = None) -> tuple[str, str]:
+    """`models:/name/3` or `models:/name@alias` -> `(name, version)`.
+
+    Raises:
+        ModelNotFoundError: malformed URI, unknown model, version or alias.
+    """
+    match = _MODELS_URI.match(model_uri)
+    if not match:
+        raise ModelNotFoundError(f"{model_uri!r} is not a model URI of the form models:/<name>/<version> or models:/<name>@<alias>")
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri) if tracking_uri else None)
+    name = match.group("name")
+    try:
+        if match.group("alias"):
+            version = client.get_model_version_by_alias(name, match.group("alias")).version
+        else:
+            version = client.get_model_version(name, match.group("version")).version
+    except MlflowException as error:
+        raise ModelNotFoundError(f"{model_uri}: no such registered model, version or alias ({error.message})") from None
+    return name, str(version)
+
+
+def load_embedder(model_uri: str, *, tracking_uri: str | None = None, device: str = "cpu") -> ModelPackage:
+    """Load a model for embedding from `models:/...` or from a local model-package folder.
+
+    Registry downloads are cached per version under `$RETRIEVAL_CACHE` (default
+    `~/.cache/retrieval`), so a restarted replica does not download again.
+    """
+    if not model_uri.startswith("models:/"):
+        if not Path(model_uri).is_dir():
+            raise ModelNotFoundError(f"{model_uri}: neither a models:/ URI nor a model package folder")
+        return load_model_package(model_uri, device=device)
+    name, version = resolve_model_version(model_uri, tracking_uri=tracking_uri)
+    cache_root = Path(os.environ.get("RETRIEVAL_CACHE", Path.home() / ".cache" / "retrieval"))
+    target = cache_root / "models" / name / version
+    package_dir = target / "artifacts" / PACKAGE_ARTIFACT
+    if not (package_dir / "package.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if tracking_uri:
+            mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+        with tempfile.TemporaryDirectory(dir=target.parent) as staging:
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=staging)
+            # Another replica may have finished the same download first: its copy is identical.
+            if not target.exists():
+                os.replace(staging, target)
+                os.makedirs(staging, exist_ok=True)  # so the context manager's cleanup finds it
+    return load_model_package(package_dir, device=device, source=f"models:/{name}/{version}")

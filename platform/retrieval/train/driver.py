@@ -1,0 +1,208 @@
+"""Runs a job spec as a Ray Train job, then evaluates, records and registers the model.
+
+Data flow (ARCHITECTURE.md): TorchTrainer with N workers -> a checkpoint per epoch in
+`storage.path` -> evaluation of the final model beside baselines -> MLflow run (params,
+metrics, plots) -> registered model version, alias `candidate`, promoted to `champion`
+when the job's gate holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import ray
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from retrieval.config import JobSpec
+from retrieval.data.from_spec import datasets_from_spec
+from retrieval.evaluation.plots import recall_curve_figure, training_curve_figure
+from retrieval.evaluation.runs import embed_dataset, raw_pixel_embeddings, score_embeddings
+from retrieval.methods import build_method, load_model_package, save_model_package
+from retrieval.tracking.registry import RegisteredModel, register_model_package, set_alias
+from retrieval.tracking.runs import TrainingRun, code_version
+from retrieval.train.worker import CHECKPOINT_STATE, train_loop_per_worker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingOutcome:
+    """What a finished job produced."""
+
+    metrics: dict[str, float]
+    baselines: dict[str, dict[str, float]]
+    model: RegisteredModel
+    promoted: bool
+    gate: list[str]
+    run_id: str
+    checkpoint_path: str
+    epochs_run: list[int] = field(default_factory=list)
+    resumed: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "metrics": self.metrics,
+            "baselines": self.baselines,
+            "model": {"name": self.model.name, "version": self.model.version, "aliases": list(self.model.aliases), "uri": self.model.uri},
+            "promoted_to_champion": self.promoted,
+            "gate": self.gate,
+            "mlflow_run_id": self.run_id,
+            "checkpoint": self.checkpoint_path,
+        }
+
+
+def storage_path(spec: JobSpec) -> str:
+    """Ray Train storage: `s3://...` as is, a local folder made absolute (workers have another cwd)."""
+    path = spec.storage.path
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def run_training(spec: JobSpec, *, fault: dict[str, Any] | None = None) -> TrainingOutcome:
+    """Train, evaluate, log and register one job. Starting it again with the same spec resumes it.
+
+    Args:
+        spec: the validated job.
+        fault: test hook, see `retrieval.train.worker._maybe_inject_fault`.
+    """
+    if not ray.is_initialized():
+        ray.init()
+    run_key = f"{storage_path(spec)}/{spec.name}"
+    run, resumed = TrainingRun.start_or_resume(
+        tracking_uri=spec.tracking.tracking_uri,
+        experiment=spec.tracking.experiment,
+        run_key=run_key,
+        run_name=spec.name,
+        params=spec.model_dump(mode="json"),
+        tags={"retrieval.method": spec.method.name, "retrieval.dataset": spec.dataset.name, "retrieval.code_version": code_version() or "unknown"},
+    )
+    try:
+        outcome = _train_and_register(spec, run=run, fault=fault)
+    except BaseException:
+        run.finish(status="FAILED")
+        raise
+    outcome.resumed = resumed
+    run.finish()
+    return outcome
+
+
+def _train_and_register(spec: JobSpec, *, run: TrainingRun, fault: dict[str, Any] | None) -> TrainingOutcome:
+    with tempfile.TemporaryDirectory() as folder:
+        spec_file = Path(folder) / "job.yaml"
+        spec_file.write_text(_yaml(spec))
+        run.log_artifact(spec_file)
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "tracking": {"tracking_uri": run.tracking_uri, "run_id": run.run_id, "experiment_id": run.experiment_id},
+            "fault": fault,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=spec.scaling.num_workers,
+            use_gpu=spec.scaling.use_gpu,
+            resources_per_worker=spec.scaling.resources_per_worker,
+            placement_strategy=spec.scaling.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=storage_path(spec),
+            failure_config=FailureConfig(max_failures=spec.storage.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.storage.checkpoints_to_keep),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training job {spec.name!r} finished without a checkpoint")
+    history = _history(result)
+
+    with tempfile.TemporaryDirectory() as folder:
+        with result.checkpoint.as_directory() as checkpoint_dir:
+            state = torch.load(Path(checkpoint_dir) / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
+        package_dir = save_model_package(Path(folder) / "package", spec=spec, state_dict=state["model"])
+        metrics, baselines = evaluate_with_baselines(spec, package_dir)
+
+        run.log_metrics({f"test/{key}": value for key, value in metrics.items()})
+        for baseline, values in baselines.items():
+            run.log_metrics({f"baseline/{baseline}/{key}": value for key, value in values.items()})
+        run.log_dict({"trained": metrics, **baselines}, "evaluation/results.json")
+        figure = recall_curve_figure({"trained": metrics, **baselines}, ks=spec.evaluation.recall_ks, title=f"{spec.name}: held-out classes")
+        run.log_figure(figure, "evaluation/recall_at_k.png")
+        plt.close(figure)
+        if history:
+            figure = training_curve_figure(history, keys=["train/loss", "recall@1"])
+            run.log_figure(figure, "training/curves.png")
+            plt.close(figure)
+
+        registered = register_model_package(
+            package_dir,
+            tracking_uri=run.tracking_uri,
+            run_id=run.run_id,
+            registered_model=spec.registered_model_name,
+            aliases=("candidate",),
+            tags={"retrieval.job": spec.name, **{f"test.{key}": f"{value:.6f}" for key, value in metrics.items()}},
+        )
+
+    gate = [str(condition) for condition in spec.tracking.gate]
+    promoted = all(condition.holds(metrics) for condition in spec.tracking.gate)
+    if promoted:
+        set_alias(tracking_uri=run.tracking_uri, name=registered.name, alias="champion", version=registered.version)
+        registered = RegisteredModel(name=registered.name, version=registered.version, aliases=(*registered.aliases, "champion"))
+        logger.info("gate %s holds: %s v%s is champion", gate or "(none)", registered.name, registered.version)
+    else:
+        logger.warning("gate %s does not hold for %s: version %s stays candidate", gate, metrics, registered.version)
+    run.set_tag("retrieval.registered_version", registered.version)
+    return TrainingOutcome(
+        metrics=metrics,
+        baselines=baselines,
+        model=registered,
+        promoted=promoted,
+        gate=gate,
+        run_id=run.run_id,
+        checkpoint_path=result.checkpoint.path,
+        epochs_run=[int(row["epoch"]) for row in history],
+    )
+
+
+def evaluate_with_baselines(spec: JobSpec, package_dir: Path) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Scores of the trained model and of the spec's baselines on the held-out split."""
+    test = datasets_from_spec(spec.dataset).test
+    ks = spec.evaluation.recall_ks
+    package = load_model_package(package_dir)
+    trained = score_embeddings(
+        embed_dataset(lambda batch: package.method.embed(package.model, batch), test, batch_size=spec.train.embed_batch_size),
+        test.labels,
+        ks=ks,
+    )
+    baselines: dict[str, dict[str, float]] = {}
+    for baseline in spec.evaluation.baselines:
+        if baseline == "raw_pixels":
+            vectors = raw_pixel_embeddings(test, batch_size=spec.train.embed_batch_size)
+        else:
+            torch.manual_seed(spec.train.seed)
+            method = build_method(spec)
+            untrained = method.build_model().eval()
+            vectors = embed_dataset(lambda batch: method.embed(untrained, batch), test, batch_size=spec.train.embed_batch_size)
+        baselines[baseline] = score_embeddings(vectors, test.labels, ks=ks)
+    return trained, baselines
+
+
+def _history(result: ray.train.Result) -> list[dict[str, float]]:
+    frame = getattr(result, "metrics_dataframe", None)
+    if frame is None or frame.empty:
+        return [dict(result.metrics or {})] if result.metrics else []
+    return [row for row in frame.to_dict("records")]
+
+
+def _yaml(spec: JobSpec) -> str:
+    import yaml
+
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,171 @@
+"""The per-worker training loop that Ray Train runs on every worker of a job.
+
+Each worker gets its own shard of P x K batches, trains a DDP replica, and every epoch
+reports the same metrics; rank 0 also evaluates, writes the checkpoint (model, optimiser,
+scheduler, epoch, spec) and logs the epoch to MLflow. A restarted worker group resumes
+from the last reported checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+
+from retrieval.config import JobSpec, OptimizerSpec
+from retrieval.data.from_spec import datasets_from_spec
+from retrieval.data.sampler import ClassBalancedBatchSampler
+from retrieval.evaluation.runs import embed_dataset, score_embeddings
+from retrieval.methods import build_method
+from retrieval.tracking.runs import TrainingRun
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_STATE = "state.pt"
+CHECKPOINT_SPEC = "job.yaml"
+
+
+def build_optimizer(spec: OptimizerSpec, parameters: Any) -> torch.optim.Optimizer:
+    if spec.name == "adamw":
+        return torch.optim.AdamW(parameters, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.name == "adam":
+        return torch.optim.Adam(parameters, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.SGD(parameters, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+
+
+def build_scheduler(spec: OptimizerSpec, optimizer: torch.optim.Optimizer, *, epochs: int) -> Any:
+    if spec.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside a DistributedDataParallel wrapper."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. `config`: `spec` (JobSpec as JSON), `tracking` (run address), `fault`."""
+    spec = JobSpec.from_mapping(config["spec"], source="train_loop_config")
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(spec.train.seed)
+
+    splits = datasets_from_spec(spec.dataset)
+    sampler = ClassBalancedBatchSampler(
+        labels=splits.train.labels,
+        classes_per_batch=spec.train.classes_per_batch,
+        samples_per_class=spec.train.samples_per_class,
+        num_replicas=world_size,
+        rank=rank,
+        seed=spec.train.seed,
+    )
+    loader = DataLoader(splits.train, batch_sampler=sampler, num_workers=spec.train.loader_workers)
+
+    method = build_method(spec)
+    model = ray.train.torch.prepare_model(method.build_model())
+    loss_module = method.build_loss().to(device)
+    optimizer = build_optimizer(spec.optimizer, model.parameters())
+    scheduler = build_scheduler(spec.optimizer, optimizer, epochs=spec.train.epochs)
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / CHECKPOINT_STATE, map_location=device, weights_only=False)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        logger.info("rank %d resumed from the checkpoint of epoch %d", rank, state["epoch"])
+
+    run = TrainingRun(**config["tracking"]) if rank == 0 and config.get("tracking") else None
+    fault = config.get("fault") or {}
+
+    for epoch in range(start_epoch, spec.train.epochs):
+        sampler.set_epoch(epoch)
+        model.train()
+        sums: dict[str, float] = defaultdict(float)
+        steps = 0
+        for step, (images, labels, _) in enumerate(loader):
+            _maybe_inject_fault(fault, epoch=epoch, step=step, rank=rank)
+            terms = method.training_step(
+                model=model, loss=loss_module, images=images.to(device), labels=labels.to(device)
+            )
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            for name, value in terms.items():
+                sums[name] += float(value.detach())
+            steps += 1
+        scheduler.step()
+
+        metrics = _mean_across_workers(sums, steps, device=device, world_size=world_size)
+        metrics.update(epoch=epoch, lr=scheduler.get_last_lr()[0], resumed_from_epoch=start_epoch)
+        if rank == 0:
+            bare = unwrap(model)
+            bare.eval()
+            vectors = embed_dataset(
+                lambda batch: method.embed(bare, batch),
+                splits.test,
+                batch_size=spec.train.embed_batch_size,
+                device=device,
+            )
+            metrics.update(score_embeddings(vectors, splits.test.labels, ks=spec.evaluation.recall_ks))
+            if run is not None:
+                run.log_metrics({key: value for key, value in metrics.items() if key != "epoch"}, step=epoch)
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save(
+                    {
+                        "model": bare.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch,
+                    },
+                    Path(folder) / CHECKPOINT_STATE,
+                )
+                (Path(folder) / CHECKPOINT_SPEC).write_text(yaml.safe_dump(config["spec"], sort_keys=False))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+
+
+def _mean_across_workers(
+    sums: dict[str, float], steps: int, *, device: torch.device, world_size: int
+) -> dict[str, float]:
+    """Per-term mean loss over all steps of all workers (every worker calls this: a collective)."""
+    names = sorted(sums)
+    totals = torch.tensor([sums[name] for name in names] + [float(steps)], dtype=torch.float64, device=device)
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    count = max(float(totals[-1]), 1.0)
+    return {f"train/{name}": float(totals[index]) / count for index, name in enumerate(names)}
+
+
+def _maybe_inject_fault(fault: dict[str, Any], *, epoch: int, step: int, rank: int) -> None:
+    """Kill this worker process once, for testing recovery (like Faiss contrib's `crash_at`).
+
+    `fault = {"epoch": e, "rank": r, "marker": path}`: the worker of rank r dies at the first
+    step of epoch e, unless the marker file exists (so the restarted group runs through).
+    """
+    if not fault or epoch != fault["epoch"] or rank != fault["rank"] or step != 0:
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"killed rank {rank} at epoch {epoch}\n")
+    logger.warning("fault injection: killing rank %d at epoch %d", rank, epoch)
+    os._exit(1)

@@ -1,0 +1,112 @@
+"""One local Ray cluster for the whole test session.
+
+The head runs as `ray start --head --block` in a child process group, with every port
+picked free on 127.0.0.1, so parallel test sessions never collide and teardown stops only
+this cluster (never a machine-wide `ray stop`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    address: str
+    dashboard_url: str
+    serve_port: int
+    temp_dir: Path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until(condition: object, *, timeout: float, what: str, interval: float = 0.25) -> None:
+    """Poll `condition()` until it is truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            if condition():  # type: ignore[operator]
+                return
+        except Exception as error:  # noqa: BLE001 - polled condition may raise until ready
+            last_error = error
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error})")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    import ray
+
+    temp_dir = Path("/tmp") / f"rtest-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    port, dashboard_port = free_port(), free_port()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    command = [
+        str(bin_dir / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+        "--num-cpus", "8", "--node-ip-address", "127.0.0.1",
+        "--port", str(port),
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
+        "--ray-client-server-port", str(free_port()),
+        "--dashboard-agent-listen-port", str(free_port()),
+        "--dashboard-agent-grpc-port", str(free_port()),
+        "--metrics-export-port", str(free_port()),
+        "--runtime-env-agent-port", str(free_port()),
+        "--temp-dir", str(temp_dir),
+    ]  # fmt: skip
+    log = tmp_path_factory.mktemp("ray") / "head.log"
+    with log.open("w") as log_file:
+        head = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        wait_until(
+            lambda: requests.get(f"{dashboard_url}/api/version", timeout=2).ok,
+            timeout=120,
+            what=f"the Ray head's dashboard (log: {log})",
+        )
+        address = f"127.0.0.1:{port}"
+        ray.init(address=address, log_to_driver=False)
+        yield RayCluster(address=address, dashboard_url=dashboard_url, serve_port=free_port(), temp_dir=temp_dir)
+    finally:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        except Exception:  # noqa: BLE001 - Serve may never have started
+            pass
+        ray.shutdown()
+        _stop_group(head)
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture
+def poll() -> object:
+    """`wait_until(condition, timeout=..., what=...)`: poll with a deadline, never a bare sleep."""
+    return wait_until
