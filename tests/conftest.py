@@ -13,8 +13,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from retrieval.config import JobSpec  # noqa: E402
-from retrieval.methods import build_method, save_model_package  # noqa: E402
+from retrieval.config import JobSpec
+from retrieval.methods import build_method, save_model_package
 
 
 def small_job_spec(**sections: object) -> JobSpec:
@@ -22,7 +22,11 @@ def small_job_spec(**sections: object) -> JobSpec:
     data: dict[str, object] = {
         "name": "test_job",
         "method": {"name": "deep_metric", "loss": "multi_similarity"},
-        "dataset": {"name": "digits", "image_size": 32, "split": {"mode": "class_ranges", "train_classes": "0-4", "test_classes": "5-9"}},
+        "dataset": {
+            "name": "digits",
+            "image_size": 32,
+            "split": {"mode": "class_ranges", "train_classes": "0-4", "test_classes": "5-9"},
+        },
         "model": {"backbone": "resnet18", "embedding_dim": 32},
         "train": {"epochs": 2, "classes_per_batch": 5, "samples_per_class": 8},
         "scaling": {"num_workers": 2},

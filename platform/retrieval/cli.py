@@ -49,14 +49,27 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a job spec with Ray Train, evaluate, register in MLflow")
     train.add_argument("spec", help="job spec YAML (jobs/...)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a spec key, e.g. train.epochs=3")
-    train.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or a new local cluster)")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec key, e.g. train.epochs=3",
+    )
+    train.add_argument(
+        "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or a new local cluster)"
+    )
     train.add_argument("--summary", type=Path, default=None, help="write the outcome as JSON here")
     train.set_defaults(handler=_train)
 
     index = commands.add_parser("index", help="embed a gallery with a registered model and write a sharded Faiss index")
-    index.add_argument("--model", required=True, help="models:/name/version, models:/name@alias, or a model package folder")
-    index.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    index.add_argument(
+        "--model", required=True, help="models:/name/version, models:/name@alias, or a model package folder"
+    )
+    index.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
     index.add_argument("--out", default=None, help="index root folder (default: the model's job spec index.out)")
     index.add_argument("--shards", type=int, default=None, help="number of shards (default: from the job spec)")
     index.add_argument("--factory", default=None, help="Faiss factory string (default: from the job spec)")
@@ -64,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     index.set_defaults(handler=_index)
 
     evaluate = commands.add_parser("evaluate", help="score a registered model on its job's held-out split")
-    evaluate.add_argument("--model", required=True, help="models:/name/version, models:/name@alias, or a model package folder")
+    evaluate.add_argument(
+        "--model", required=True, help="models:/name/version, models:/name@alias, or a model package folder"
+    )
     evaluate.add_argument("--tracking-uri", default=None)
     evaluate.set_defaults(handler=_evaluate)
 
@@ -77,7 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--spec", default=DEFAULT_DEMO_SPEC, help=f"job spec (default {DEFAULT_DEMO_SPEC})")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default 8000)")
-    demo.add_argument("--once", action="store_true", help="stop after the sample queries instead of serving until Ctrl-C")
+    demo.add_argument(
+        "--once", action="store_true", help="stop after the sample queries instead of serving until Ctrl-C"
+    )
     demo.add_argument("--summary", type=Path, default=None, help="write the demo's JSON summary here")
     demo.add_argument("--address", default=None, help="Ray cluster address (default: a new local cluster)")
     demo.set_defaults(handler=_demo)

@@ -17,7 +17,7 @@ import operator
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -123,7 +123,7 @@ class DeepMetricSpec(StrictModel):
     metric_weight: float = Field(1.0, ge=0.0)
 
 
-MethodSpec = Annotated[Union[DeepMetricSpec], Field(discriminator="name")]
+MethodSpec = Annotated[DeepMetricSpec, Field(discriminator="name")]
 
 
 # --------------------------------------------------------------------------- training
@@ -201,9 +201,13 @@ class TrackingSpec(StrictModel):
     gate: list[GateCondition] = Field(default_factory=list)
 
 
+BaselineName = Literal["raw_pixels", "untrained"]
+BASELINES: tuple[BaselineName, ...] = ("raw_pixels", "untrained")
+
+
 class EvaluationSpec(StrictModel):
     recall_ks: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
-    baselines: list[Literal["raw_pixels", "untrained"]] = Field(default_factory=lambda: ["raw_pixels", "untrained"])
+    baselines: list[BaselineName] = Field(default_factory=lambda: list(BASELINES))
 
     @field_validator("recall_ks")
     @classmethod

@@ -51,7 +51,9 @@ def run_demo(
     if not ray.is_initialized():
         ray.init(address=address)
 
-    print(f"== 1/4 training {spec.name} with Ray Train ({spec.scaling.num_workers} workers, {spec.train.epochs} epochs)")
+    print(
+        f"== 1/4 training {spec.name} with Ray Train ({spec.scaling.num_workers} workers, {spec.train.epochs} epochs)"
+    )
     outcome = run_training(spec)
     print(format_results_table(outcome.metrics, outcome.baselines, ks=spec.evaluation.recall_ks))
     model_uri = outcome.model.uri
@@ -61,7 +63,10 @@ def run_demo(
     tracking_uri = _absolute_tracking_uri(spec.tracking.tracking_uri)
     manifest_path = build_index_from_model(model_uri, tracking_uri=tracking_uri, out=spec.index_root)
     manifest, _ = read_manifest(manifest_path)
-    print(f"index {manifest.index_version}: {manifest.num_items} items in {len(manifest.shards)} shards -> {manifest_path}")
+    print(
+        f"index {manifest.index_version}: {manifest.num_items} items in {len(manifest.shards)} shards"
+        f" -> {manifest_path}"
+    )
 
     print(f"== 3/4 starting Ray Serve on http://127.0.0.1:{port}")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -78,16 +83,29 @@ def run_demo(
     for query in queries:
         labels = " ".join(str(hit["label"]) for hit in query["results"])
         mark = "ok" if query["ok"] else f"FAILED ({query.get('error')})"
-        print(f"  {query['kind']:>6} query, digit {query['query_label']} ({query['query_source']}): top-{SAMPLE_K} labels {labels}  [{mark}]")
+        print(
+            f"  {query['kind']:>6} query, digit {query['query_label']} ({query['query_source']}):"
+            f" top-{SAMPLE_K} labels {labels}  [{mark}]"
+        )
 
     summary = {
         "job": spec.name,
         "metrics": outcome.metrics,
         "baselines": outcome.baselines,
-        "model": {"name": outcome.model.name, "version": outcome.model.version, "aliases": list(outcome.model.aliases), "uri": model_uri},
+        "model": {
+            "name": outcome.model.name,
+            "version": outcome.model.version,
+            "aliases": list(outcome.model.aliases),
+            "uri": model_uri,
+        },
         "promoted_to_champion": outcome.promoted,
         "mlflow": {"tracking_uri": tracking_uri, "run_id": outcome.run_id, "experiment": spec.tracking.experiment},
-        "index": {"manifest": str(Path(manifest_path).resolve()), "index_version": manifest.index_version, "shards": len(manifest.shards), "items": manifest.num_items},
+        "index": {
+            "manifest": str(Path(manifest_path).resolve()),
+            "index_version": manifest.index_version,
+            "shards": len(manifest.shards),
+            "items": manifest.num_items,
+        },
         "url": base_url,
         "queries": queries,
     }
@@ -99,7 +117,10 @@ def run_demo(
     if once:
         serve.delete(APP_NAME)
         return summary
-    print(f"\nserving {base_url} (POST /search/image, /search/vector, /search/id; GET /version, /healthz; docs at {base_url}/docs)")
+    print(
+        f"\nserving {base_url} (POST /search/image, /search/vector, /search/id; GET /version, /healthz;"
+        f" docs at {base_url}/docs)"
+    )
     print(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)")
     print("Ctrl-C to stop")
     try:
@@ -126,33 +147,58 @@ def sample_queries(base_url: str, *, package: Any, gallery: str, timeout: float 
         image = dataset.load_image(position)
         png = io.BytesIO()
         image.save(png, format="PNG")
-        vector = package.embed_images([image])[0]
-        requests_to_make = [
-            ("image", lambda: requests.post(f"{base_url}/search/image", files={"file": ("query.png", png.getvalue(), "image/png")}, data={"k": str(SAMPLE_K)}, timeout=timeout)),
-            ("vector", lambda: requests.post(f"{base_url}/search/vector", json={"vector": np.asarray(vector).tolist(), "k": SAMPLE_K}, timeout=timeout)),
-            ("id", lambda: requests.post(f"{base_url}/search/id", json={"id": position, "k": SAMPLE_K}, timeout=timeout)),
-        ]
+        vector = np.asarray(package.embed_images([image])[0]).tolist()
         label_name = dataset.class_names[int(dataset.labels[position])]
-        for kind, send in requests_to_make:
-            response = send()
-            body = response.json()
-            results = body.get("results", [])
+        sent = {
+            "image": requests.post(
+                f"{base_url}/search/image",
+                files={"file": ("query.png", png.getvalue(), "image/png")},
+                data={"k": str(SAMPLE_K)},
+                timeout=timeout,
+            ),
+            "vector": requests.post(
+                f"{base_url}/search/vector", json={"vector": vector, "k": SAMPLE_K}, timeout=timeout
+            ),
+            "id": requests.post(f"{base_url}/search/id", json={"id": position, "k": SAMPLE_K}, timeout=timeout),
+        }
+        for kind, response in sent.items():
             queries.append(
-                {
-                    "kind": kind,
-                    "query_id": position,
-                    "query_label": label_name,
-                    "query_source": dataset.source(position),
-                    "status": response.status_code,
-                    "ok": response.status_code == 200 and body.get("index_version") == version["index_version"],
-                    "model_version": body.get("model", {}).get("version"),
-                    "index_version": body.get("index_version"),
-                    "results": [{"id": hit["id"], "score": hit["score"], "label": hit.get("label"), "source": hit.get("source")} for hit in results],
-                    "precision_at_k": float(np.mean([hit.get("label") == label_name for hit in results])) if results else 0.0,
-                    **({"error": body.get("error")} if response.status_code != 200 else {}),
-                }
+                _query_record(
+                    kind,
+                    response,
+                    query_id=position,
+                    label=label_name,
+                    source=dataset.source(position),
+                    index_version=version["index_version"],
+                )
             )
     return queries
+
+
+def _query_record(
+    kind: str, response: requests.Response, *, query_id: int, label: str, source: str, index_version: str
+) -> dict[str, Any]:
+    """One sample query's outcome; `ok` means HTTP 200 from the index version the service announced."""
+    body = response.json()
+    results = [
+        {"id": hit["id"], "score": hit["score"], "label": hit.get("label"), "source": hit.get("source")}
+        for hit in body.get("results", [])
+    ]
+    record: dict[str, Any] = {
+        "kind": kind,
+        "query_id": query_id,
+        "query_label": label,
+        "query_source": source,
+        "status": response.status_code,
+        "ok": response.status_code == 200 and body.get("index_version") == index_version,
+        "model_version": body.get("model", {}).get("version"),
+        "index_version": body.get("index_version"),
+        "results": results,
+        "precision_at_k": float(np.mean([hit["label"] == label for hit in results])) if results else 0.0,
+    }
+    if response.status_code != 200:
+        record["error"] = body.get("error")
+    return record
 
 
 def _absolute_tracking_uri(uri: str) -> str:

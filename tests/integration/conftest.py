@@ -43,7 +43,7 @@ def wait_until(condition: object, *, timeout: float, what: str, interval: float 
         try:
             if condition():  # type: ignore[operator]
                 return
-        except Exception as error:  # noqa: BLE001 - polled condition may raise until ready
+        except Exception as error:
             last_error = error
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error})")
@@ -80,14 +80,14 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
             what=f"the Ray head's dashboard (log: {log})",
         )
         address = f"127.0.0.1:{port}"
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, _node_ip_address="127.0.0.1")
         yield RayCluster(address=address, dashboard_url=dashboard_url, serve_port=free_port(), temp_dir=temp_dir)
     finally:
         try:
             from ray import serve
 
             serve.shutdown()
-        except Exception:  # noqa: BLE001 - Serve may never have started
+        except Exception:
             pass
         ray.shutdown()
         _stop_group(head)

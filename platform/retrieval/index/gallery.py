@@ -57,7 +57,9 @@ def build_gallery_index(
         lambda batch: package.method.embed(package.model, batch), dataset, batch_size=batch_size, device=package.device
     )
     names = dataset.class_names
-    items = [{"label": names[label], "source": dataset.source(position)} for position, label in enumerate(dataset.labels)]
+    items = [
+        {"label": names[label], "source": dataset.source(position)} for position, label in enumerate(dataset.labels)
+    ]
     spec = package.spec
     return build_shards(
         vectors=vectors,
@@ -83,6 +85,7 @@ def _concatenate(first: ImageDataset, second: ImageDataset) -> ImageDataset:
         + [lambda index=index: second.load_image(index) for index in range(len(second))],
         labels=np.concatenate([first.labels, second.labels]),
         class_names=first.class_names,
-        sources=[first.source(index) for index in range(len(first))] + [second.source(index) for index in range(len(second))],
+        sources=[first.source(index) for index in range(len(first))]
+        + [second.source(index) for index in range(len(second))],
         transform=first.transform,
     )

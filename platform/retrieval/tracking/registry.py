@@ -14,7 +14,6 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
@@ -95,7 +94,9 @@ def resolve_model_version(model_uri: str, *, tracking_uri: str | None = None) ->
     """
     match = _MODELS_URI.match(model_uri)
     if not match:
-        raise ModelNotFoundError(f"{model_uri!r} is not a model URI of the form models:/<name>/<version> or models:/<name>@<alias>")
+        raise ModelNotFoundError(
+            f"{model_uri!r} is not a model URI of the form models:/<name>/<version> or models:/<name>@<alias>"
+        )
     client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri) if tracking_uri else None)
     name = match.group("name")
     try:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow import MlflowClient
 
 logger = logging.getLogger(__name__)

@@ -8,6 +8,7 @@ when the job's gate holds.
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -51,7 +52,12 @@ class TrainingOutcome:
         return {
             "metrics": self.metrics,
             "baselines": self.baselines,
-            "model": {"name": self.model.name, "version": self.model.version, "aliases": list(self.model.aliases), "uri": self.model.uri},
+            "model": {
+                "name": self.model.name,
+                "version": self.model.version,
+                "aliases": list(self.model.aliases),
+                "uri": self.model.uri,
+            },
             "promoted_to_champion": self.promoted,
             "gate": self.gate,
             "mlflow_run_id": self.run_id,
@@ -81,7 +87,11 @@ def run_training(spec: JobSpec, *, fault: dict[str, Any] | None = None) -> Train
         run_key=run_key,
         run_name=spec.name,
         params=spec.model_dump(mode="json"),
-        tags={"retrieval.method": spec.method.name, "retrieval.dataset": spec.dataset.name, "retrieval.code_version": code_version() or "unknown"},
+        tags={
+            "retrieval.method": spec.method.name,
+            "retrieval.dataset": spec.dataset.name,
+            "retrieval.code_version": code_version() or "unknown",
+        },
     )
     try:
         outcome = _train_and_register(spec, run=run, fault=fault)
@@ -134,7 +144,9 @@ def _train_and_register(spec: JobSpec, *, run: TrainingRun, fault: dict[str, Any
         for baseline, values in baselines.items():
             run.log_metrics({f"baseline/{baseline}/{key}": value for key, value in values.items()})
         run.log_dict({"trained": metrics, **baselines}, "evaluation/results.json")
-        figure = recall_curve_figure({"trained": metrics, **baselines}, ks=spec.evaluation.recall_ks, title=f"{spec.name}: held-out classes")
+        figure = recall_curve_figure(
+            {"trained": metrics, **baselines}, ks=spec.evaluation.recall_ks, title=f"{spec.name}: held-out classes"
+        )
         run.log_figure(figure, "evaluation/recall_at_k.png")
         plt.close(figure)
         if history:
@@ -155,7 +167,9 @@ def _train_and_register(spec: JobSpec, *, run: TrainingRun, fault: dict[str, Any
     promoted = all(condition.holds(metrics) for condition in spec.tracking.gate)
     if promoted:
         set_alias(tracking_uri=run.tracking_uri, name=registered.name, alias="champion", version=registered.version)
-        registered = RegisteredModel(name=registered.name, version=registered.version, aliases=(*registered.aliases, "champion"))
+        registered = RegisteredModel(
+            name=registered.name, version=registered.version, aliases=(*registered.aliases, "champion")
+        )
         logger.info("gate %s holds: %s v%s is champion", gate or "(none)", registered.name, registered.version)
     else:
         logger.warning("gate %s does not hold for %s: version %s stays candidate", gate, metrics, registered.version)
@@ -178,7 +192,9 @@ def evaluate_with_baselines(spec: JobSpec, package_dir: Path) -> tuple[dict[str,
     ks = spec.evaluation.recall_ks
     package = load_model_package(package_dir)
     trained = score_embeddings(
-        embed_dataset(lambda batch: package.method.embed(package.model, batch), test, batch_size=spec.train.embed_batch_size),
+        embed_dataset(
+            functools.partial(package.method.embed, package.model), test, batch_size=spec.train.embed_batch_size
+        ),
         test.labels,
         ks=ks,
     )
@@ -190,7 +206,9 @@ def evaluate_with_baselines(spec: JobSpec, package_dir: Path) -> tuple[dict[str,
             torch.manual_seed(spec.train.seed)
             method = build_method(spec)
             untrained = method.build_model().eval()
-            vectors = embed_dataset(lambda batch: method.embed(untrained, batch), test, batch_size=spec.train.embed_batch_size)
+            vectors = embed_dataset(
+                functools.partial(method.embed, untrained), test, batch_size=spec.train.embed_batch_size
+            )
         baselines[baseline] = score_embeddings(vectors, test.labels, ks=ks)
     return trained, baselines
 

@@ -8,6 +8,7 @@ from the last reported checkpoint.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -118,7 +119,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             bare = unwrap(model)
             bare.eval()
             vectors = embed_dataset(
-                lambda batch: method.embed(bare, batch),
+                functools.partial(method.embed, bare),
                 splits.test,
                 batch_size=spec.train.embed_batch_size,
                 device=device,
@@ -159,12 +160,15 @@ def _maybe_inject_fault(fault: dict[str, Any], *, epoch: int, step: int, rank: i
 
     `fault = {"epoch": e, "rank": r, "marker": path}`: the worker of rank r dies at the first
     step of epoch e, unless the marker file exists (so the restarted group runs through).
+    It first waits until Ray Train has committed every earlier report: a report still queued
+    in a worker that dies is lost with it, which models no real mid-epoch failure.
     """
     if not fault or epoch != fault["epoch"] or rank != fault["rank"] or step != 0:
         return
     marker = Path(fault["marker"])
     if marker.exists():
         return
+    ray.train.get_all_reported_checkpoints(timeout_s=120)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"killed rank {rank} at epoch {epoch}\n")
     logger.warning("fault injection: killing rank %d at epoch %d", rank, epoch)

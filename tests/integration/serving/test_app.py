@@ -10,6 +10,7 @@ import io
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,19 +65,19 @@ def get_until_ok(url: str, deadline_s: float) -> requests.Response:
 
 
 @pytest.fixture(scope="module")
-def deployed(ray_cluster: Any, model_package: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
+def deployed(ray_cluster: Any, model_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
     from ray import serve
 
     from retrieval.serving.app import build_app
     from retrieval.tracking.registry import load_embedder
 
-    embedder = load_embedder(model_package)
+    embedder = load_embedder(str(model_package))
     rng = np.random.default_rng(7)
     vectors = rng.standard_normal((COUNT, embedder.dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     ids = np.arange(FIRST_ID, FIRST_ID + COUNT, dtype=np.int64)
     items = [{"label": str(item_id % 10), "source": f"random:{item_id}"} for item_id in ids.tolist()]
-    model = ModelRef(name="untrained", version="1", uri=model_package)
+    model = ModelRef(name="untrained", version="1", uri=str(model_package))
     root = tmp_path_factory.mktemp("served-index")
     build_shards(
         vectors=vectors,

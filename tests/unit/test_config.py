@@ -1,0 +1,254 @@
+"""Job and serving specs: YAML in, typed spec out; every mistake names the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from retrieval.config import (
+    DeepMetricSpec,
+    GateCondition,
+    JobSpec,
+    ServingSpec,
+    load_job_spec,
+)
+from retrieval.errors import ConfigError
+
+REPO_ROOT = Path(__file__).parents[2]
+
+
+def _minimal_job(**sections: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {"name": "unit_job", "method": {"name": "deep_metric"}, "train": {"epochs": 2}}
+    data.update(sections)
+    return data
+
+
+def _write(tmp_path: Path, data: Any) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def _load_error(path: Path, overrides: tuple[str, ...] = ()) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_job_spec(path, overrides)
+    return str(caught.value)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_valid_file_loads_with_its_values_and_the_defaults(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        _minimal_job(
+            method={"name": "deep_metric", "loss": "triplet", "triplet_margin": 0.2},
+            model={"embedding_dim": 64},
+        ),
+    )
+    spec = load_job_spec(path)
+    assert isinstance(spec, JobSpec)
+    assert isinstance(spec.method, DeepMetricSpec)
+    assert (spec.name, spec.method.loss, spec.method.triplet_margin) == ("unit_job", "triplet", 0.2)
+    assert (spec.train.epochs, spec.model.embedding_dim) == (2, 64)
+    # Untouched sections take their documented defaults.
+    assert (spec.model.backbone, spec.optimizer.name, spec.train.classes_per_batch) == ("resnet18", "adamw", 5)
+    assert spec.registered_model_name == "unit_job"
+    assert spec.index_root == "indices/unit_job"
+
+
+def test_the_repository_job_spec_loads() -> None:
+    spec = load_job_spec(REPO_ROOT / "jobs" / "digits_deep_metric.yaml")
+    assert spec.name == "digits_deep_metric"
+    assert spec.method.name == "deep_metric"
+    assert spec.dataset.name == "digits"
+    assert spec.registered_model_name == "digits-deep-metric"
+    assert [str(condition) for condition in spec.tracking.gate] == ["recall@1 >= 0.9"]
+
+
+@pytest.mark.parametrize(
+    ("sections", "key", "hint"),
+    [
+        ({"trian": {"epochs": 3}}, "trian", "train"),
+        ({"train": {"epoch": 3}}, "train.epoch", "epochs"),
+        ({"method": {"name": "deep_metric", "los": "triplet"}}, "method.los", "loss"),
+    ],
+)
+def test_unknown_key_names_file_key_and_a_suggestion(
+    tmp_path: Path, sections: dict[str, Any], key: str, hint: str
+) -> None:
+    path = _write(tmp_path, _minimal_job(**sections))
+    message = _load_error(path)
+    assert str(path) in message
+    assert f"{key}: unknown key" in message
+    assert f"did you mean '{hint}'?" in message
+
+
+def test_wrong_type_names_the_key_and_the_value(tmp_path: Path) -> None:
+    path = _write(tmp_path, _minimal_job(train={"epochs": "many"}))
+    message = _load_error(path)
+    assert str(path) in message
+    assert "train.epochs:" in message
+    assert "'many'" in message
+
+
+def test_missing_required_name_is_reported(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"method": {"name": "deep_metric"}})
+    assert "name: required key is missing" in _load_error(path)
+
+
+def test_malformed_yaml_names_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "name: broken\ntrain: [1, 2\n")
+    message = _load_error(path)
+    assert message.startswith(f"{path}: not valid YAML")
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    path = _write(tmp_path, "- name\n- method\n")
+    message = _load_error(path)
+    assert str(path) in message
+    assert "top level must be a mapping" in message
+    assert "list" in message
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+    assert _load_error(path) == f"{path}: no such file"
+
+
+# --------------------------------------------------------------------------- --set overrides
+
+
+def test_set_override_changes_the_value_with_yaml_typing(tmp_path: Path) -> None:
+    path = _write(tmp_path, _minimal_job())
+    spec = load_job_spec(path, ["train.epochs=3", "model.embedding_dim=16", "evaluation.recall_ks=[1, 5]"])
+    assert spec.train.epochs == 3
+    assert spec.model.embedding_dim == 16
+    assert spec.evaluation.recall_ks == [1, 5]
+
+
+def test_set_override_of_an_unknown_key_names_key_and_set(tmp_path: Path) -> None:
+    path = _write(tmp_path, _minimal_job())
+    message = _load_error(path, ("train.epoch=3",))
+    assert str(path) in message
+    assert "--set train.epoch=3" in message
+    assert "train.epoch: unknown key (did you mean 'epochs'?)" in message
+
+
+def test_set_override_replacing_a_section_by_a_scalar_is_a_type_error(tmp_path: Path) -> None:
+    path = _write(tmp_path, _minimal_job())
+    message = _load_error(path, ("dataset=5",))
+    assert "--set dataset=5" in message
+    assert "dataset:" in message
+    assert "(got 5)" in message
+
+
+def test_set_override_through_a_value_is_rejected(tmp_path: Path) -> None:
+    path = _write(tmp_path, _minimal_job())
+    message = _load_error(path, ("train.epochs.x=1",))
+    assert "--set 'train.epochs.x=1'" in message
+    assert "'train.epochs' is a value, not a section" in message
+
+
+def test_set_override_without_equals_sign_is_rejected(tmp_path: Path) -> None:
+    path = _write(tmp_path, _minimal_job())
+    assert "expected 'dotted.key=value'" in _load_error(path, ("train.epochs",))
+
+
+def test_set_override_with_a_value_outside_a_choice_names_the_key(tmp_path: Path) -> None:
+    path = _write(tmp_path, _minimal_job())
+    message = _load_error(path, ("method.loss=triplett",))
+    assert "method.loss:" in message
+    assert "'triplett'" in message
+
+
+# --------------------------------------------------------------------------- promotion gate
+
+
+def test_gate_text_parses_into_a_condition() -> None:
+    condition = GateCondition.model_validate("recall@1 >= 0.9")
+    assert (condition.metric, condition.op, condition.value) == ("recall@1", ">=", 0.9)
+    assert str(condition) == "recall@1 >= 0.9"
+
+
+@pytest.mark.parametrize(
+    ("text", "metrics", "expected"),
+    [
+        ("recall@1 >= 0.9", {"recall@1": 0.9}, True),
+        ("recall@1 >= 0.9", {"recall@1": 0.89}, False),
+        ("recall@1 > 0.9", {"recall@1": 0.9}, False),
+        ("map_at_r <= 1e-1", {"map_at_r": 0.05}, True),
+        ("loss < 2", {"loss": 3.0}, False),
+        ("recall@1 == 1", {"recall@1": 1.0}, True),
+    ],
+)
+def test_gate_condition_holds_as_its_operator_says(text: str, metrics: dict[str, float], expected: bool) -> None:
+    assert GateCondition.model_validate(text).holds(metrics) is expected
+
+
+def test_gate_fails_when_its_metric_was_not_measured() -> None:
+    assert GateCondition.model_validate("recall@1 >= 0.0").holds({"recall@2": 1.0}) is False
+
+
+def test_bad_gate_text_names_the_list_entry(tmp_path: Path) -> None:
+    path = _write(tmp_path, _minimal_job(tracking={"gate": ["recall@1 >= 0.5", "recall@1 is high"]}))
+    message = _load_error(path)
+    assert "tracking.gate[1]:" in message
+    assert "not of the form 'metric >= number'" in message
+
+
+def test_gate_in_a_job_file_becomes_conditions(tmp_path: Path) -> None:
+    path = _write(tmp_path, _minimal_job(tracking={"gate": ["recall@1 >= 0.5", "map_at_r > 0.2"]}))
+    gate = load_job_spec(path).tracking.gate
+    assert [(condition.metric, condition.op, condition.value) for condition in gate] == [
+        ("recall@1", ">=", 0.5),
+        ("map_at_r", ">", 0.2),
+    ]
+
+
+# --------------------------------------------------------------------------- cross-field rules
+
+
+@pytest.mark.parametrize(
+    ("dataset", "key", "fragment"),
+    [
+        ({"name": "image_folder"}, "dataset:", "needs 'root'"),
+        ({"name": "digits", "root": "/data/digits"}, "dataset:", "takes no 'root'"),
+        ({"split": {"mode": "class_ranges", "train_classes": "0-4"}}, "dataset.split:", "needs both"),
+    ],
+)
+def test_dataset_rules_name_the_section(tmp_path: Path, dataset: dict[str, Any], key: str, fragment: str) -> None:
+    path = _write(tmp_path, _minimal_job(dataset=dataset))
+    message = _load_error(path)
+    assert str(path) in message
+    assert key in message
+    assert fragment in message
+
+
+def test_image_folder_with_root_is_valid(tmp_path: Path) -> None:
+    path = _write(tmp_path, _minimal_job(dataset={"name": "image_folder", "root": str(tmp_path)}))
+    assert load_job_spec(path).dataset.root == str(tmp_path)
+
+
+# --------------------------------------------------------------------------- serving spec
+
+
+def test_serving_spec_unknown_key_names_source_and_key() -> None:
+    with pytest.raises(ConfigError) as caught:
+        ServingSpec.from_mapping({"index": "indices/digits", "max_kk": 5}, source="serve/app.yaml")
+    message = str(caught.value)
+    assert message.startswith("serve/app.yaml: invalid spec")
+    assert "max_kk: unknown key (did you mean 'max_k'?)" in message
+
+
+def test_serving_spec_default_k_above_max_k_is_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"default_k \(20\) is larger than max_k \(5\)"):
+        ServingSpec.from_mapping({"index": "indices/digits", "max_k": 5, "default_k": 20}, source="serve/app.yaml")
+
+
+def test_serving_spec_valid_mapping_loads() -> None:
+    spec = ServingSpec.from_mapping({"index": "indices/digits", "max_k": 50, "default_k": 50}, source="serve.yaml")
+    assert (spec.index, spec.max_k, spec.default_k, spec.shard_replicas) == ("indices/digits", 50, 50, 1)
