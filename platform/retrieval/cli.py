@@ -108,8 +108,11 @@ def _train(args: argparse.Namespace) -> int:
     from retrieval.config import load_job_spec
 
     spec = load_job_spec(args.spec, args.overrides)
-    _init_ray(args.address)
     from retrieval.train import run_training
+    from retrieval.train.driver import check_job_inputs
+
+    check_job_inputs(spec)
+    _init_ray(args.address)
 
     outcome = run_training(spec)
     print(format_results_table(outcome.metrics, outcome.baselines, ks=spec.evaluation.recall_ks))

@@ -17,7 +17,7 @@ import operator
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -345,15 +345,15 @@ def _validate(model: type[StrictModel], data: Mapping[str, Any], *, source: str)
     try:
         return model.model_validate(dict(data))
     except ValidationError as error:
-        lines = [_describe_error(item, data) for item in error.errors()]
+        lines = [_describe_error(item, data, model) for item in error.errors()]
         raise ConfigError(f"{source}: invalid spec:\n  " + "\n  ".join(lines)) from None
 
 
-def _describe_error(item: Mapping[str, Any], data: Any) -> str:
+def _describe_error(item: Mapping[str, Any], data: Any, root: type[BaseModel]) -> str:
     key = _key_path(item["loc"], data)
     if item["type"] == "extra_forbidden":
         name = str(item["loc"][-1])
-        hint = difflib.get_close_matches(name, sorted(_all_field_names()), n=1)
+        hint = difflib.get_close_matches(name, sorted(_section_fields(root, item["loc"][:-1])), n=1)
         suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
         return f"{key}: unknown key{suggestion}"
     if item["type"] == "missing":
@@ -382,18 +382,27 @@ def _key_path(loc: Sequence[Any], data: Any) -> str:
     return ".".join(parts) or "<top level>"
 
 
-def _all_field_names() -> set[str]:
-    names: set[str] = set()
-    pending: list[type[BaseModel]] = [JobSpec, ServingSpec, DeepMetricSpec, GateCondition]
-    seen: set[type[BaseModel]] = set()
-    while pending:
-        model = pending.pop()
-        if model in seen:
+def _section_fields(root: type[BaseModel], loc: Sequence[Any]) -> set[str]:
+    """The keys allowed in the section at `loc`, for "did you mean" hints within that section."""
+    candidates = [root]
+    for part in loc:
+        if isinstance(part, int):
             continue
-        seen.add(model)
-        for field_name, field in model.model_fields.items():
-            names.add(field_name)
-            annotation = field.annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                pending.append(annotation)
-    return names
+        owners = [model for model in candidates if part in model.model_fields]
+        if owners:
+            candidates = [found for model in owners for found in _models_in(model.model_fields[part].annotation)]
+        else:
+            # A discriminator tag pydantic puts in the location: keep the union member it names.
+            candidates = [
+                model
+                for model in candidates
+                if model.model_fields.get("name") and model.model_fields["name"].default == part
+            ]
+    return {name for model in candidates for name in model.model_fields}
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models inside a field annotation (through Optional, list, Union, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for argument in get_args(annotation) for model in _models_in(argument)]

@@ -46,8 +46,10 @@ def run_demo(
     from retrieval.serving.app import build_app
     from retrieval.tracking import load_embedder
     from retrieval.train import run_training
+    from retrieval.train.driver import check_job_inputs
 
     spec = load_job_spec(spec_path, overrides)
+    check_job_inputs(spec)
     if not ray.is_initialized():
         ray.init(address=address)
 

@@ -252,3 +252,20 @@ def test_serving_spec_default_k_above_max_k_is_rejected() -> None:
 def test_serving_spec_valid_mapping_loads() -> None:
     spec = ServingSpec.from_mapping({"index": "indices/digits", "max_k": 50, "default_k": 50}, source="serve.yaml")
     assert (spec.index, spec.max_k, spec.default_k, spec.shard_replicas) == ("indices/digits", 50, 50, 1)
+
+
+def test_did_you_mean_only_suggests_keys_of_the_same_section() -> None:
+    """`lr` lives under `optimizer`: under `train` it is unknown, with no misleading hint."""
+    with pytest.raises(ConfigError) as raised:
+        JobSpec.from_mapping({"name": "x", "method": {"name": "deep_metric"}, "train": {"lr": 0.1}}, source="f.yaml")
+    assert "train.lr: unknown key" in str(raised.value)
+    assert "did you mean" not in str(raised.value)
+    with pytest.raises(ConfigError, match=r"tracking\.gate\[0\]\.vlue: unknown key \(did you mean 'value'\?\)"):
+        JobSpec.from_mapping(
+            {
+                "name": "x",
+                "method": {"name": "deep_metric"},
+                "tracking": {"gate": [{"metric": "a", "op": ">=", "vlue": 1}]},
+            },
+            source="f.yaml",
+        )

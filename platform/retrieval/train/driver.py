@@ -24,6 +24,7 @@ from ray.train.torch import TorchTrainer
 
 from retrieval.config import JobSpec
 from retrieval.data.from_spec import datasets_from_spec
+from retrieval.errors import DatasetError
 from retrieval.evaluation.plots import recall_curve_figure, training_curve_figure
 from retrieval.evaluation.runs import embed_dataset, raw_pixel_embeddings, score_embeddings
 from retrieval.methods import build_method, load_model_package, save_model_package
@@ -71,6 +72,22 @@ def storage_path(spec: JobSpec) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+def check_job_inputs(spec: JobSpec) -> None:
+    """Fail fast, before any Ray worker starts, on inputs that would only fail inside one.
+
+    Raises:
+        DatasetError: the dataset cannot be read or split as specified, or its training split
+            has fewer classes than a batch needs.
+    """
+    splits = datasets_from_spec(spec.dataset)
+    train_classes = len(set(splits.train.labels.tolist()))
+    if train_classes < spec.train.classes_per_batch:
+        raise DatasetError(
+            f"train.classes_per_batch is {spec.train.classes_per_batch} but the training split of "
+            f"{spec.dataset.name!r} has only {train_classes} classes"
+        )
+
+
 def run_training(spec: JobSpec, *, fault: dict[str, Any] | None = None) -> TrainingOutcome:
     """Train, evaluate, log and register one job. Starting it again with the same spec resumes it.
 
@@ -78,6 +95,7 @@ def run_training(spec: JobSpec, *, fault: dict[str, Any] | None = None) -> Train
         spec: the validated job.
         fault: test hook, see `retrieval.train.worker._maybe_inject_fault`.
     """
+    check_job_inputs(spec)
     if not ray.is_initialized():
         ray.init()
     run_key = f"{storage_path(spec)}/{spec.name}"

@@ -1,0 +1,71 @@
+"""`retrieval demo --once`: the whole platform end to end, on the session's Ray cluster."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from retrieval.cli import main
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+JOB = Path(__file__).resolve().parents[2] / "jobs" / "digits_deep_metric.yaml"
+
+
+def test_demo_once_trains_registers_indexes_serves_and_answers(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the demo writes mlflow.db, ray_results and indices in the working directory
+    summary_path = tmp_path / "summary.json"
+    code = main(
+        [
+            "demo",
+            "--once",
+            "--spec",
+            str(JOB),
+            "--port",
+            str(ray_cluster.serve_port),
+            "--summary",
+            str(summary_path),
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "tracking.gate=[]",
+        ]
+    )
+    assert code == 0
+    summary = json.loads(summary_path.read_text())
+
+    assert set(summary["metrics"]) == {"recall@1", "recall@2", "recall@4", "recall@8", "map@r"}
+    assert set(summary["baselines"]) == {"raw_pixels", "untrained"}
+    assert summary["model"] == {
+        "name": "digits-deep-metric",
+        "version": "1",
+        "aliases": ["candidate", "champion"],  # an empty gate promotes
+        "uri": "models:/digits-deep-metric/1",
+    }
+    client = MlflowClient(tracking_uri=summary["mlflow"]["tracking_uri"])
+    assert str(client.get_model_version_by_alias("digits-deep-metric", "champion").version) == "1"
+
+    manifest = json.loads(Path(summary["index"]["manifest"]).read_text())
+    assert manifest["model"]["uri"] == "models:/digits-deep-metric/1"
+    assert len(manifest["shards"]) == 2 and manifest["num_items"] == 896
+
+    queries = summary["queries"]
+    assert [query["kind"] for query in queries] == ["image", "vector", "id"] * 3
+    for query in queries:
+        assert query["ok"] and query["status"] == 200
+        assert query["model_version"] == "1" and query["index_version"] == manifest["index_version"]
+        assert len(query["results"]) == 5
+    for query in queries:
+        ids = [hit["id"] for hit in query["results"]]
+        if query["kind"] == "id":
+            assert query["query_id"] not in ids  # neighbours of an item exclude the item
+        else:
+            # An uploaded gallery image, or its vector, finds itself first.
+            assert ids[0] == query["query_id"]
+            assert query["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    # --once takes the app down again (Serve's proxy stays and knows no route).
+    assert requests.get(f"http://127.0.0.1:{ray_cluster.serve_port}/healthz", timeout=5).status_code == 404
