@@ -21,6 +21,7 @@ import requests
 from retrieval.config import load_job_spec
 from retrieval.index.gallery import gallery_dataset
 from retrieval.index.manifest import read_manifest
+from retrieval.tracking.runs import resolve_tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def run_demo(
     print(f"registered {model_uri} (aliases: {', '.join(outcome.model.aliases)})")
 
     print(f"== 2/4 building a {spec.index.num_shards}-shard Faiss index of the held-out gallery")
-    tracking_uri = _absolute_tracking_uri(spec.tracking.tracking_uri)
+    tracking_uri = resolve_tracking_uri(spec.tracking.tracking_uri)
     manifest_path = build_index_from_model(model_uri, tracking_uri=tracking_uri, out=spec.index_root)
     manifest, _ = read_manifest(manifest_path)
     print(
@@ -201,9 +202,3 @@ def _query_record(
     if response.status_code != 200:
         record["error"] = body.get("error")
     return record
-
-
-def _absolute_tracking_uri(uri: str) -> str:
-    from retrieval.tracking.runs import resolve_tracking_uri
-
-    return resolve_tracking_uri(uri)

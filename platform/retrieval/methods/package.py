@@ -91,7 +91,7 @@ def save_model_package(directory: str | Path, *, spec: JobSpec, state_dict: Mapp
     info = {
         "format": PACKAGE_FORMAT,
         "method": spec.method.name,
-        "embedding_dim": _embedding_dim(spec),
+        "embedding_dim": spec.model.embedding_dim,
         "model_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
     }
     (folder / "package.json").write_text(json.dumps(info, indent=2))
@@ -133,7 +133,3 @@ def load_model_package(directory: str | Path, *, device: str = "cpu", source: st
         device=torch_device,
         source=source or str(folder),
     )
-
-
-def _embedding_dim(spec: JobSpec) -> int:
-    return spec.model.embedding_dim
