@@ -12,10 +12,12 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import difflib
 import operator
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -55,26 +57,46 @@ class SplitSpec(StrictModel):
     """
 
     mode: Literal["class_ranges", "class_fraction", "image_fraction"] = "class_fraction"
-    train_classes: str | list[int] | None = None
-    test_classes: str | list[int] | None = None
+    train_classes: str | list[int] | None = Field(
+        None, description="class ids, e.g. '0-99'; with neither given, the first half of the ids trains"
+    )
+    test_classes: str | list[int] | None = Field(
+        None, description="class ids, e.g. '100-199'; default: the classes not in train_classes"
+    )
     train_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     seed: int = 0
 
     @model_validator(mode="after")
     def _ranges_need_classes(self) -> SplitSpec:
-        if self.mode == "class_ranges" and (self.train_classes is None or self.test_classes is None):
-            raise ValueError("mode 'class_ranges' needs both 'train_classes' and 'test_classes' (e.g. '0-4')")
+        if self.mode != "class_ranges" and (self.train_classes is not None or self.test_classes is not None):
+            raise ValueError(f"'train_classes' / 'test_classes' apply to mode 'class_ranges', not {self.mode!r}")
         return self
+
+
+LANDMARK_DATASETS: tuple[str, ...] = ("roxford5k", "rparis6k", "holidays", "ukbench")
 
 
 class DatasetSpec(StrictModel):
     """Which images to train and evaluate on.
 
     `digits` is bundled (scikit-learn's real 8x8 handwritten digits); `image_folder`
-    reads a user's own `root/<class>/<image>` tree.
+    reads a user's own `root/<class>/<image>` tree; `cub200`, `stanford_dogs` and
+    `stanford_cars` read each dataset's published layout under `root`; `roxford5k`,
+    `rparis6k`, `holidays` and `ukbench` are landmark benchmarks (queries, a database and
+    their ground truth) that a job evaluates on but never trains on.
     """
 
-    name: Literal["digits", "image_folder"] = "digits"
+    name: Literal[
+        "digits",
+        "image_folder",
+        "cub200",
+        "stanford_dogs",
+        "stanford_cars",
+        "roxford5k",
+        "rparis6k",
+        "holidays",
+        "ukbench",
+    ] = "digits"
     root: str | None = None
     image_size: int = Field(32, ge=8, le=2048)
     augment: bool = True
@@ -82,10 +104,26 @@ class DatasetSpec(StrictModel):
     std: tuple[float, float, float] = IMAGENET_STD
     split: SplitSpec = Field(default_factory=SplitSpec)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _name_shorthand(cls, data: Any) -> Any:
+        # `dataset: digits` (or `--set dataset=digits`): the named dataset with the usual
+        # class-disjoint protocol (first half of the classes trains, second half is retrieved).
+        if isinstance(data, str):
+            return {"name": data, "split": {"mode": "class_ranges"}}
+        return data
+
+    @property
+    def is_landmark_benchmark(self) -> bool:
+        """A query/database benchmark with its own ground truth, evaluated, never trained on."""
+        return self.name in LANDMARK_DATASETS
+
     @model_validator(mode="after")
     def _root_matches_name(self) -> DatasetSpec:
         if self.name == "image_folder" and not self.root:
             raise ValueError("dataset 'image_folder' needs 'root' (a folder laid out as root/<class>/<image>)")
+        if self.name in ("cub200", "stanford_dogs", "stanford_cars", *LANDMARK_DATASETS) and not self.root:
+            raise ValueError(f"dataset {self.name!r} needs 'root' (the folder holding its published layout)")
         if self.name == "digits" and self.root:
             raise ValueError("dataset 'digits' is bundled and takes no 'root'")
         return self
@@ -95,15 +133,35 @@ class DatasetSpec(StrictModel):
 
 
 class ModelSpec(StrictModel):
-    """Backbone, pooling and embedding head."""
+    """Backbone, pooling, optional layer fusion, embedding head and multi-scale extraction.
+
+    `pooling` names: `mac` (alias `max`), `spoc` (alias `avg`), `gem`, `rmac`, `crow`.
+    `embedding_dim: null` is an off-the-shelf model: no linear head, the embedding is the
+    L2-normalised pooled feature (its dimension is the trunk's channel count). `scales` other
+    than `[1.0]` averages the embeddings of the images resized by each factor, in eval mode only
+    (retrieval); training always embeds at `dataset.image_size`.
+    `fusion_layers` concatenates the L2-normalised pooled features of named layers
+    (`layer3`, `layer4` for ResNets; `features.<i>` for VGG and other `features` trunks).
+    """
 
     backbone: str = "resnet18"
     weights: str | None = Field(
         None, description="torchvision weights name (e.g. 'DEFAULT', 'IMAGENET1K_V1'); None = random init"
     )
-    pooling: Literal["gem", "avg", "max"] = "gem"
+    pooling: Literal["gem", "mac", "spoc", "rmac", "crow", "avg", "max"] = "gem"
     gem_p: float = Field(3.0, gt=0.0)
-    embedding_dim: int = Field(128, ge=2, le=8192)
+    spoc_center_prior: bool = False
+    rmac_levels: int = Field(3, ge=1, le=8)
+    embedding_dim: int | None = Field(128, ge=2, le=8192)
+    scales: list[Annotated[float, Field(gt=0.0, le=4.0)]] = Field(default_factory=lambda: [1.0], min_length=1)
+    fusion_layers: list[str] | None = Field(None, min_length=1)
+
+    @field_validator("fusion_layers")
+    @classmethod
+    def _fusion_layers_are_unique(cls, layers: list[str] | None) -> list[str] | None:
+        if layers is not None and len(set(layers)) != len(layers):
+            raise ValueError(f"fusion_layers must name each layer once, got {layers}")
+        return layers
 
 
 class DeepMetricSpec(StrictModel):
@@ -123,7 +181,59 @@ class DeepMetricSpec(StrictModel):
     metric_weight: float = Field(1.0, ge=0.0)
 
 
-MethodSpec = Annotated[DeepMetricSpec, Field(discriminator="name")]
+class ClassificationSpec(StrictModel):
+    """Thesis ch. 2, classification-based fine-tuning: a class head on the embedding.
+
+    `head`: `softmax` is cross-entropy on a linear layer over the embedding; `normalized_softmax`
+    is pytorch-metric-learning's NormalizedSoftmaxLoss (Zhai & Wu 2019) at `temperature`;
+    `arcface` is its ArcFaceLoss (Deng et al. 2019) with `arcface_margin` in degrees and
+    `arcface_scale`. The head has one row per class of the training split: it is counted from
+    the data when training starts and kept in the weights, not in the spec, so a saved model
+    reloads (and embeds, without its head) where the dataset is not available.
+    `metric_weight` > 0 adds a verification loss (`metric_loss`, with deep_metric's default
+    settings and miner) on the same embeddings.
+    """
+
+    name: Literal["classification"] = "classification"
+    head: Literal["softmax", "normalized_softmax", "arcface"] = "normalized_softmax"
+    temperature: float = Field(0.05, gt=0.0)
+    arcface_margin: float = Field(28.6, ge=0.0, lt=90.0)
+    arcface_scale: float = Field(64.0, gt=0.0)
+    classification_weight: float = Field(1.0, ge=0.0)
+    metric_weight: float = Field(0.0, ge=0.0)
+    metric_loss: Literal["triplet", "multi_similarity", "contrastive"] = "multi_similarity"
+
+    @model_validator(mode="after")
+    def _some_weight_is_positive(self) -> ClassificationSpec:
+        if self.classification_weight == 0 and self.metric_weight == 0:
+            raise ValueError("classification_weight and metric_weight are both 0: nothing would be trained")
+        return self
+
+
+class UnsupervisedMetricSpec(DeepMetricSpec):
+    """Thesis ch. 2, unsupervised fine-tuning: deep_metric's verification losses on mined pseudo-pairs.
+
+    No label is read. Before training, the initial model's features of the training split give
+    an exact inner-product kNN graph: images that are among each other's `knn_k` nearest
+    neighbours are positives, and the connected components of that mutual-kNN graph are the
+    pseudo-classes the batches are drawn by (images in no mutual pair are left out). A pair of
+    different pseudo-classes is a negative only if neither image is among the other's
+    `negative_rank` nearest neighbours. The loss settings are deep_metric's.
+    """
+
+    # Reuses every loss setting of DeepMetricSpec; only the union tag differs.
+    name: Literal["unsupervised_metric"] = "unsupervised_metric"  # type: ignore[assignment]
+    knn_k: int = Field(5, ge=1)
+    negative_rank: int = Field(50, ge=1)
+
+    @model_validator(mode="after")
+    def _negatives_lie_beyond_the_neighbours(self) -> UnsupervisedMetricSpec:
+        if self.negative_rank < self.knn_k:
+            raise ValueError(f"negative_rank ({self.negative_rank}) must be at least knn_k ({self.knn_k})")
+        return self
+
+
+MethodSpec = Annotated[DeepMetricSpec | ClassificationSpec | UnsupervisedMetricSpec, Field(discriminator="name")]
 
 
 # --------------------------------------------------------------------------- training
@@ -205,9 +315,38 @@ BaselineName = Literal["raw_pixels", "untrained"]
 BASELINES: tuple[BaselineName, ...] = ("raw_pixels", "untrained")
 
 
+PoolingName = Literal["mac", "spoc", "gem", "rmac", "crow"]
+
+
 class EvaluationSpec(StrictModel):
+    """How a model is scored, and the off-the-shelf variants `retrieval evaluate` tabulates.
+
+    The protocol follows the dataset: leave-one-out Recall@K and mAP@R on the held-out
+    split of a class dataset, or the benchmark's own mAP (revisited Easy/Medium/Hard,
+    Holidays) or N-S score (UKBench) on a landmark dataset. Each variant is a pooling
+    (or the trained model), then optionally PCA-whitening learnt on held-out images, then
+    optionally query expansion.
+    """
+
     recall_ks: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
     baselines: list[BaselineName] = Field(default_factory=lambda: list(BASELINES))
+    poolings: list[PoolingName] = Field(
+        default_factory=list,
+        description="off-the-shelf variants: the backbone (no head) with each pooling; empty = the model as built",
+    )
+    whitening: bool = Field(False, description="also score every variant after PCA-whitening learnt on held-out images")
+    whitening_dim: int | None = Field(None, ge=1)
+    whitening_dataset: DatasetSpec | None = Field(
+        None,
+        description="held-out images for PCA-whitening on a landmark benchmark (class datasets use their train split)",
+    )
+    query_expansion: list[Literal["average", "alpha"]] = Field(default_factory=list)
+    qe_top_n: int = Field(2, ge=1)
+    qe_alpha: float = Field(3.0, ge=0.0)
+    late_fusion_backbones: list[str] = Field(
+        default_factory=list, description="model-level fusion: add a variant joining the model with these backbones"
+    )
+    late_fusion_mode: Literal["concat", "sum"] = "concat"
 
     @field_validator("recall_ks")
     @classmethod
@@ -242,6 +381,16 @@ class JobSpec(StrictModel):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     index: IndexSpec = Field(default_factory=IndexSpec)
+
+    @model_validator(mode="after")
+    def _landmark_whitening_needs_held_out_images(self) -> JobSpec:
+        settings = self.evaluation
+        if self.dataset.is_landmark_benchmark and settings.whitening and settings.whitening_dataset is None:
+            raise ValueError(
+                f"evaluation.whitening on the landmark benchmark {self.dataset.name!r} needs "
+                "evaluation.whitening_dataset (held-out images, e.g. rparis6k when testing roxford5k)"
+            )
+        return self
 
     @property
     def registered_model_name(self) -> str:
@@ -281,6 +430,124 @@ class ServingSpec(StrictModel):
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, source: str) -> ServingSpec:
         return _validate(cls, data, source=source)
+
+
+# --------------------------------------------------------------------------- sweeps
+
+DISTRIBUTIONS: tuple[str, ...] = ("uniform", "loguniform", "randint", "choice", "grid")
+
+
+class Distribution(StrictModel):
+    """How one job-spec key varies across the trials of a sweep; exactly one field is set.
+
+    YAML: `{uniform: [low, high]}`, `{loguniform: [low, high]}` (low > 0),
+    `{randint: [low, high]}` (high exclusive), `{choice: [a, b, c]}` (sampled) or
+    `{grid: [a, b, c]}` (every value, crossed with the other grid keys).
+    """
+
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+    choice: list[Any] | None = Field(None, min_length=1)
+    grid: list[Any] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Distribution:
+        given = [name for name in DISTRIBUTIONS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one distribution out of {', '.join(DISTRIBUTIONS)}; got {given or 'none'}"
+            )
+        bounds = self.uniform or self.loguniform or self.randint
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError(f"{self.kind}: low ({bounds[0]}) must be smaller than high ({bounds[1]})")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform: low must be positive, got {self.loguniform[0]}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in DISTRIBUTIONS if getattr(self, name) is not None)
+
+    def candidates(self) -> list[Any]:
+        """Values a trial may get that are checked against the job spec before anything runs."""
+        if self.uniform is not None:
+            return list(self.uniform)
+        if self.loguniform is not None:
+            return list(self.loguniform)
+        if self.randint is not None:
+            return [self.randint[0], self.randint[1] - 1]
+        return list(self.choice or self.grid or [])
+
+
+class SchedulerSpec(StrictModel):
+    """Early stopping of trials: ASHA (asynchronous successive halving) or none (`fifo`).
+
+    Time is counted in epochs (one Tune iteration per reported epoch).
+    """
+
+    name: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1, description="epochs every trial runs before it may be stopped")
+    reduction_factor: float = Field(2.0, gt=1.0)
+
+
+class SearchSpec(StrictModel):
+    algorithm: Literal["random", "optuna"] = Field("random", description="random search, or Optuna's TPE")
+    seed: int | None = 0
+
+
+class TrialResourcesSpec(StrictModel):
+    """What one trial's Ray Train job asks for; replaces the base job's `scaling`."""
+
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, ge=0.0)
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+
+    @property
+    def cpus(self) -> float:
+        return self.num_workers * self.cpus_per_worker
+
+    @property
+    def gpus(self) -> float:
+        return self.num_workers * self.gpus_per_worker
+
+
+class SweepSpec(StrictModel):
+    """A loss-weight sweep: a base job spec, the keys to vary, and how to search and stop.
+
+    Space keys are dotted paths into the job spec (`method.ms_alpha`, `optimizer.lr`);
+    `overrides` fixes keys for every trial (e.g. fewer epochs than the base job).
+    """
+
+    name: str = Field(pattern=_NAME_PATTERN)
+    description: str = ""
+    base_job: str = Field(description="job spec YAML, relative to this file")
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    space: dict[str, Distribution] = Field(min_length=1)
+    metric: str = "recall@1"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(4, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    resources: TrialResourcesSpec = Field(default_factory=TrialResourcesSpec)
+    storage: str | None = Field(None, description="Tune experiment root; default the base job's storage.path")
+
+    @model_validator(mode="after")
+    def _grid_needs_random_search(self) -> SweepSpec:
+        grid_keys = [key for key, value in self.space.items() if value.grid is not None]
+        if grid_keys and self.search.algorithm != "random":
+            raise ValueError(f"'grid' ({', '.join(grid_keys)}) works with search 'random' only, not Optuna")
+        return self
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, source: str) -> SweepSpec:
+        return _validate(cls, data, source=source)
+
+
+def sweep_metric_names(job: JobSpec) -> list[str]:
+    """Metrics every epoch of a trial reports on the held-out split, usable as a sweep's `metric`."""
+    return [f"recall@{k}" for k in job.evaluation.recall_ks] + ["map@r", "train/loss"]
 
 
 # --------------------------------------------------------------------------- loading
@@ -327,19 +594,91 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     key, sep, raw_value = override.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {override!r}: expected 'dotted.key=value'")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {override!r}: value is not valid YAML: {error}") from error
+    set_dotted(data, key, value, source=f"--set {override!r}")
+
+
+@dataclass(frozen=True)
+class LoadedSweep:
+    """A validated sweep with its base job: the raw mapping trials start from and its validation."""
+
+    spec: SweepSpec
+    source: Path
+    base: dict[str, Any]
+    base_job: JobSpec
+
+    def trial_job(self, values: Mapping[str, Any], *, name: str) -> JobSpec:
+        """The job spec of one trial: the base job with the trial's sampled `values` set."""
+        data = copy.deepcopy(self.base)
+        for key, value in values.items():
+            set_dotted(data, key, value, source=f"{self.source}: space")
+        data["name"] = name
+        return JobSpec.from_mapping(data, source=f"{self.source} trial {name}")
+
+
+def load_sweep_spec(path: str | Path, overrides: Sequence[str] = ()) -> LoadedSweep:
+    """Read a sweep file and check it against its base job before anything runs.
+
+    Every space key must be a key of the job spec, and every value a trial can get (the
+    bounds of a range, each choice or grid value) must give a valid job spec; the metric
+    must be one the trials report.
+
+    Args:
+        path: the sweep YAML (`tune_spaces/...`).
+        overrides: `dotted.key=value` strings applied to the sweep file's mapping.
+
+    Raises:
+        ConfigError: naming the file and the offending key.
+    """
+    file = Path(path)
+    data = read_yaml_mapping(file)
+    for override in overrides:
+        apply_override(data, override)
+    spec = SweepSpec.from_mapping(data, source=str(file))
+    base_file = (file.parent / spec.base_job).resolve()
+    if not base_file.is_file():
+        raise ConfigError(f"{file}: base_job {spec.base_job!r} not found (looked for {base_file})")
+    base = read_yaml_mapping(base_file)
+    for key, value in spec.overrides.items():
+        set_dotted(base, key, value, source=f"{file}: overrides")
+    base_job = JobSpec.from_mapping(base, source=f"{base_file} with the overrides of {file}")
+    for key, distribution in spec.space.items():
+        for value in distribution.candidates():
+            trial = copy.deepcopy(base)
+            set_dotted(trial, key, value, source=f"{file}: space")
+            try:
+                JobSpec.from_mapping(trial, source=f"{file}")
+            except ConfigError as error:
+                detail = str(error).split("invalid spec:", 1)[-1].strip()
+                raise ConfigError(
+                    f"{file}: space key {key!r} ({distribution.kind}, value {value!r}) does not fit "
+                    f"the job spec {base_file.name}: {detail}"
+                ) from None
+    metrics = sweep_metric_names(base_job)
+    if spec.metric not in metrics:
+        raise ConfigError(f"{file}: metric {spec.metric!r} is not reported by the trials; choose one of {metrics}")
+    return LoadedSweep(spec=spec, source=file, base=base, base_job=base_job)
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any, *, source: str) -> None:
+    """Set `a.b.c` in a raw spec mapping to `value`, creating intermediate mappings.
+
+    Raises:
+        ConfigError: a part of the path is a value, not a section (named with `source`).
+    """
     parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"{source}: {key!r} is not a dotted key like 'method.ms_alpha'")
     node = data
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            where = ".".join(parts[: depth + 1])
-            raise ConfigError(f"--set {override!r}: '{where}' is a value, not a section")
+            raise ConfigError(f"{source}: {key!r}: '{'.'.join(parts[: depth + 1])}' is a value, not a section")
         node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(raw_value) if raw_value.strip() else None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--set {override!r}: value is not valid YAML: {error}") from error
-
+    node[parts[-1]] = value
 
 def _validate(model: type[StrictModel], data: Mapping[str, Any], *, source: str) -> Any:
     try:

@@ -20,6 +20,9 @@ from retrieval.errors import ConfigError
 REPO_ROOT = Path(__file__).parents[2]
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
 def _minimal_job(**sections: Any) -> dict[str, Any]:
     data: dict[str, Any] = {"name": "unit_job", "method": {"name": "deep_metric"}, "train": {"epochs": 2}}
     data.update(sections)
@@ -217,7 +220,13 @@ def test_gate_in_a_job_file_becomes_conditions(tmp_path: Path) -> None:
     [
         ({"name": "image_folder"}, "dataset:", "needs 'root'"),
         ({"name": "digits", "root": "/data/digits"}, "dataset:", "takes no 'root'"),
-        ({"split": {"mode": "class_ranges", "train_classes": "0-4"}}, "dataset.split:", "needs both"),
+        (
+            {"split": {"mode": "class_fraction", "train_classes": "0-4"}},
+            "dataset.split:",
+            "apply to mode 'class_ranges', not 'class_fraction'",
+        ),
+        ({"name": "cub200"}, "dataset:", "needs 'root'"),
+        ({"name": "roxford5k"}, "dataset:", "needs 'root'"),
     ],
 )
 def test_dataset_rules_name_the_section(tmp_path: Path, dataset: dict[str, Any], key: str, fragment: str) -> None:
@@ -226,6 +235,15 @@ def test_dataset_rules_name_the_section(tmp_path: Path, dataset: dict[str, Any],
     assert str(path) in message
     assert key in message
     assert fragment in message
+
+
+def test_dataset_name_shorthand_is_the_usual_class_disjoint_protocol(tmp_path: Path) -> None:
+    path = _write(tmp_path, _minimal_job(dataset="digits"))
+    spec = load_job_spec(path)
+    assert (spec.dataset.name, spec.dataset.split.mode) == ("digits", "class_ranges")
+    assert spec.dataset.split.train_classes is None and spec.dataset.split.test_classes is None
+    cub = load_job_spec(ROOT / "jobs" / "cub_finetune_triplet.yaml", ["dataset=digits", "model.weights=null"])
+    assert cub.dataset.name == "digits" and cub.dataset.root is None and cub.model.weights is None
 
 
 def test_image_folder_with_root_is_valid(tmp_path: Path) -> None:

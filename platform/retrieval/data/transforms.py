@@ -75,6 +75,31 @@ def eval_transform(
     return transform
 
 
+
+def landmark_transform(
+    *,
+    max_side: int,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> ImageTransform:
+    """Evaluation preprocessing that keeps the aspect ratio (landmark retrieval protocol).
+
+    The longer side becomes `max_side` pixels (as the revisited Oxford/Paris protocol
+    evaluates at 1024), so images of one batch differ in size: embed them one at a time.
+
+    >>> tuple(landmark_transform(max_side=16)(Image.new("RGB", (32, 8))).shape)
+    (3, 4, 16)
+    """
+    _validate(image_size=max_side, mean=mean, std=std)
+    transform: ImageTransform = v2.Compose(
+        [
+            v2.RGB(),
+            v2.Resize(size=None, max_size=max_side, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+            *_to_normalized_tensor(mean=mean, std=std),
+        ]
+    )
+    return transform
+
 def train_transform(
     *,
     image_size: int,

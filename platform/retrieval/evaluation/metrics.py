@@ -100,9 +100,12 @@ def knn_search(
     return scores[keep].reshape(len(scores), k), indices[keep].reshape(len(indices), k)
 
 
-def _same_label_ranks(embeddings: np.ndarray, labels: np.ndarray, *, k: int, metric: Metric) -> np.ndarray:
+def _same_label_ranks(
+    embeddings: np.ndarray, labels: np.ndarray, *, k: int, metric: Metric, queries: np.ndarray | None = None
+) -> np.ndarray:
     """Whether each of the k leave-one-out neighbours shares the query's label `[N, k]`."""
-    _, neighbours = knn_search(queries=embeddings, gallery=embeddings, k=k, metric=metric, exclude_self=True)
+    searched = embeddings if queries is None else queries
+    _, neighbours = knn_search(queries=searched, gallery=embeddings, k=k, metric=metric, exclude_self=True)
     hits: np.ndarray = labels[neighbours] == labels[:, None]
     return hits
 
@@ -217,6 +220,7 @@ def retrieval_metrics(
     labels: np.ndarray,
     ks: Sequence[int] = (1, 2, 4, 8),
     metric: Metric = "ip",
+    queries: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Recall@K and MAP@R from one leave-one-out kNN search.
 
@@ -228,6 +232,9 @@ def retrieval_metrics(
         labels: Class of each item `[N]`.
         ks: The K values of Recall@K, each in `[1, N - 1]`.
         metric: "ip" or "l2", as in `knn_search`.
+        queries: Query-side vectors `[N, D]` of the same items (e.g. after query expansion);
+            item i searches with `queries[i]` among the other items' `embeddings`. Default:
+            the embeddings themselves.
 
     Returns:
         {"recall@1": ..., ..., "map@r": ...}.
@@ -236,8 +243,15 @@ def retrieval_metrics(
         ValueError: Bad shapes or ks, or no query has another item of its class.
     """
     matrix, label_array, other_counts, valid = _validated(embeddings, labels)
+    query_matrix = None
+    if queries is not None:
+        query_matrix = _as_float32_matrix("queries", queries)
+        if query_matrix.shape != matrix.shape:
+            raise ValueError(f"queries must match the embeddings' shape {matrix.shape}, got {query_matrix.shape}")
     chosen = _check_ks(ks, num_items=len(label_array))
-    hits = _same_label_ranks(matrix, label_array, k=max(chosen[-1], int(other_counts.max())), metric=metric)
+    hits = _same_label_ranks(
+        matrix, label_array, k=max(chosen[-1], int(other_counts.max())), metric=metric, queries=query_matrix
+    )
     results = _recall_from_hits(hits, valid, chosen)
     results["map@r"] = _map_at_r_from_hits(hits, other_counts, valid)
     return results

@@ -125,11 +125,17 @@ def load_model_package(directory: str | Path, *, device: str = "cpu", source: st
         raise ModelNotFoundError(f"{weights}: weights do not fit the spec's architecture: {error}") from error
     torch_device = torch.device(device)
     model.to(torch_device).eval()
+    dim = info.get("embedding_dim")
+    if dim is None:
+        # No projection head (off-the-shelf features): the dimension is the backbone's channels.
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, spec.dataset.image_size, spec.dataset.image_size, device=torch_device)
+            dim = method.embed(model, probe).shape[-1]
     return ModelPackage(
         spec=spec,
         method=method,
         model=model,
-        dim=int(info["embedding_dim"]),
+        dim=int(dim),
         device=torch_device,
         source=source or str(folder),
     )

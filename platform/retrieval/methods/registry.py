@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from retrieval.config import JobSpec
 from retrieval.methods.base import RetrievalMethod
+from retrieval.methods.classification import Classification
 from retrieval.methods.deep_metric import DeepMetric
+from retrieval.methods.unsupervised import UnsupervisedMetric
 
 METHODS: dict[str, type[RetrievalMethod]] = {
     DeepMetric.name: DeepMetric,
+    Classification.name: Classification,
+    UnsupervisedMetric.name: UnsupervisedMetric,
 }
 
 

@@ -16,13 +16,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from retrieval.config import JobSpec, OptimizerSpec
 from retrieval.data.from_spec import datasets_from_spec
@@ -65,18 +66,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(spec.train.seed)
 
     splits = datasets_from_spec(spec.dataset)
+    method = build_method(spec)
+    initial_model = method.build_model()
+    # Before DDP wrapping and before a checkpoint is loaded: a method mines from the initial weights.
+    training_labels = method.prepare_training(model=initial_model, dataset=splits.train, device=device)
+    train_set: Dataset[Any] = splits.train
+    sampler_labels = splits.train.labels
+    if training_labels is not None:
+        # Items labelled -1 are left out; a Subset keeps each item's own dataset index.
+        kept = np.flatnonzero(training_labels >= 0)
+        train_set, sampler_labels = Subset(splits.train, kept.tolist()), training_labels[kept]
     sampler = ClassBalancedBatchSampler(
-        labels=splits.train.labels,
+        labels=sampler_labels,
         classes_per_batch=spec.train.classes_per_batch,
         samples_per_class=spec.train.samples_per_class,
         num_replicas=world_size,
         rank=rank,
         seed=spec.train.seed,
     )
-    loader = DataLoader(splits.train, batch_sampler=sampler, num_workers=spec.train.loader_workers)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=spec.train.loader_workers)
 
-    method = build_method(spec)
-    model = ray.train.torch.prepare_model(method.build_model())
+    model = ray.train.torch.prepare_model(initial_model)
     loss_module = method.build_loss().to(device)
     optimizer = build_optimizer(spec.optimizer, model.parameters())
     scheduler = build_scheduler(spec.optimizer, optimizer, epochs=spec.train.epochs)
@@ -100,10 +110,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         sums: dict[str, float] = defaultdict(float)
         steps = 0
-        for step, (images, labels, _) in enumerate(loader):
+        for step, (images, labels, indices) in enumerate(loader):
             _maybe_inject_fault(fault, epoch=epoch, step=step, rank=rank)
-            terms = method.training_step(
-                model=model, loss=loss_module, images=images.to(device), labels=labels.to(device)
+            if training_labels is not None:
+                labels = torch.from_numpy(training_labels)[indices]
+            terms = method.indexed_training_step(
+                model=model,
+                loss=loss_module,
+                images=images.to(device),
+                labels=labels.to(device),
+                indices=indices.to(device),
             )
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()

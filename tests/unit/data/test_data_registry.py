@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.io
 import torch
+import yaml
 from PIL import Image
+from pydantic import ValidationError
 
+from retrieval.config import DatasetSpec, load_job_spec
 from retrieval.data import DatasetSplits, build_datasets
+from retrieval.data.from_spec import datasets_from_spec
 from retrieval.errors import DatasetError
 
 _DEFAULTS: dict[str, object] = {
@@ -89,3 +95,103 @@ def test_unknown_names_are_rejected() -> None:
         _build(name="mnist", split_mode="class_ranges")
     with pytest.raises(DatasetError, match="unknown split_mode 'random'"):
         _build(name="digits", split_mode="random")
+
+
+# --------------------------------------------------------------------------- published fine-grained layouts
+
+
+def _write_cub(root: Path, *, num_classes: int) -> None:
+    """A CUB_200_2011/ tree with 2 images per class, classes listed as '00k.Bird_k'."""
+    dataset = root / "CUB_200_2011"
+    image_lines: list[str] = []
+    label_lines: list[str] = []
+    class_lines: list[str] = []
+    for class_id in range(1, num_classes + 1):
+        folder = f"{class_id:03d}.Bird_{class_id}"
+        class_lines.append(f"{class_id} {folder}")
+        (dataset / "images" / folder).mkdir(parents=True)
+        for copy in range(2):
+            image_id = len(image_lines) + 1
+            Image.new("RGB", (6, 6), (class_id * 40, copy * 90, 0)).save(dataset / "images" / folder / f"{copy}.jpg")
+            image_lines.append(f"{image_id} {folder}/{copy}.jpg")
+            label_lines.append(f"{image_id} {class_id}")
+    for file_name, lines in (
+        ("images.txt", image_lines),
+        ("image_class_labels.txt", label_lines),
+        ("classes.txt", class_lines),
+    ):
+        (dataset / file_name).write_text("\n".join(lines) + "\n")
+
+
+def _write_dogs(root: Path, *, num_classes: int) -> None:
+    for class_position in range(num_classes):
+        wnid = f"n0208{class_position:04d}"
+        folder = root / "Images" / f"{wnid}-breed_{class_position}"
+        folder.mkdir(parents=True)
+        for number in range(2):
+            Image.new("RGB", (6, 6), (class_position * 40, number * 90, 0)).save(folder / f"{wnid}_{number}.jpg")
+
+
+def _write_cars(root: Path, *, num_classes: int) -> None:
+    count = 2 * num_classes
+    annotations = np.zeros((1, count), dtype=[("relative_im_path", object), ("class", object), ("test", object)])
+    (root / "car_ims").mkdir()
+    for position in range(count):
+        relative_path = f"car_ims/{position + 1:06d}.jpg"
+        Image.new("RGB", (6, 6), (position * 20, 0, 0)).save(root / relative_path)
+        class_id = np.array([[position % num_classes + 1]], dtype=np.uint8)
+        annotations[0, position] = (relative_path, class_id, np.array([[position % 2]], dtype=np.uint8))
+    class_names = np.empty((1, num_classes), dtype=object)
+    for position in range(num_classes):
+        class_names[0, position] = f"Car Model {position + 1} 2012"
+    scipy.io.savemat(root / "cars_annos.mat", {"annotations": annotations, "class_names": class_names})
+
+
+@pytest.mark.parametrize(
+    ("name", "writer"),
+    [("cub200", _write_cub), ("stanford_dogs", _write_dogs), ("stanford_cars", _write_cars)],
+)
+def test_published_layouts_default_to_the_first_half_of_classes_for_training(
+    tmp_path: Path, name: str, writer: Callable[..., None]
+) -> None:
+    writer(tmp_path, num_classes=4)
+    splits = _build(name=name, root=str(tmp_path), split_mode="class_ranges")
+    # The standard protocol (CUB 1-100 / 101-200, Cars 1-98 / 99-196) scaled down: 1-2 / 3-4.
+    assert sorted(set(splits.train.labels.tolist())) == [0, 1]
+    assert sorted(set(splits.test.labels.tolist())) == [2, 3]
+    assert len(splits.train) == len(splits.test) == 4
+    assert splits.train.num_classes == 4
+    assert splits.test[0][0].shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("name", ["cub200", "stanford_dogs", "stanford_cars"])
+def test_published_layouts_need_a_root(name: str) -> None:
+    with pytest.raises(DatasetError, match=f"dataset '{name}' needs a root folder in its published layout"):
+        _build(name=name, split_mode="class_ranges")
+
+
+def test_job_spec_with_cub200_root_builds_its_datasets(tmp_path: Path) -> None:
+    _write_cub(tmp_path, num_classes=4)
+    job = {
+        "name": "cub_unit",
+        "method": {"name": "deep_metric"},
+        "dataset": {
+            "name": "cub200",
+            "root": str(tmp_path),
+            "image_size": 16,
+            "split": {"mode": "class_ranges", "train_classes": "0-1", "test_classes": "2-3"},
+        },
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    spec = load_job_spec(path)
+    assert (spec.dataset.name, spec.dataset.root) == ("cub200", str(tmp_path))
+    splits = datasets_from_spec(spec.dataset)
+    assert splits.test.class_names == ["Bird 1", "Bird 2", "Bird 3", "Bird 4"]
+    assert sorted(set(splits.test.labels.tolist())) == [2, 3]
+
+
+@pytest.mark.parametrize("name", ["cub200", "stanford_dogs", "stanford_cars"])
+def test_job_spec_rejects_a_published_layout_without_root(name: str) -> None:
+    with pytest.raises(ValidationError, match=f"dataset '{name}' needs 'root'"):
+        DatasetSpec(name=name)  # type: ignore[arg-type]

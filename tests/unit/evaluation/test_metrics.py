@@ -244,3 +244,21 @@ def test_metric_errors_name_the_problem() -> None:
         map_at_r(embeddings=embeddings, labels=np.array([0, 1, 2, 3]))
     with pytest.raises(ValueError, match=r"every k must lie in \[1, 3\]"):
         recall_at_k(embeddings=embeddings, labels=np.array([0, 0, 1, 1]), ks=(1, 8))
+
+
+def test_query_side_vectors_search_the_other_items_embeddings():
+    rng = np.random.default_rng(7)
+    embeddings = rng.normal(size=(20, 4)).astype(np.float32)
+    labels = np.arange(20) % 4
+    queries = rng.normal(size=(20, 4)).astype(np.float32)
+    result = retrieval_metrics(embeddings=embeddings, labels=labels, ks=(1, 3), queries=queries)
+    # Brute force: item i ranks every other item j by <queries[i], embeddings[j]>.
+    hits1, hits3 = [], []
+    for i in range(20):
+        others = sorted((j for j in range(20) if j != i), key=lambda j: -float(queries[i] @ embeddings[j]))
+        hits1.append(labels[others[0]] == labels[i])
+        hits3.append(any(labels[j] == labels[i] for j in others[:3]))
+    assert result["recall@1"] == pytest.approx(np.mean(hits1))
+    assert result["recall@3"] == pytest.approx(np.mean(hits3))
+    with pytest.raises(ValueError, match="queries must match the embeddings' shape"):
+        retrieval_metrics(embeddings=embeddings, labels=labels, queries=queries[:5])

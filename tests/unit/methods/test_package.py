@@ -116,3 +116,14 @@ def test_load_embedder_with_an_unknown_path_errors(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match="neither a models:/ URI nor a model package folder") as caught:
         load_embedder(str(absent))
     assert str(absent) in str(caught.value)
+
+
+def test_package_without_a_head_reports_the_backbone_channels(make_job_spec: SpecFactory, tmp_path: Path) -> None:
+    spec = make_job_spec(model={"backbone": "resnet18", "embedding_dim": None, "pooling": "mac"})
+    model = build_method(spec).build_model().eval()
+    folder = save_model_package(tmp_path / "offtheshelf", spec=spec, state_dict=model.state_dict())
+    package = load_model_package(folder)
+    assert package.dim == 512  # resnet18's last stage, pooled, no projection
+    vectors = package.embed_images(_digit_images(3))
+    assert vectors.shape == (3, 512)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)

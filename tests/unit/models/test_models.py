@@ -86,8 +86,8 @@ def test_build_pooling_gem_uses_the_given_exponent() -> None:
 
 
 def test_build_pooling_unknown_name_errors() -> None:
-    with pytest.raises(ValueError, match="unknown pooling 'rmac'"):
-        build_pooling(name="rmac")
+    with pytest.raises(ValueError, match="unknown pooling 'netvlad'"):
+        build_pooling(name="netvlad")
 
 
 def test_build_backbone_unknown_name_errors() -> None:
