@@ -40,3 +40,48 @@ def training_curve_figure(history: Sequence[Mapping[str, float]], *, keys: Seque
         axes.grid(alpha=0.3)
     figure.tight_layout()
     return figure
+
+
+def sweep_figure(values: Sequence[Mapping[str, object]], scores: Sequence[float], *, metric: str, title: str) -> Figure:
+    """The sweep's metric against each swept key: one scatter panel per key, one dot per trial.
+
+    Numeric keys get a numeric axis (log-scaled when the values span more than a factor of 100);
+    other values (strings, booleans, lists) are placed as categories.
+    """
+    keys = sorted({key for row in values for key in row})
+    figure, axes_list = plt.subplots(1, max(len(keys), 1), figsize=(3.6 * max(len(keys), 1), 3.2), squeeze=False)
+    for axes, key in zip(axes_list[0], keys, strict=False):
+        column = [row.get(key) for row in values]
+        numeric = all(isinstance(value, int | float) and not isinstance(value, bool) for value in column)
+        if numeric:
+            positions = [float(value) for value in column]  # type: ignore[arg-type]
+            axes.scatter(positions, scores, alpha=0.8)
+            positive = [value for value in positions if value > 0]
+            if len(positive) == len(positions) and max(positive) / min(positive) > 100:
+                axes.set_xscale("log")
+        else:
+            categories = sorted({str(value) for value in column})
+            axes.scatter([categories.index(str(value)) for value in column], scores, alpha=0.8)
+            axes.set_xticks(range(len(categories)), categories, rotation=30, fontsize=8)
+        axes.set_xlabel(key)
+        axes.set_ylabel(metric)
+        axes.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def variant_bar_figure(rows: Mapping[str, Mapping[str, float]], *, metric: str, title: str) -> Figure:
+    """One horizontal bar per variant (or model) for one metric, best at the top."""
+    ordered = sorted(rows.items(), key=lambda item: item[1].get(metric, float("-inf")))
+    names = [name for name, _ in ordered]
+    values = [scores.get(metric, float("nan")) for _, scores in ordered]
+    figure, axes = plt.subplots(figsize=(6, 0.35 * len(names) + 1.2))
+    bars = axes.barh(names, values, color="#4878a8")
+    axes.bar_label(bars, labels=[f"{value:.3f}" for value in values], fontsize=7, padding=2)
+    axes.set_xlabel(metric)
+    axes.set_xlim(0, max([1.0, *[value for value in values if value == value]]) * 1.08)
+    axes.set_title(title)
+    axes.tick_params(axis="y", labelsize=8)
+    figure.tight_layout()
+    return figure

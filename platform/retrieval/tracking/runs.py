@@ -73,20 +73,24 @@ class TrainingRun:
         run_name: str,
         params: Mapping[str, Any],
         tags: Mapping[str, str],
+        reuse_finished: bool = False,
     ) -> tuple[TrainingRun, bool]:
         """The unfinished run tagged `run_key`, or a new one; returns `(run, resumed)`.
 
         A job resumed by Ray Train (same storage path and name) keeps logging into the
-        run it started, so one job is one MLflow run however often it restarts.
+        run it started, so one job is one MLflow run however often it restarts. With
+        `reuse_finished`, a finished run with that key is reopened too (a sweep run again
+        after it completed reports into the same parent run).
         """
         uri = resolve_tracking_uri(tracking_uri)
         client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else client.create_experiment(experiment)
         quoted = run_key.replace("'", "\\'")
+        status_filter = "" if reuse_finished else " and attributes.status != 'FINISHED'"
         unfinished = client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{RUN_KEY_TAG}` = '{quoted}' and attributes.status != 'FINISHED'",
+            filter_string=f"tags.`{RUN_KEY_TAG}` = '{quoted}'{status_filter}",
             max_results=1,
             order_by=["attributes.start_time DESC"],
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,11 +128,37 @@ def _train_and_register(spec: JobSpec, *, run: TrainingRun, fault: dict[str, Any
         spec_file.write_text(_yaml(spec))
         run.log_artifact(spec_file)
 
-    trainer = TorchTrainer(
+    result = build_trainer(spec, run=run, fault=fault).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training job {spec.name!r} finished without a checkpoint")
+    return register_checkpoint(
+        spec, checkpoint=result.checkpoint, run=run, history=_history(result), promote_with_gate=True
+    )
+
+
+def build_trainer(
+    spec: JobSpec,
+    *,
+    run: TrainingRun | None,
+    fault: dict[str, Any] | None = None,
+    name: str | None = None,
+    storage: str | None = None,
+    callbacks: Sequence[Any] = (),
+) -> TorchTrainer:
+    """The TorchTrainer of a job: one run named `name` (default the job's) under `storage`.
+
+    Starting a trainer again with the same name and storage resumes from its last checkpoint.
+    `callbacks` go to the run config (e.g. Tune's `TuneReportCallback` inside a sweep trial).
+    """
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "spec": spec.model_dump(mode="json"),
-            "tracking": {"tracking_uri": run.tracking_uri, "run_id": run.run_id, "experiment_id": run.experiment_id},
+            "tracking": (
+                {"tracking_uri": run.tracking_uri, "run_id": run.run_id, "experiment_id": run.experiment_id}
+                if run is not None
+                else None
+            ),
             "fault": fault,
         },
         scaling_config=ScalingConfig(
@@ -141,19 +168,31 @@ def _train_and_register(spec: JobSpec, *, run: TrainingRun, fault: dict[str, Any
             placement_strategy=spec.scaling.placement_strategy,
         ),
         run_config=RunConfig(
-            name=spec.name,
-            storage_path=storage_path(spec),
+            name=name or spec.name,
+            storage_path=storage or storage_path(spec),
             failure_config=FailureConfig(max_failures=spec.storage.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.storage.checkpoints_to_keep),
+            callbacks=list(callbacks) or None,
         ),
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training job {spec.name!r} finished without a checkpoint")
-    history = _history(result)
 
+
+def register_checkpoint(
+    spec: JobSpec,
+    *,
+    checkpoint: ray.train.Checkpoint,
+    run: TrainingRun,
+    history: Sequence[Mapping[str, Any]] = (),
+    promote_with_gate: bool,
+    tags: Mapping[str, str] | None = None,
+) -> TrainingOutcome:
+    """Evaluate a training checkpoint beside the baselines, log it to `run`, register it.
+
+    The new version gets the alias `candidate`; with `promote_with_gate` it also becomes
+    `champion` when the job's gate holds.
+    """
     with tempfile.TemporaryDirectory() as folder:
-        with result.checkpoint.as_directory() as checkpoint_dir:
+        with checkpoint.as_directory() as checkpoint_dir:
             state = torch.load(Path(checkpoint_dir) / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
         package_dir = save_model_package(Path(folder) / "package", spec=spec, state_dict=state["model"])
         metrics, baselines = evaluate_with_baselines(spec, package_dir)
@@ -168,7 +207,7 @@ def _train_and_register(spec: JobSpec, *, run: TrainingRun, fault: dict[str, Any
         run.log_figure(figure, "evaluation/recall_at_k.png")
         plt.close(figure)
         if history:
-            figure = training_curve_figure(history, keys=["train/loss", "recall@1"])
+            figure = training_curve_figure(list(history), keys=["train/loss", "recall@1"])
             run.log_figure(figure, "training/curves.png")
             plt.close(figure)
 
@@ -178,18 +217,22 @@ def _train_and_register(spec: JobSpec, *, run: TrainingRun, fault: dict[str, Any
             run_id=run.run_id,
             registered_model=spec.registered_model_name,
             aliases=("candidate",),
-            tags={"retrieval.job": spec.name, **{f"test.{key}": f"{value:.6f}" for key, value in metrics.items()}},
+            tags={
+                "retrieval.job": spec.name,
+                **{f"test.{key}": f"{value:.6f}" for key, value in metrics.items()},
+                **(tags or {}),
+            },
         )
 
     gate = [str(condition) for condition in spec.tracking.gate]
-    promoted = all(condition.holds(metrics) for condition in spec.tracking.gate)
+    promoted = promote_with_gate and all(condition.holds(metrics) for condition in spec.tracking.gate)
     if promoted:
         set_alias(tracking_uri=run.tracking_uri, name=registered.name, alias="champion", version=registered.version)
         registered = RegisteredModel(
             name=registered.name, version=registered.version, aliases=(*registered.aliases, "champion")
         )
         logger.info("gate %s holds: %s v%s is champion", gate or "(none)", registered.name, registered.version)
-    else:
+    elif promote_with_gate:
         logger.warning("gate %s does not hold for %s: version %s stays candidate", gate, metrics, registered.version)
     run.set_tag("retrieval.registered_version", registered.version)
     return TrainingOutcome(
@@ -199,8 +242,8 @@ def _train_and_register(spec: JobSpec, *, run: TrainingRun, fault: dict[str, Any
         promoted=promoted,
         gate=gate,
         run_id=run.run_id,
-        checkpoint_path=result.checkpoint.path,
-        epochs_run=[int(row["epoch"]) for row in history],
+        checkpoint_path=checkpoint.path,
+        epochs_run=[int(row["epoch"]) for row in history if "epoch" in row],
     )
 
 
