@@ -1,4 +1,4 @@
-"""The `retrieval` command: train, index, evaluate, serve, demo.
+"""The `retrieval` command: train, tune, index, evaluate, serve, demo.
 
 Every subcommand validates its inputs at the edge; a bad spec, path, model URI or
 argument is reported as one clear line on stderr with exit status 2.
@@ -63,6 +63,22 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--summary", type=Path, default=None, help="write the outcome as JSON here")
     train.set_defaults(handler=_train)
 
+    tune = commands.add_parser("tune", help="sweep a method's loss weights with Ray Tune (tune_spaces/...yaml)")
+    tune.add_argument("space", help="sweep file (tune_spaces/...)")
+    tune.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a sweep-file key, e.g. num_samples=8 or overrides.train.epochs=2",
+    )
+    tune.add_argument(
+        "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or a new local cluster)"
+    )
+    tune.add_argument("--summary", type=Path, default=None, help="write the outcome as JSON here")
+    tune.set_defaults(handler=_tune)
+
     index = commands.add_parser("index", help="embed a gallery with a registered model and write a sharded Faiss index")
     index.add_argument(
         "--model", required=True, help="models:/name/version, models:/name@alias, or a model package folder"
@@ -76,11 +92,18 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("--gallery", choices=["test", "train", "all"], default=None, help="which split to index")
     index.set_defaults(handler=_index)
 
-    evaluate = commands.add_parser("evaluate", help="score a registered model on its job's held-out split")
-    evaluate.add_argument(
-        "--model", required=True, help="models:/name/version, models:/name@alias, or a model package folder"
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score a job's off-the-shelf variants (poolings, whitening, QE) or a registered model on its protocol",
     )
+    evaluate.add_argument("spec", nargs="?", default=None, help="job spec YAML for an evaluation-only run")
+    evaluate.add_argument(
+        "--model", default=None, help="models:/name/version, models:/name@alias, or a model package folder"
+    )
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     evaluate.add_argument("--tracking-uri", default=None)
+    evaluate.add_argument("--no-track", action="store_true", help="print the table only; log nothing to MLflow")
+    evaluate.add_argument("--summary", type=Path, default=None, help="write the table as JSON here")
     evaluate.set_defaults(handler=_evaluate)
 
     serve = commands.add_parser("serve", help="run a Serve config file (serve/...yaml) until Ctrl-C")
@@ -122,6 +145,28 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from retrieval.config import load_sweep_spec
+    from retrieval.train.driver import check_job_inputs
+
+    sweep = load_sweep_spec(args.space, args.overrides)
+    check_job_inputs(sweep.base_job)
+    _init_ray(args.address)
+    from retrieval.tune import run_sweep
+
+    outcome = run_sweep(args.space, overrides=args.overrides)
+    print(outcome.table())
+    model = outcome.model
+    print(
+        f"best trial {outcome.best_trial_id}: {outcome.metric} {outcome.rows_best_metric():.4f}; "
+        f"registered {model.name} version {model.version} ({', '.join(model.aliases)}); "
+        f"MLflow parent run {outcome.parent_run_id}"
+    )
+    if args.summary:
+        _write_json(args.summary, outcome.summary())
+    return 0
+
+
 def _index(args: argparse.Namespace) -> int:
     manifest = build_index_from_model(
         args.model,
@@ -136,15 +181,36 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from retrieval.data.from_spec import datasets_from_spec
-    from retrieval.evaluation.runs import embed_dataset, score_embeddings
-    from retrieval.tracking import load_embedder
+    from retrieval.config import JobSpec, apply_override, load_job_spec
+    from retrieval.evaluation.suite import evaluate_suite
 
-    package = load_embedder(args.model, tracking_uri=_tracking_uri(args.tracking_uri))
-    test = datasets_from_spec(package.spec.dataset).test
-    vectors = embed_dataset(lambda batch: package.method.embed(package.model, batch), test, device=package.device)
-    metrics = score_embeddings(vectors, test.labels, ks=package.spec.evaluation.recall_ks)
-    print(format_results_table(metrics, {}, ks=package.spec.evaluation.recall_ks))
+    if (args.spec is None) == (args.model is None):
+        raise RetrievalError("evaluate needs exactly one of: a job spec file, or --model")
+    if args.model is not None:
+        from retrieval.tracking import load_embedder
+
+        package = load_embedder(args.model, tracking_uri=_tracking_uri(args.tracking_uri))
+        data = package.spec.model_dump(mode="json")
+        for override in args.overrides:
+            apply_override(data, override)
+        spec = JobSpec.from_mapping(data, source=f"{args.model} job spec")
+        result = evaluate_suite(
+            spec,
+            embedders={"trained": lambda batch: package.method.embed(package.model, batch)},
+            device=package.device,
+        )
+    else:
+        spec = load_job_spec(args.spec, args.overrides)
+        result = evaluate_suite(spec)
+    print(f"{spec.name} on {spec.dataset.name} ({result.protocol} protocol)")
+    print(result.table())
+    if not args.no_track:
+        from retrieval.tracking.evaluation import log_suite_result
+
+        run_id = log_suite_result(result, spec=spec, model=args.model)
+        print(f"logged to MLflow run {run_id} ({spec.tracking.tracking_uri}, experiment {spec.tracking.experiment})")
+    if args.summary:
+        _write_json(args.summary, {"job": spec.name, "protocol": result.protocol, "rows": result.rows})
     return 0
 
 
@@ -233,13 +299,9 @@ def format_results_table(
     metrics: Mapping[str, float], baselines: Mapping[str, Mapping[str, float]], *, ks: Sequence[int]
 ) -> str:
     """A plain-text table: one row per model, Recall@K columns and mAP@R."""
-    columns = [f"recall@{k}" for k in ks] + ["map@r"]
-    rows = {"trained": metrics, **baselines}
-    width = max(len(name) for name in rows) + 2
-    lines = ["model".ljust(width) + "".join(column.rjust(11) for column in columns)]
-    for name, values in rows.items():
-        lines.append(name.ljust(width) + "".join(f"{values.get(column, float('nan')):11.4f}" for column in columns))
-    return "\n".join(lines)
+    from retrieval.evaluation.suite import format_table
+
+    return format_table({"trained": metrics, **baselines}, [f"recall@{k}" for k in ks] + ["map@r"], label="model")
 
 
 def _registration_line(summary: Mapping[str, Any]) -> str:
