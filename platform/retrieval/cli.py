@@ -1,4 +1,4 @@
-"""The `retrieval` command: train, tune, index, evaluate, serve, demo.
+"""The `retrieval` command: train, tune, extract, index, evaluate, serve, demo.
 
 Every subcommand validates its inputs at the edge; a bad spec, path, model URI or
 argument is reported as one clear line on stderr with exit status 2.
@@ -78,6 +78,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--summary", type=Path, default=None, help="write the outcome as JSON here")
     tune.set_defaults(handler=_tune)
+
+    extract = commands.add_parser(
+        "extract", help="embed a gallery with Ray workers into a float32/float16 .npy + manifest (bounded memory)"
+    )
+    extract.add_argument(
+        "--model", required=True, help="models:/name/version, models:/name@alias, or a model package folder"
+    )
+    extract.add_argument("--out", required=True, help="output folder (features.npy + features.json)")
+    extract.add_argument("--workers", type=int, default=1, help="Ray tasks, each over a contiguous range")
+    extract.add_argument("--split", choices=["test", "train", "all"], default="test", help="which split to embed")
+    extract.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    extract.add_argument("--batch-size", type=int, default=256)
+    extract.add_argument("--gpu", action="store_true", help="one GPU per task")
+    extract.add_argument("--tracking-uri", default=None)
+    extract.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or local)")
+    extract.set_defaults(handler=_extract)
 
     index = commands.add_parser("index", help="embed a gallery with a registered model and write a sharded Faiss index")
     index.add_argument(
@@ -164,6 +180,43 @@ def _tune(args: argparse.Namespace) -> int:
     )
     if args.summary:
         _write_json(args.summary, outcome.summary())
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from retrieval.methods import save_model_package
+    from retrieval.tracking import load_embedder
+
+    if args.workers < 1:
+        raise RetrievalError(f"--workers must be at least 1, got {args.workers}")
+    package = load_embedder(args.model, tracking_uri=_tracking_uri(args.tracking_uri))
+    _init_ray(args.address)
+    from retrieval.train.extract import extract_features_distributed
+
+    with tempfile.TemporaryDirectory() as folder:
+        # Workers load the model from a package folder; a registered model is written out once.
+        local = (
+            Path(args.model)
+            if Path(args.model).is_dir()
+            else save_model_package(Path(folder) / "package", spec=package.spec, state_dict=package.model.state_dict())
+        )
+        features = extract_features_distributed(
+            package_dir=local,
+            out_dir=args.out,
+            num_workers=args.workers,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            split=args.split,
+            model=args.model,
+            use_gpu=args.gpu,
+        )
+    manifest = features.manifest
+    rates = ", ".join(f"{part.images_per_second:.1f}" for part in features.parts)
+    print(
+        f"features: {features.path} ({manifest.count} x {manifest.dim} {manifest.dtype}); images/s per worker: {rates}"
+    )
     return 0
 
 

@@ -76,6 +76,12 @@ class SplitSpec(StrictModel):
 LANDMARK_DATASETS: tuple[str, ...] = ("roxford5k", "rparis6k", "holidays", "ukbench")
 
 
+def dataset_shorthand(name: str) -> dict[str, Any]:
+    """`dataset: digits` (or `--set dataset=digits`): the named dataset with the usual
+    class-disjoint protocol (first half of the class ids trains, second half is retrieved)."""
+    return {"name": name, "split": {"mode": "class_ranges"}}
+
+
 class DatasetSpec(StrictModel):
     """Which images to train and evaluate on.
 
@@ -107,11 +113,7 @@ class DatasetSpec(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _name_shorthand(cls, data: Any) -> Any:
-        # `dataset: digits` (or `--set dataset=digits`): the named dataset with the usual
-        # class-disjoint protocol (first half of the classes trains, second half is retrieved).
-        if isinstance(data, str):
-            return {"name": data, "split": {"mode": "class_ranges"}}
-        return data
+        return dataset_shorthand(data) if isinstance(data, str) else data
 
     @property
     def is_landmark_benchmark(self) -> bool:
@@ -663,6 +665,9 @@ def load_sweep_spec(path: str | Path, overrides: Sequence[str] = ()) -> LoadedSw
     return LoadedSweep(spec=spec, source=file, base=base, base_job=base_job)
 
 
+_DATASET_SECTIONS = frozenset({"dataset", "whitening_dataset"})
+
+
 def set_dotted(data: dict[str, Any], key: str, value: Any, *, source: str) -> None:
     """Set `a.b.c` in a raw spec mapping to `value`, creating intermediate mappings.
 
@@ -675,6 +680,9 @@ def set_dotted(data: dict[str, Any], key: str, value: Any, *, source: str) -> No
     node = data
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
+        if isinstance(child, str) and part in _DATASET_SECTIONS:
+            # `dataset=digits` then `dataset.image_size=64`: expand the shorthand into its section.
+            child = node[part] = dataset_shorthand(child)
         if not isinstance(child, dict):
             raise ConfigError(f"{source}: {key!r}: '{'.'.join(parts[: depth + 1])}' is a value, not a section")
         node = child

@@ -287,3 +287,11 @@ def test_did_you_mean_only_suggests_keys_of_the_same_section() -> None:
             },
             source="f.yaml",
         )
+
+
+def test_dataset_shorthand_then_a_dataset_key_expands_the_shorthand(tmp_path: Path) -> None:
+    spec = load_job_spec(
+        ROOT / "jobs" / "cub_finetune_triplet.yaml",
+        ["dataset=digits", "dataset.image_size=48", "dataset.split.mode=image_fraction", "model.weights=null"],
+    )
+    assert (spec.dataset.name, spec.dataset.image_size, spec.dataset.split.mode) == ("digits", 48, "image_fraction")

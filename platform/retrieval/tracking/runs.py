@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from mlflow import MlflowClient
 logger = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "retrieval.run_key"
+_UNSAFE_METRIC_CHARACTERS = re.compile(r"[^A-Za-z0-9_\-./ ]")
 _SQLITE_PREFIX = "sqlite:///"
 
 
@@ -132,6 +134,6 @@ class TrainingRun:
 
 
 def metric_key(name: str) -> str:
-    """An MLflow-safe metric or tag name: `recall@1` -> `recall_at_1`."""
+    """An MLflow-safe metric or tag name: `recall@1` -> `recall_at_1`, `gem+pcaw` -> `gem_pcaw`."""
     # MLflow metric names allow letters, digits, _ - . / and space; '@' is not among them.
-    return name.replace("@", "_at_")
+    return _UNSAFE_METRIC_CHARACTERS.sub("_", name.replace("@", "_at_"))

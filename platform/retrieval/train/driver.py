@@ -26,8 +26,9 @@ from ray.train.torch import TorchTrainer
 from retrieval.config import JobSpec
 from retrieval.data.from_spec import datasets_from_spec
 from retrieval.errors import DatasetError
-from retrieval.evaluation.plots import recall_curve_figure, training_curve_figure
+from retrieval.evaluation.plots import recall_curve_figure, training_curve_figure, variant_bar_figure
 from retrieval.evaluation.runs import embed_dataset, raw_pixel_embeddings, score_embeddings
+from retrieval.evaluation.suite import format_table
 from retrieval.methods import build_method, load_model_package, save_model_package
 from retrieval.tracking.registry import RegisteredModel, register_model_package, set_alias
 from retrieval.tracking.runs import TrainingRun, code_version
@@ -201,6 +202,15 @@ def register_checkpoint(
         for baseline, values in baselines.items():
             run.log_metrics({f"baseline/{baseline}/{key}": value for key, value in values.items()})
         run.log_dict({"trained": metrics, **baselines}, "evaluation/results.json")
+        table = {"trained": metrics, **baselines}
+        columns = [f"recall@{k}" for k in spec.evaluation.recall_ks] + ["map@r"]
+        run.client.log_text(
+            run.run_id, format_table(table, columns, markdown=True, label="model") + "\n", "evaluation/table.md"
+        )
+        first = f"recall@{spec.evaluation.recall_ks[0]}"
+        figure = variant_bar_figure(table, metric=first, title=f"{spec.name}: held-out {first}")
+        run.log_figure(figure, "evaluation/recall_bars.png")
+        plt.close(figure)
         figure = recall_curve_figure(
             {"trained": metrics, **baselines}, ks=spec.evaluation.recall_ks, title=f"{spec.name}: held-out classes"
         )

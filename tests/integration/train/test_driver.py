@@ -53,7 +53,12 @@ def test_train_records_registers_gates_and_resumes(ray_cluster, make_job_spec, t
     assert [point.step for point in client.get_metric_history(outcome.run_id, "recall_at_1")] == [0, 1]
     assert run.data.metrics["test/recall_at_1"] == pytest.approx(outcome.metrics["recall@1"])
     artifacts = {item.path for item in client.list_artifacts(outcome.run_id, "evaluation")}
-    assert {"evaluation/recall_at_k.png", "evaluation/results.json"} <= artifacts
+    assert {
+        "evaluation/recall_at_k.png",
+        "evaluation/results.json",
+        "evaluation/table.md",
+        "evaluation/recall_bars.png",
+    } <= artifacts
     assert client.get_model_version("driver-job", "1").run_id == outcome.run_id
 
     # Started again with more epochs: resumes from the last checkpoint, trains only what is left,
