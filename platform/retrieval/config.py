@@ -266,11 +266,35 @@ class ScalingSpec(StrictModel):
 
 
 class StorageSpec(StrictModel):
-    """Where Ray Train keeps checkpoints. `s3://...` on a multi-node cluster."""
+    """Where Ray Train keeps checkpoints: a local folder, or `s3://bucket/prefix` on a multi-node cluster.
+
+    Credentials never go in a spec: they come from the environment / the standard AWS chain
+    on every node. `endpoint_url` (or the `AWS_ENDPOINT_URL` environment variable) points at
+    an S3-compatible store such as MinIO.
+    """
 
     path: str = "ray_results"
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://minio:9000")
     max_failures: int = Field(0, ge=-1)
     checkpoints_to_keep: int = Field(2, ge=1)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_without_credentials(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not re.match(r"^https?://[^/@\s]+(:\d+)?/?$", value):
+            raise ValueError(
+                f"endpoint_url must be http(s)://host[:port] with no user or password (credentials come "
+                f"from the environment), got {value.split('@')[-1]!r}"
+            )
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _endpoint_needs_s3(self) -> StorageSpec:
+        if self.endpoint_url is not None and not self.path.startswith("s3://"):
+            raise ValueError(f"endpoint_url applies to an s3:// path, but path is {self.path!r}")
+        return self
 
 
 _GATE_PATTERN = re.compile(r"^\s*([A-Za-z0-9_@.]+)\s*(>=|<=|>|<|==)\s*([-+0-9.eE]+)\s*$")
@@ -707,8 +731,14 @@ def _describe_error(item: Mapping[str, Any], data: Any, root: type[BaseModel]) -
         return f"{key}: required key is missing"
     message = str(item["msg"]).removeprefix("Value error, ")
     value = item.get("input")
+    if isinstance(value, str):
+        # Never echo the user:password part of a URL back into logs.
+        value = _URL_CREDENTIALS.sub(r"\1***@", value)
     shown = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
     return f"{key}: {message}{shown}"
+
+
+_URL_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")
 
 
 def _key_path(loc: Sequence[Any], data: Any) -> str:

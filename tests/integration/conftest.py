@@ -49,6 +49,41 @@ def wait_until(condition: object, *, timeout: float, what: str, interval: float 
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_error})")
 
 
+# Dummy credentials for the test session's S3 endpoint (moto). Set before the head starts, so
+# every Ray worker sees them the way a real node sees its own from the environment; the secret
+# is distinctive so tests can check it is never logged.
+TEST_S3_SECRET = "retrieval-test-secret-do-not-log"
+for _name, _value in (
+    ("AWS_ACCESS_KEY_ID", "retrieval-test-key"),
+    ("AWS_SECRET_ACCESS_KEY", TEST_S3_SECRET),
+    ("AWS_DEFAULT_REGION", "us-east-1"),
+):
+    os.environ.setdefault(_name, _value)
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    url: str
+    bucket: str
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[S3Endpoint]:
+    """A real S3 HTTP API on 127.0.0.1 (moto server) with one bucket, for the whole session."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="retrieval-test")
+    try:
+        yield S3Endpoint(url=url, bucket="retrieval-test")
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     import ray

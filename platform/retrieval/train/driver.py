@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import pyarrow.fs
 import ray
 import ray.train
 import torch
@@ -72,6 +73,20 @@ def storage_path(spec: JobSpec) -> str:
     """Ray Train storage: `s3://...` as is, a local folder made absolute (workers have another cwd)."""
     path = spec.storage.path
     return path if "://" in path else str(Path(path).resolve())
+
+
+def storage_location(spec: JobSpec, path: str | None = None) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """`(storage_path, storage_filesystem)` for Ray's RunConfig.
+
+    With `storage.endpoint_url`, an S3 filesystem on that endpoint (credentials from the
+    environment of each node) and the path without its `s3://` scheme; otherwise the path as
+    is and no filesystem (Ray infers it; `AWS_ENDPOINT_URL` in the environment also works).
+    """
+    location = path or storage_path(spec)
+    endpoint = spec.storage.endpoint_url
+    if endpoint is None or not location.startswith("s3://"):
+        return location, None
+    return location.removeprefix("s3://"), pyarrow.fs.S3FileSystem(endpoint_override=endpoint)
 
 
 def check_job_inputs(spec: JobSpec) -> None:
@@ -151,6 +166,7 @@ def build_trainer(
     Starting a trainer again with the same name and storage resumes from its last checkpoint.
     `callbacks` go to the run config (e.g. Tune's `TuneReportCallback` inside a sweep trial).
     """
+    location, filesystem = storage_location(spec, storage)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -170,7 +186,8 @@ def build_trainer(
         ),
         run_config=RunConfig(
             name=name or spec.name,
-            storage_path=storage or storage_path(spec),
+            storage_path=location,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=spec.storage.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.storage.checkpoints_to_keep),
             callbacks=list(callbacks) or None,

@@ -30,7 +30,7 @@ from retrieval.errors import ConfigError
 from retrieval.evaluation.plots import sweep_figure
 from retrieval.tracking.registry import RegisteredModel
 from retrieval.tracking.runs import TrainingRun
-from retrieval.train.driver import check_job_inputs, register_checkpoint
+from retrieval.train.driver import check_job_inputs, register_checkpoint, storage_location
 from retrieval.tune.trial import PARENT_TAG, SWEEP_TAG, TRIAL_TAG, SweepContext, run_trial, trial_job, trial_storage
 
 logger = logging.getLogger(__name__)
@@ -211,10 +211,17 @@ def run_sweep(sweep_file: str | Path, *, overrides: Sequence[str] = ()) -> Sweep
     # Tune refuses an empty request, so the trial asks for a sliver of a CPU.
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_ACTOR_CPUS})
 
-    resumed = ray.tune.Tuner.can_restore(experiment_path)
+    # With storage.endpoint_url (MinIO and other S3-compatible stores) Tune gets the filesystem.
+    tune_storage, filesystem = storage_location(sweep.base_job, storage)
+    tune_experiment = f"{tune_storage.rstrip('/')}/{spec.name}" if filesystem else experiment_path
+    resumed = ray.tune.Tuner.can_restore(tune_experiment, storage_filesystem=filesystem)
     if resumed:
         tuner = ray.tune.Tuner.restore(
-            experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True
+            tune_experiment,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=filesystem,
         )
         finished = tuner.get_results().num_terminated
         message = (
@@ -235,7 +242,7 @@ def run_sweep(sweep_file: str | Path, *, overrides: Sequence[str] = ()) -> Sweep
                 scheduler=build_scheduler(sweep),
                 search_alg=build_search(spec),
             ),
-            run_config=ray.tune.RunConfig(name=spec.name, storage_path=storage),
+            run_config=ray.tune.RunConfig(name=spec.name, storage_path=tune_storage, storage_filesystem=filesystem),
         )
     try:
         results = tuner.fit()
@@ -314,7 +321,7 @@ def _record(
         history = best.metrics_dataframe.to_dict("records") if best.metrics_dataframe is not None else []
         registered = register_checkpoint(
             job,
-            checkpoint=ray.train.Checkpoint(path=str(checkpoint_path)),
+            checkpoint=ray.train.Checkpoint(path=str(checkpoint_path), filesystem=storage_location(job)[1]),
             run=child,
             history=history,
             promote_with_gate=False,
