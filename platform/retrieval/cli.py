@@ -321,10 +321,18 @@ def build_index_from_model(
     shards: int | None = None,
     factory: str | None = None,
     gallery: str | None = None,
-) -> Path:
-    """`retrieval index`: settings default to the model's own job spec."""
+) -> Path | str:
+    """`retrieval index`: settings default to the model's own job spec.
+
+    An ``s3://bucket/prefix`` out is built in a temporary local folder, then published there
+    (shards, manifest, ``CURRENT`` last) to the spec's ``index.endpoint_url`` or, without one,
+    ``AWS_ENDPOINT_URL`` / AWS, and the manifest's ``s3://`` URI is returned.
+    """
+    import tempfile
+
     from retrieval.index.gallery import build_gallery_index
     from retrieval.index.manifest import ModelRef
+    from retrieval.index.object_store import is_s3_uri, publish_index
     from retrieval.tracking import load_embedder
     from retrieval.tracking.registry import resolve_model_version
 
@@ -336,16 +344,26 @@ def build_index_from_model(
         folder = str(Path(model_uri).resolve())
         reference = ModelRef(name=package.spec.registered_model_name, version="local", uri=folder)
     spec = package.spec
-    return build_gallery_index(
-        package,
-        model=reference,
-        out_root=out or spec.index_root,
-        gallery=gallery or spec.index.gallery,  # type: ignore[arg-type]
-        num_shards=shards or spec.index.num_shards,
-        factory=factory or spec.index.factory,
-        metric=spec.index.metric,
-        batch_size=spec.train.embed_batch_size,
-    )
+    out_root = out or spec.index_root
+
+    def build(root: str | Path) -> Path:
+        return build_gallery_index(
+            package,
+            model=reference,
+            out_root=root,
+            gallery=gallery or spec.index.gallery,  # type: ignore[arg-type]
+            num_shards=shards or spec.index.num_shards,
+            factory=factory or spec.index.factory,
+            metric=spec.index.metric,
+            batch_size=spec.train.embed_batch_size,
+        )
+
+    if not is_s3_uri(out_root):
+        return build(out_root)
+    with tempfile.TemporaryDirectory(prefix="retrieval-index-") as staging:
+        build(staging)
+        published = publish_index(staging, out_root, endpoint_url=spec.index.endpoint_url)
+    return f"{out_root.rstrip('/')}/{published}/manifest.json"
 
 
 def format_results_table(

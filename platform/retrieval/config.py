@@ -383,13 +383,32 @@ class EvaluationSpec(StrictModel):
 
 
 class IndexSpec(StrictModel):
-    """How `retrieval index` lays out the gallery index."""
+    """How `retrieval index` lays out the gallery index.
 
-    out: str | None = Field(None, description="index root folder; default indices/<job name>")
+    `out` may be `s3://bucket/prefix`: the index is built locally, then published there (shards,
+    manifest, CURRENT last). `endpoint_url` (or `AWS_ENDPOINT_URL`) points at an S3-compatible
+    store; credentials come from the environment / the standard AWS chain, never from a spec.
+    """
+
+    out: str | None = Field(None, description="index root folder or s3://bucket/prefix; default indices/<job name>")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint for an s3:// out")
     num_shards: int = Field(2, ge=1)
     factory: str = "Flat"
     metric: Literal["ip", "l2"] = "ip"
     gallery: Literal["test", "train", "all"] = "test"
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_without_credentials(cls, value: str | None) -> str | None:
+        # One rule for every endpoint in a spec: the storage section's.
+        return StorageSpec._endpoint_without_credentials(value)
+
+    @model_validator(mode="after")
+    def _endpoint_needs_s3(self) -> IndexSpec:
+        # With no `out`, `retrieval index --out s3://...` may still give the index an s3:// root.
+        if self.endpoint_url is not None and self.out is not None and not self.out.startswith("s3://"):
+            raise ValueError(f"endpoint_url applies to an s3:// out, but out is {self.out!r}")
+        return self
 
 
 class JobSpec(StrictModel):
@@ -437,7 +456,9 @@ class JobSpec(StrictModel):
 class ServingSpec(StrictModel):
     """Arguments of the Ray Serve application (the `args:` of a Serve config file)."""
 
-    index: str = Field(description="index root folder (with CURRENT) or a manifest.json")
+    index: str = Field(description="index root folder (with CURRENT), a manifest.json, or s3://bucket/prefix")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint for an s3:// index")
+    cache_dir: str | None = Field(None, description="cache of s3:// index shards; default $RETRIEVAL_CACHE/indices")
     tracking_uri: str | None = None
     shard_replicas: int = Field(1, ge=1)
     embedder_replicas: int = Field(1, ge=1)
@@ -447,10 +468,17 @@ class ServingSpec(StrictModel):
     default_k: int = Field(10, ge=1)
     max_upload_bytes: int = Field(10_000_000, ge=1)
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_without_credentials(cls, value: str | None) -> str | None:
+        return StorageSpec._endpoint_without_credentials(value)
+
     @model_validator(mode="after")
     def _default_within_max(self) -> ServingSpec:
         if self.default_k > self.max_k:
             raise ValueError(f"default_k ({self.default_k}) is larger than max_k ({self.max_k})")
+        if self.endpoint_url is not None and not self.index.startswith("s3://"):
+            raise ValueError(f"endpoint_url applies to an s3:// index, but index is {self.index!r}")
         return self
 
     @classmethod
@@ -481,9 +509,7 @@ class Distribution(StrictModel):
     def _exactly_one(self) -> Distribution:
         given = [name for name in DISTRIBUTIONS if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError(
-                f"give exactly one distribution out of {', '.join(DISTRIBUTIONS)}; got {given or 'none'}"
-            )
+            raise ValueError(f"give exactly one distribution out of {', '.join(DISTRIBUTIONS)}; got {given or 'none'}")
         bounds = self.uniform or self.loguniform or self.randint
         if bounds is not None and not bounds[0] < bounds[1]:
             raise ValueError(f"{self.kind}: low ({bounds[0]}) must be smaller than high ({bounds[1]})")
@@ -711,6 +737,7 @@ def set_dotted(data: dict[str, Any], key: str, value: Any, *, source: str) -> No
             raise ConfigError(f"{source}: {key!r}: '{'.'.join(parts[: depth + 1])}' is a value, not a section")
         node = child
     node[parts[-1]] = value
+
 
 def _validate(model: type[StrictModel], data: Mapping[str, Any], *, source: str) -> Any:
     try:

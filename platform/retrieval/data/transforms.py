@@ -75,7 +75,6 @@ def eval_transform(
     return transform
 
 
-
 def landmark_transform(
     *,
     max_side: int,
@@ -99,6 +98,7 @@ def landmark_transform(
         ]
     )
     return transform
+
 
 def train_transform(
     *,

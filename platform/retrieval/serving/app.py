@@ -20,6 +20,7 @@ from ray import serve
 
 from retrieval.config import ServingSpec
 from retrieval.index.manifest import MANIFEST_FILE, read_manifest
+from retrieval.index.object_store import is_s3_uri, local_index_path, pin_index_version
 from retrieval.serving.deployments import EmbedderDeployment, SearchIngress, ShardDeployment
 
 logger = logging.getLogger(__name__)
@@ -34,10 +35,13 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
 
     The index is resolved once, here: every deployment is given the absolute path of the
     same version's manifest, so all of them serve one version even if the index root's
-    ``CURRENT`` moves while replicas start (ARCHITECTURE invariant 1).
+    ``CURRENT`` moves while replicas start (ARCHITECTURE invariant 1). For an ``s3://`` index
+    that is the version's ``s3://.../<version>/manifest.json``; each replica downloads what it
+    needs into its node's cache (`retrieval.index.object_store.fetch_index`).
 
     Args:
-        args: the `ServingSpec` fields, e.g. ``{"index": "indices/digits"}``.
+        args: the `ServingSpec` fields, e.g. ``{"index": "indices/digits"}`` or
+            ``{"index": "s3://bucket/indices/digits", "endpoint_url": "http://minio:9000"}``.
 
     Returns:
         The application: ``Shard0..ShardN-1``, ``Embedder`` and the ``SearchIngress``.
@@ -47,8 +51,15 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
         IndexIntegrityError: the index root or manifest is missing or malformed.
     """
     spec = ServingSpec.from_mapping(args, source="serve args")
-    manifest, version_dir = read_manifest(spec.index)
-    pinned = spec.model_copy(update={"index": str((Path(version_dir) / MANIFEST_FILE).resolve())})
+    if is_s3_uri(spec.index):
+        pinned_index = pin_index_version(spec.index, endpoint_url=spec.endpoint_url)
+        manifest, version_dir = read_manifest(
+            local_index_path(pinned_index, endpoint_url=spec.endpoint_url, cache_dir=spec.cache_dir, shards=())
+        )
+    else:
+        manifest, version_dir = read_manifest(spec.index)
+        pinned_index = str((Path(version_dir) / MANIFEST_FILE).resolve())
+    pinned = spec.model_copy(update={"index": pinned_index})
     # mypy does not apply class decorators, so it sees the plain classes without `.options`.
     shards = [
         ShardDeployment.options(  # type: ignore[attr-defined]

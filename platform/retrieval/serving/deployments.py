@@ -10,7 +10,6 @@ hold two at once.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from retrieval.config import ServingSpec
 from retrieval.errors import IndexIntegrityError, RetrievalError
 from retrieval.index.manifest import read_manifest
+from retrieval.index.object_store import local_index_path
 from retrieval.index.shards import LoadedShard, load_shard
 from retrieval.serving.errors import VersionNotLoadedError
 from retrieval.serving.http import build_http_api
@@ -36,12 +36,15 @@ class ShardDeployment:
     """Serves one shard of the index, verified against its manifest checksums on load.
 
     Args:
-        spec: the serving spec; ``spec.index`` names the manifest to load.
+        spec: the serving spec; ``spec.index`` names the manifest to load (an ``s3://`` one is
+            fetched into the node's cache first, this shard's files only).
         shard: the shard number in the manifest.
     """
 
     def __init__(self, *, spec: ServingSpec, shard: int) -> None:
-        manifest, version_dir = read_manifest(spec.index)
+        manifest, version_dir = read_manifest(
+            local_index_path(spec.index, endpoint_url=spec.endpoint_url, cache_dir=spec.cache_dir, shards=[shard])
+        )
         self._shard = shard
         self._versions: dict[str, LoadedShard] = {
             manifest.index_version: load_shard(manifest=manifest, version_dir=version_dir, shard=shard)
@@ -101,7 +104,9 @@ class EmbedderDeployment:
         # and ingress replicas (same module) must not pay for in memory and start-up time.
         from retrieval.tracking.registry import load_embedder
 
-        manifest, _ = read_manifest(spec.index)
+        manifest, _ = read_manifest(
+            local_index_path(spec.index, endpoint_url=spec.endpoint_url, cache_dir=spec.cache_dir, shards=())
+        )
         self._index_version = manifest.index_version
         self._embedder = load_embedder(manifest.model.uri, tracking_uri=spec.tracking_uri)
         if self._embedder.dim != manifest.dim:
@@ -186,14 +191,16 @@ class SearchIngress:
     """
 
     def __init__(self, *, spec: ServingSpec, shards: list[DeploymentHandle], embedder: DeploymentHandle) -> None:
-        manifest, _ = read_manifest(spec.index)
+        manifest, _ = read_manifest(
+            local_index_path(spec.index, endpoint_url=spec.endpoint_url, cache_dir=spec.cache_dir, shards=())
+        )
         self._service = SearchService(
             manifest=manifest,
             spec=spec,
             shards=[HandleShardClient(handle) for handle in shards],
             embedder=HandleEmbedderClient(embedder),
         )
-        logger.info("ingress pinned to index %s (%s), %d shards", manifest.index_version, Path(spec.index), len(shards))
+        logger.info("ingress pinned to index %s (%s), %d shards", manifest.index_version, spec.index, len(shards))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_http_api(self._service)
