@@ -329,10 +329,16 @@ class GateCondition(StrictModel):
 
 
 class TrackingSpec(StrictModel):
-    """MLflow: where runs go, what the model is registered as, when it becomes champion."""
+    """MLflow: where runs go, what the model is registered as, when it becomes champion.
+
+    `artifact_location` (e.g. `s3://bucket/mlflow`) is where a *new* experiment keeps its
+    artifacts when the tracking URI is a database; with a tracking server, the server's
+    `--artifacts-destination` decides. A custom S3 endpoint comes from `MLFLOW_S3_ENDPOINT_URL`.
+    """
 
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "retrieval"
+    artifact_location: str | None = Field(None, description="artifact root of a new experiment, e.g. s3://b/mlflow")
     registered_model: str | None = Field(None, pattern=_NAME_PATTERN)
     gate: list[GateCondition] = Field(default_factory=list)
 

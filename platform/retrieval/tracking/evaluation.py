@@ -21,6 +21,7 @@ def log_suite_result(result: SuiteResult, *, spec: JobSpec, model: str | None = 
     run, _ = TrainingRun.start_or_resume(
         tracking_uri=spec.tracking.tracking_uri,
         experiment=spec.tracking.experiment,
+        artifact_location=spec.tracking.artifact_location,
         run_key=f"evaluate:{spec.name}:{uuid.uuid4().hex}",  # every evaluation is a run of its own
         run_name=f"{spec.name}-evaluation",
         params=spec.model_dump(mode="json"),

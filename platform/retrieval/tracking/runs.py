@@ -76,6 +76,7 @@ class TrainingRun:
         params: Mapping[str, Any],
         tags: Mapping[str, str],
         reuse_finished: bool = False,
+        artifact_location: str | None = None,
     ) -> tuple[TrainingRun, bool]:
         """The unfinished run tagged `run_key`, or a new one; returns `(run, resumed)`.
 
@@ -87,7 +88,18 @@ class TrainingRun:
         uri = resolve_tracking_uri(tracking_uri)
         client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        if found is None:
+            experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
+        else:
+            experiment_id = found.experiment_id
+            if artifact_location and found.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
+                logger.warning(
+                    "experiment %r keeps its artifacts in %s, not %s: an experiment's artifact location "
+                    "is fixed when it is created",
+                    experiment,
+                    found.artifact_location,
+                    artifact_location,
+                )
         quoted = run_key.replace("'", "\\'")
         status_filter = "" if reuse_finished else " and attributes.status != 'FINISHED'"
         unfinished = client.search_runs(

@@ -119,6 +119,7 @@ def run_training(spec: JobSpec, *, fault: dict[str, Any] | None = None) -> Train
     run, resumed = TrainingRun.start_or_resume(
         tracking_uri=spec.tracking.tracking_uri,
         experiment=spec.tracking.experiment,
+        artifact_location=spec.tracking.artifact_location,
         run_key=run_key,
         run_name=spec.name,
         params=spec.model_dump(mode="json"),

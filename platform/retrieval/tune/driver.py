@@ -193,6 +193,7 @@ def run_sweep(sweep_file: str | Path, *, overrides: Sequence[str] = ()) -> Sweep
     parent, _ = TrainingRun.start_or_resume(
         tracking_uri=tracking.tracking_uri,
         experiment=tracking.experiment,
+        artifact_location=tracking.artifact_location,
         run_key=f"sweep:{experiment_path}",
         run_name=spec.name,
         params={"sweep": spec.model_dump(mode="json")},
