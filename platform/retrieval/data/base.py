@@ -141,6 +141,24 @@ class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, int]]):
         self._sources = list(sources)
         self.transform = transform
 
+    @classmethod
+    def from_files(
+        cls,
+        *,
+        paths: Sequence[Path],
+        labels: Sequence[int] | np.ndarray,
+        class_names: Sequence[str],
+        transform: ImageTransform | None,
+    ) -> ImageDataset:
+        """A dataset of image files read lazily, each file's path as its source."""
+        return cls(
+            loaders=[ImageFileLoader(path=path) for path in paths],
+            labels=np.asarray(labels, dtype=np.int64),
+            class_names=class_names,
+            sources=[str(path) for path in paths],
+            transform=transform,
+        )
+
     def __len__(self) -> int:
         return len(self._loaders)
 

@@ -11,9 +11,7 @@ import logging
 import re
 from pathlib import Path
 
-import numpy as np
-
-from retrieval.data.base import ImageDataset, ImageFileLoader
+from retrieval.data.base import ImageDataset
 from retrieval.data.transforms import ImageTransform
 from retrieval.errors import DatasetError
 
@@ -155,10 +153,4 @@ def load_cub200(*, root: str | Path, transform: ImageTransform | None = None) ->
         labels.append(class_of_image[image_id] - 1)
 
     logger.info("CUB-200-2011 %s: %d images in %d classes", dataset_root, len(image_paths), len(class_names))
-    return ImageDataset(
-        loaders=[ImageFileLoader(path=path) for path in image_paths],
-        labels=np.asarray(labels, dtype=np.int64),
-        class_names=class_names,
-        sources=[str(path) for path in image_paths],
-        transform=transform,
-    )
+    return ImageDataset.from_files(paths=image_paths, labels=labels, class_names=class_names, transform=transform)

@@ -10,9 +10,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
-
-from retrieval.data.base import ImageDataset, ImageFileLoader
+from retrieval.data.base import ImageDataset
 from retrieval.data.transforms import ImageTransform
 from retrieval.errors import DatasetError
 
@@ -97,10 +95,4 @@ def load_image_folder(
             f"in its {len(class_dirs)} class subfolder(s)"
         )
     logger.info("image folder %s: %d images in %d classes", root_path, len(image_paths), len(class_names))
-    return ImageDataset(
-        loaders=[ImageFileLoader(path=path) for path in image_paths],
-        labels=np.asarray(labels, dtype=np.int64),
-        class_names=class_names,
-        sources=[str(path) for path in image_paths],
-        transform=transform,
-    )
+    return ImageDataset.from_files(paths=image_paths, labels=labels, class_names=class_names, transform=transform)

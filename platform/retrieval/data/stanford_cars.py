@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from retrieval.data.base import ImageDataset, ImageFileLoader
+from retrieval.data.base import ImageDataset
 from retrieval.data.transforms import ImageTransform
 from retrieval.errors import DatasetError
 
@@ -182,10 +182,4 @@ def load_stanford_cars(*, root: str | Path, transform: ImageTransform | None = N
     logger.info(
         "Stanford Cars %s (%s layout): %d images in %d classes", root_path, layout, len(image_paths), len(class_names)
     )
-    return ImageDataset(
-        loaders=[ImageFileLoader(path=path) for path in image_paths],
-        labels=np.asarray(class_ids, dtype=np.int64),
-        class_names=class_names,
-        sources=[str(path) for path in image_paths],
-        transform=transform,
-    )
+    return ImageDataset.from_files(paths=image_paths, labels=class_ids, class_names=class_names, transform=transform)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from retrieval.data.base import ImageDataset, ImageFileLoader
+from retrieval.data.base import ImageDataset
 from retrieval.data.image_folder import IMAGE_EXTENSIONS
 from retrieval.data.transforms import ImageTransform
 from retrieval.errors import DatasetError
@@ -149,10 +149,4 @@ def load_stanford_dogs(*, root: str | Path, transform: ImageTransform | None = N
         raise DatasetError(f"Stanford Dogs root {root_path} holds no image under {images_root}")
 
     logger.info("Stanford Dogs %s: %d images in %d breeds", root_path, len(image_paths), len(class_names))
-    return ImageDataset(
-        loaders=[ImageFileLoader(path=path) for path in image_paths],
-        labels=np.asarray(labels, dtype=np.int64),
-        class_names=class_names,
-        sources=[str(path) for path in image_paths],
-        transform=transform,
-    )
+    return ImageDataset.from_files(paths=image_paths, labels=labels, class_names=class_names, transform=transform)
