@@ -24,15 +24,18 @@ from retrieval.models.backbones import build_backbone
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """6 classes x 6 small images (one colour pattern per class, with noise), root/<class>/<image>."""
+    """6 classes x 6 small images, root/<class>/<image>: close colours under heavy noise.
+
+    Hard enough that the variants score differently (no row is a perfect 1.0), so a row
+    computed the wrong way cannot match its hand-computed value by accident.
+    """
     root = tmp_path_factory.mktemp("folder")
     rng = np.random.default_rng(0)
     for class_id in range(6):
         (root / f"class_{class_id}").mkdir()
-        colour = rng.integers(0, 256, size=3)
+        colour = 128 + rng.integers(-30, 30, size=3)
         for index in range(6):
-            pixels = np.clip(colour + rng.normal(0, 40, size=(40, 40, 3)), 0, 255).astype(np.uint8)
-            pixels[: 10 * (class_id % 3 + 1), :, class_id % 3] = 255
+            pixels = np.clip(colour + rng.normal(0, 60, size=(40, 40, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / f"class_{class_id}" / f"{index}.png")
     return root
 
@@ -58,10 +61,10 @@ def job(image_folder: Path):
     return make
 
 
-def _trunk_features(spec: JobSpec, dataset, pool) -> np.ndarray:
+def _trunk_features(spec: JobSpec, dataset, pool, backbone: str = "resnet18") -> np.ndarray:
     """Off-the-shelf features computed without the platform's network: seeded trunk, pooling, L2."""
     torch.manual_seed(spec.train.seed)
-    trunk, _ = build_backbone(name="resnet18", weights=None)
+    trunk, _ = build_backbone(name=backbone, weights=None)
     trunk.eval()
     with torch.no_grad():
         return embed_dataset(lambda images: F.normalize(pool(trunk(images)), dim=-1), dataset)
@@ -110,10 +113,21 @@ def test_every_pooling_gets_a_row_with_valid_scores(job):
 
 
 def test_late_fusion_row_concatenates_the_two_backbones(job):
-    result = evaluate_suite(job(poolings=["gem"], late_fusion_backbones=["resnet18"]))
-    # Same seed, same backbone: the fused vector is the feature twice over, so every score equals the base's.
-    assert list(result.rows) == ["gem", "fusion(resnet18+resnet18)"]
-    assert result.rows["fusion(resnet18+resnet18)"] == pytest.approx(result.rows["gem"], abs=1e-6)
+    spec = job(poolings=["gem"], late_fusion_backbones=["vgg11"])
+    result = evaluate_suite(spec)
+    assert list(result.rows) == ["gem", "fusion(resnet18+vgg11)"]
+    assert result.rows["fusion(resnet18+vgg11)"]["map@r"] != pytest.approx(result.rows["gem"]["map@r"])
+
+    def gem(maps: torch.Tensor) -> torch.Tensor:
+        return maps.clamp(min=1e-6).pow(3).mean(dim=(-2, -1)).pow(1 / 3)
+
+    test = datasets_from_spec(spec.dataset).test
+    # Each backbone's unit-norm feature, concatenated: the norm is sqrt(2), normalised back to 1.
+    fused = np.concatenate(
+        [_trunk_features(spec, test, gem), _trunk_features(spec, test, gem, backbone="vgg11")], axis=1
+    ) / np.sqrt(2.0)
+    expected = retrieval_metrics(embeddings=fused, labels=test.labels, ks=(1, 4))
+    assert result.rows["fusion(resnet18+vgg11)"] == pytest.approx(expected, abs=1e-6)
 
 
 def _write_revisited(root: Path) -> Path:
