@@ -24,7 +24,7 @@ DEFAULT_DEMO_SPEC = "jobs/digits_deep_metric.yaml"
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_default_serve_run(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -122,10 +122,24 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--summary", type=Path, default=None, help="write the table as JSON here")
     evaluate.set_defaults(handler=_evaluate)
 
-    serve = commands.add_parser("serve", help="run a Serve config file (serve/...yaml) until Ctrl-C")
-    serve.add_argument("config", help="Ray Serve config file")
-    serve.add_argument("--address", default=None, help="Ray cluster address (default: a new local cluster)")
-    serve.set_defaults(handler=_serve)
+    serve = commands.add_parser(
+        "serve", help="`serve [run] CONFIG`: run a Serve config until Ctrl-C; `serve swap`: swap the live index"
+    )
+    serve_commands = serve.add_subparsers(dest="serve_command", required=True)
+    serve_run = serve_commands.add_parser("run", help="run a Serve config file (serve/...yaml) until Ctrl-C")
+    serve_run.add_argument("config", help="Ray Serve config file")
+    serve_run.add_argument("--address", default=None, help="Ray cluster address (default: a new local cluster)")
+    serve_run.set_defaults(handler=_serve)
+    serve_swap = serve_commands.add_parser(
+        "swap", help="rolling swap of a running app's index (token from RETRIEVAL_ADMIN_TOKEN)"
+    )
+    serve_swap.add_argument("--url", default="http://127.0.0.1:8000", help="the app's base URL")
+    serve_swap.add_argument(
+        "--to", required=True, help="an index version name, or model:N (newest version built by model version N)"
+    )
+    serve_swap.add_argument("--index-root", default=None, help="the served index root (local), for --to model:N")
+    serve_swap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the swap")
+    serve_swap.set_defaults(handler=_serve_swap)
 
     demo = commands.add_parser("demo", help="train, register, index, serve and query the bundled digits, end to end")
     demo.add_argument("--spec", default=DEFAULT_DEMO_SPEC, help=f"job spec (default {DEFAULT_DEMO_SPEC})")
@@ -147,6 +161,8 @@ def _train(args: argparse.Namespace) -> int:
     from retrieval.config import load_job_spec
 
     spec = load_job_spec(args.spec, args.overrides)
+    if spec.incremental is not None:
+        return _train_incremental(spec, args)
     from retrieval.train import run_training
     from retrieval.train.driver import check_job_inputs
 
@@ -159,6 +175,45 @@ def _train(args: argparse.Namespace) -> int:
     if args.summary:
         _write_json(args.summary, outcome.summary())
     return 0
+
+
+def _train_incremental(spec: Any, args: argparse.Namespace) -> int:
+    from retrieval.data.tasks import build_task_sequence
+    from retrieval.train.incremental import run_incremental
+
+    assert spec.incremental is not None
+    # Fails fast, before Ray starts, on a task whose data cannot be built.
+    build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)
+    _init_ray(args.address)
+    outcome = run_incremental(spec)
+    print(format_incremental_summary(outcome.summary()))
+    if args.summary:
+        _write_json(args.summary, outcome.summary())
+    return 0
+
+
+def format_incremental_summary(summary: Mapping[str, Any]) -> str:
+    """The Recall@1 task x task matrix and each task's registered version, as printed text."""
+    import numpy as np
+
+    from retrieval.evaluation.forgetting import format_matrix
+
+    matrix = np.array(
+        [[np.nan if value is None else value for value in row] for row in summary["recall@1_matrix"]], dtype=float
+    )
+    lines = [
+        f"{summary['job']} ({summary['method']}): recall@1 on each task's test split after each task",
+        format_matrix(matrix, task_names=summary["task_names"], metric="recall@1"),
+    ]
+    for task in summary["tasks"]:
+        model = task["model"]
+        line = f"after {task['name']}: {model.get('name')} v{model.get('version')} {model.get('aliases')}"
+        if task.get("index_version"):
+            line += f", index {task['index_version']}"
+        if task.get("swap"):
+            line += ", swapped" if task["swap"].get("ok") else f", swap failed: {task['swap'].get('error')}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -254,6 +309,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         )
     else:
         spec = load_job_spec(args.spec, args.overrides)
+        if spec.incremental is not None:
+            return _print_incremental(spec, args)
         result = evaluate_suite(spec)
     print(f"{spec.name} on {spec.dataset.name} ({result.protocol} protocol)")
     print(result.table())
@@ -264,6 +321,21 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"logged to MLflow run {run_id} ({spec.tracking.tracking_uri}, experiment {spec.tracking.experiment})")
     if args.summary:
         _write_json(args.summary, {"job": spec.name, "protocol": result.protocol, "rows": result.rows})
+    return 0
+
+
+def _print_incremental(spec: Any, args: argparse.Namespace) -> int:
+    """`retrieval evaluate` of an incremental job: its task x task matrix, from the saved progress."""
+    from retrieval.train.incremental import read_incremental_summary
+
+    summary = read_incremental_summary(spec)
+    if summary is None:
+        raise RetrievalError(
+            f"incremental job {spec.name!r} has no finished task yet in {spec.storage.path}: train it first"
+        )
+    print(format_incremental_summary(summary))
+    if args.summary:
+        _write_json(args.summary, summary)
     return 0
 
 
@@ -294,6 +366,34 @@ def _serve(args: argparse.Namespace) -> int:
             time.sleep(3600)
     finally:
         serve.shutdown()
+
+
+def _serve_swap(args: argparse.Namespace) -> int:
+    from retrieval.serving.swap_client import request_swap, resolve_swap_target
+
+    token = os.environ.get("RETRIEVAL_ADMIN_TOKEN", "")
+    if not token:
+        raise RetrievalError("set RETRIEVAL_ADMIN_TOKEN to the application's admin token")
+    index = resolve_swap_target(args.to, index_root=args.index_root)
+    summary = request_swap(args.url, index=index, token=token, timeout_s=args.timeout)
+    model = summary.get("model") or {}
+    print(
+        f"swapped index {summary['from']} -> {summary['to']} (model {model.get('name')} version "
+        f"{model.get('version')}) in {summary['duration_s']:.2f} s on {len(summary.get('replicas', {}))} replicas"
+    )
+    return 0
+
+
+def _default_serve_run(argv: list[str]) -> list[str]:
+    """``retrieval serve CONFIG`` (the original form) means ``retrieval serve run CONFIG``."""
+    for position, token in enumerate(argv):
+        if token.startswith("-"):
+            continue
+        following = argv[position + 1 : position + 2]
+        if token == "serve" and following and following[0] not in ("run", "swap", "-h", "--help"):
+            return [*argv[: position + 1], "run", *argv[position + 1 :]]
+        return argv
+    return argv
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -235,7 +235,135 @@ class UnsupervisedMetricSpec(DeepMetricSpec):
         return self
 
 
-MethodSpec = Annotated[DeepMetricSpec | ClassificationSpec | UnsupervisedMetricSpec, Field(discriminator="name")]
+class IncrementalMethodSpec(StrictModel):
+    """What every incremental method trains on a task's new images (thesis ch. 5-7).
+
+    The loss on new data is a metric loss (triplet with hard mining, margin 0.1, as in the
+    ch. 6 code) plus cross-entropy of a cosine classifier over the classes of the current
+    task (`ce_weight`, 0 turns it off). The classifier grows with each task.
+    """
+
+    metric_loss: Literal["triplet", "multi_similarity", "contrastive"] = "triplet"
+    triplet_margin: float = Field(0.1, ge=0.0)
+    metric_weight: float = Field(1.0, ge=0.0)
+    ce_weight: float = Field(1.0, ge=0.0)
+    classifier_temperature: float = Field(0.05, gt=0.0, description="cosine classifier: logits = cos / temperature")
+
+
+class FineTuneSpec(IncrementalMethodSpec):
+    """Lower bound: each task fine-tunes the previous model on its new images alone."""
+
+    name: Literal["incremental_finetune"] = "incremental_finetune"
+
+
+class JointSpec(IncrementalMethodSpec):
+    """Upper bound: each task trains on the images of every task so far (reads old images by design)."""
+
+    name: Literal["incremental_joint"] = "incremental_joint"
+
+
+class LwfSpec(IncrementalMethodSpec):
+    """Learning without Forgetting: KD on the old classifier's probabilities only."""
+
+    name: Literal["lwf"] = "lwf"
+    kd_weight: float = Field(1.0, ge=0.0)
+    kd_temperature: float = Field(2.0, gt=0.0)
+
+
+class EwcSpec(IncrementalMethodSpec):
+    """Elastic weight consolidation: a diagonal-Fisher penalty anchored at each old model."""
+
+    name: Literal["ewc"] = "ewc"
+    ewc_weight: float = Field(100.0, ge=0.0, description="lambda; the penalty is lambda / 2 * sum F (theta - theta*)^2")
+    fisher_batches: int = Field(8, ge=1, description="batches of the finished task the Fisher is estimated on")
+
+
+class IncrementalKdMmdSpec(IncrementalMethodSpec):
+    """Thesis ch. 5: metric + CE on new data, KD on the old classifier, multi-kernel MMD on embeddings."""
+
+    name: Literal["incremental_kd_mmd"] = "incremental_kd_mmd"
+    kd_weight: float = Field(1.0, ge=0.0)
+    kd_temperature: float = Field(2.0, gt=0.0)
+    mmd_weight: float = Field(1.0, ge=0.0)
+    mmd_kernels: int = Field(5, ge=1)
+    mmd_multiplier: float = Field(2.0, gt=1.0)
+
+
+class FeatureEstimationSpec(IncrementalMethodSpec):
+    """Thesis ch. 6: correlation distillation from the penultimate model and estimated older ones.
+
+    Only the penultimate model is kept; each older model's features are estimated from its
+    features with the drift statistics recorded when that task finished.
+    """
+
+    name: Literal["feature_estimation"] = "feature_estimation"
+    ce_weight: float = Field(0.0, ge=0.0)
+    correlation_weight: float = Field(10.0, ge=0.0)
+    correlation_temperature: float = Field(4.0, gt=0.0)
+    estimation_gamma: float = Field(0.5, gt=0.0, le=1.0, description="descending importance of older models")
+    estimation_scale: float = Field(1.0, ge=0.0)
+    drift_low_quantile: float = Field(0.05, ge=0.0, lt=1.0)
+    drift_high_quantile: float = Field(0.95, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _quantiles_in_order(self) -> FeatureEstimationSpec:
+        if self.drift_low_quantile >= self.drift_high_quantile:
+            raise ValueError(
+                f"drift_low_quantile ({self.drift_low_quantile}) must be below drift_high_quantile "
+                f"({self.drift_high_quantile})"
+            )
+        return self
+
+
+class SynthesisSpec(StrictModel):
+    """DeepInversion-style synthesis of replay images from the old teacher's BatchNorm statistics."""
+
+    images_per_class: int = Field(4, ge=1)
+    iterations: int = Field(2000, ge=1)
+    lr: float = Field(0.1, gt=0.0)
+    first_bn_multiplier: float = Field(10.0, ge=0.0)
+    bn_weight: float = Field(1.0, ge=0.0)
+    ce_weight: float = Field(1.0, ge=0.0)
+    tv_weight: float = Field(1e-4, ge=0.0)
+    l2_weight: float = Field(1e-5, ge=0.0)
+    batch_size: int = Field(64, ge=1)
+
+
+class DualDistillationSpec(IncrementalMethodSpec):
+    """Thesis ch. 7: old and new professional teachers, a self-motivated student, synthesised replay."""
+
+    name: Literal["dual_distillation"] = "dual_distillation"
+    ce_weight: float = Field(0.0, ge=0.0)
+    new_teacher_weight: float = Field(10.0, ge=0.0)
+    old_teacher_weight: float = Field(10.0, ge=0.0)
+    correlation_temperature: float = Field(4.0, gt=0.0)
+    specialist_epochs: int | None = Field(None, ge=1, description="epochs of the new teacher; default train.epochs")
+    synthesis: SynthesisSpec = Field(default_factory=SynthesisSpec)
+
+
+INCREMENTAL_METHODS: tuple[str, ...] = (
+    "incremental_finetune",
+    "incremental_joint",
+    "lwf",
+    "ewc",
+    "incremental_kd_mmd",
+    "feature_estimation",
+    "dual_distillation",
+)
+
+MethodSpec = Annotated[
+    DeepMetricSpec
+    | ClassificationSpec
+    | UnsupervisedMetricSpec
+    | FineTuneSpec
+    | JointSpec
+    | LwfSpec
+    | EwcSpec
+    | IncrementalKdMmdSpec
+    | FeatureEstimationSpec
+    | DualDistillationSpec,
+    Field(discriminator="name"),
+]
 
 
 # --------------------------------------------------------------------------- training
@@ -417,6 +545,48 @@ class IndexSpec(StrictModel):
         return self
 
 
+class TaskSpec(StrictModel):
+    """One task of an incremental sequence: some classes of the job's dataset, or a dataset of its own.
+
+    `classes` picks class ids of the task's dataset (all of them when omitted); `dataset`
+    (cross-domain lifelong sequences: birds, then dogs, then cars) replaces the job's
+    dataset for this task. Class ids never collide across tasks: the model's classes are
+    numbered in task order.
+    """
+
+    name: str | None = Field(None, pattern=_NAME_PATTERN)
+    classes: str | list[int] | None = Field(None, description="class ids, e.g. '0-4' or [5, 6]")
+    dataset: DatasetSpec | None = None
+    epochs: int | None = Field(None, ge=1, description="default train.epochs")
+
+
+class IncrementalSpec(StrictModel):
+    """A sequence of tasks trained one after the other (thesis ch. 5-7).
+
+    Every class's images are split once (`test_fraction` held out, seeded), so a task's test
+    split is the same after every later task. After each task the runner scores every task
+    seen so far, registers the model, and (with `index: true`) builds the gallery index of all
+    classes seen so far; with `serve_url` it asks the running Serve app to swap to it.
+    """
+
+    tasks: list[TaskSpec] = Field(min_length=1)
+    test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    seed: int = 0
+    index: bool = Field(True, description="build the gallery index of the classes seen so far after each task")
+    serve_url: str | None = Field(None, description="Serve app to swap after each task, e.g. http://127.0.0.1:8000")
+    admin_token_env: str = Field("RETRIEVAL_ADMIN_TOKEN", description="env var holding the admin bearer token")
+
+    @model_validator(mode="after")
+    def _tasks_name_their_data(self) -> IncrementalSpec:
+        names = [task.name for task in self.tasks if task.name is not None]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        for position, task in enumerate(self.tasks):
+            if task.dataset is not None and task.dataset.is_landmark_benchmark:
+                raise ValueError(f"tasks[{position}].dataset {task.dataset.name!r} is a landmark benchmark")
+        return self
+
+
 class JobSpec(StrictModel):
     """A training job: one method on one dataset, with everything needed to rerun it."""
 
@@ -432,6 +602,21 @@ class JobSpec(StrictModel):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     index: IndexSpec = Field(default_factory=IndexSpec)
+    incremental: IncrementalSpec | None = None
+
+    @model_validator(mode="after")
+    def _incremental_methods_need_tasks(self) -> JobSpec:
+        is_incremental = self.method.name in INCREMENTAL_METHODS
+        if is_incremental and self.incremental is None:
+            raise ValueError(
+                f"method {self.method.name!r} is incremental and needs an 'incremental' section with tasks"
+            )
+        if not is_incremental and self.incremental is not None:
+            raise ValueError(
+                f"method {self.method.name!r} trains one task; an 'incremental' sequence needs one of "
+                f"{list(INCREMENTAL_METHODS)}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _landmark_whitening_needs_held_out_images(self) -> JobSpec:
@@ -473,6 +658,11 @@ class ServingSpec(StrictModel):
     max_k: int = Field(100, ge=1)
     default_k: int = Field(10, ge=1)
     max_upload_bytes: int = Field(10_000_000, ge=1)
+    shard_memory_bytes: int | None = Field(
+        None, ge=1, description="memory budget of one shard replica (None: the node's MemAvailable)"
+    )
+    admin_token_env: str = Field("RETRIEVAL_ADMIN_TOKEN", min_length=1, description="env var holding the admin token")
+    swap_timeout_s: float = Field(120.0, gt=0, description="how long a swap waits for every replica to load")
 
     @field_validator("endpoint_url")
     @classmethod

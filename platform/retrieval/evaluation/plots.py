@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -83,5 +84,44 @@ def variant_bar_figure(rows: Mapping[str, Mapping[str, float]], *, metric: str, 
     axes.set_xlim(0, max([1.0, *[value for value in values if value == value]]) * 1.08)
     axes.set_title(title)
     axes.tick_params(axis="y", labelsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def task_matrix_figure(matrix: np.ndarray, *, task_names: Sequence[str], metric: str, title: str) -> Figure:
+    """Heatmap of a task x task matrix (rows: after task s; columns: test of task t)."""
+    figure, axes = plt.subplots(figsize=(1.2 * len(task_names) + 2.5, 0.9 * matrix.shape[0] + 1.8))
+    masked = np.ma.masked_invalid(matrix)
+    image = axes.imshow(masked, vmin=0.0, vmax=1.0, cmap="viridis")
+    for after in range(matrix.shape[0]):
+        for task in range(matrix.shape[1]):
+            if not np.isnan(matrix[after, task]):
+                value = matrix[after, task]
+                axes.text(
+                    task, after, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black"
+                )
+    axes.set_xticks(range(len(task_names)), [f"test {name}" for name in task_names], rotation=30, ha="right")
+    axes.set_yticks(range(matrix.shape[0]), [f"after {name}" for name in task_names[: matrix.shape[0]]])
+    figure.colorbar(image, ax=axes, label=metric)
+    axes.set_title(title)
+    figure.tight_layout()
+    return figure
+
+
+def task_lines_figure(matrix: np.ndarray, *, task_names: Sequence[str], metric: str, title: str) -> Figure:
+    """One line per task: its `metric` after each task of the sequence, from the task it was learnt in."""
+    figure, axes = plt.subplots(figsize=(6, 4))
+    steps = np.arange(matrix.shape[0])
+    for task, name in enumerate(task_names):
+        values = matrix[:, task]
+        measured = ~np.isnan(values)
+        if measured.any():
+            axes.plot(steps[measured], values[measured], marker="o", label=name)
+    axes.set_xticks(steps, [f"after {name}" for name in task_names[: matrix.shape[0]]], rotation=30, ha="right")
+    axes.set_ylabel(metric)
+    axes.set_ylim(0.0, 1.02)
+    axes.grid(alpha=0.3)
+    axes.legend(title="test of")
+    axes.set_title(title)
     figure.tight_layout()
     return figure

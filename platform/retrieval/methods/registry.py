@@ -6,12 +6,33 @@ from retrieval.config import JobSpec
 from retrieval.methods.base import RetrievalMethod
 from retrieval.methods.classification import Classification
 from retrieval.methods.deep_metric import DeepMetric
+from retrieval.methods.incremental import (
+    DualDistillation,
+    ElasticWeightConsolidation,
+    FeatureEstimation,
+    IncrementalFineTune,
+    IncrementalJoint,
+    IncrementalKdMmd,
+    LearningWithoutForgetting,
+)
 from retrieval.methods.unsupervised import UnsupervisedMetric
 
 METHODS: dict[str, type[RetrievalMethod]] = {
     DeepMetric.name: DeepMetric,
     Classification.name: Classification,
     UnsupervisedMetric.name: UnsupervisedMetric,
+    **{
+        method.name: method
+        for method in (
+            IncrementalFineTune,
+            IncrementalJoint,
+            LearningWithoutForgetting,
+            ElasticWeightConsolidation,
+            IncrementalKdMmd,
+            FeatureEstimation,
+            DualDistillation,
+        )
+    },
 }
 
 

@@ -161,11 +161,13 @@ def build_trainer(
     name: str | None = None,
     storage: str | None = None,
     callbacks: Sequence[Any] = (),
+    task: Mapping[str, Any] | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer of a job: one run named `name` (default the job's) under `storage`.
 
     Starting a trainer again with the same name and storage resumes from its last checkpoint.
     `callbacks` go to the run config (e.g. Tune's `TuneReportCallback` inside a sweep trial).
+    `task` makes it one task of an incremental sequence (see `retrieval.train.incremental`).
     """
     location, filesystem = storage_location(spec, storage)
     return TorchTrainer(
@@ -178,6 +180,7 @@ def build_trainer(
                 else None
             ),
             "fault": fault,
+            "task": dict(task) if task is not None else None,
         },
         scaling_config=ScalingConfig(
             num_workers=spec.scaling.num_workers,

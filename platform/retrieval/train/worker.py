@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from retrieval.config import JobSpec, OptimizerSpec
+from retrieval.data.base import ImageDataset
 from retrieval.data.from_spec import datasets_from_spec
 from retrieval.data.sampler import ClassBalancedBatchSampler
 from retrieval.evaluation.runs import embed_dataset, score_embeddings
@@ -65,31 +66,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(spec.train.seed)
 
-    splits = datasets_from_spec(spec.dataset)
     method = build_method(spec)
     initial_model = method.build_model()
+    task = config.get("task")
+    epochs, step_offset, classes_per_batch = spec.train.epochs, 0, spec.train.classes_per_batch
+    if task is None:
+        splits = datasets_from_spec(spec.dataset)
+        train_data, test_data = splits.train, splits.test
+    else:
+        carry = ray.get(task["carry"])
+        train_data, test_data = begin_task(method, initial_model, task=task, carry=carry, spec=spec, device=device)
+        epochs, step_offset = int(task["epochs"]), int(task["step_offset"])
+        # A task of two classes cannot fill a batch of five: balance over the classes it has.
+        classes_per_batch = min(classes_per_batch, len(np.unique(train_data.labels)))
     # Before DDP wrapping and before a checkpoint is loaded: a method mines from the initial weights.
-    training_labels = method.prepare_training(model=initial_model, dataset=splits.train, device=device)
-    train_set: Dataset[Any] = splits.train
-    sampler_labels = splits.train.labels
-    if training_labels is not None:
-        # Items labelled -1 are left out; a Subset keeps each item's own dataset index.
-        kept = np.flatnonzero(training_labels >= 0)
-        train_set, sampler_labels = Subset(splits.train, kept.tolist()), training_labels[kept]
-    sampler = ClassBalancedBatchSampler(
-        labels=sampler_labels,
-        classes_per_batch=spec.train.classes_per_batch,
-        samples_per_class=spec.train.samples_per_class,
+    training_labels = method.prepare_training(model=initial_model, dataset=train_data, device=device)
+    loader, sampler = training_loader(
+        train_data,
+        training_labels=training_labels,
+        classes_per_batch=classes_per_batch,
+        spec=spec,
         num_replicas=world_size,
         rank=rank,
-        seed=spec.train.seed,
     )
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=spec.train.loader_workers)
 
     model = ray.train.torch.prepare_model(initial_model)
     loss_module = method.build_loss().to(device)
     optimizer = build_optimizer(spec.optimizer, model.parameters())
-    scheduler = build_scheduler(spec.optimizer, optimizer, epochs=spec.train.epochs)
+    scheduler = build_scheduler(spec.optimizer, optimizer, epochs=epochs)
 
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
@@ -105,7 +109,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run = TrainingRun(**config["tracking"]) if rank == 0 and config.get("tracking") else None
     fault = config.get("fault") or {}
 
-    for epoch in range(start_epoch, spec.train.epochs):
+    for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
         model.train()
         sums: dict[str, float] = defaultdict(float)
@@ -136,13 +140,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             bare.eval()
             vectors = embed_dataset(
                 functools.partial(method.embed, bare),
-                splits.test,
+                test_data,
                 batch_size=spec.train.embed_batch_size,
                 device=device,
             )
-            metrics.update(score_embeddings(vectors, splits.test.labels, ks=spec.evaluation.recall_ks))
+            metrics.update(score_embeddings(vectors, test_data.labels, ks=spec.evaluation.recall_ks))
             if run is not None:
-                run.log_metrics({key: value for key, value in metrics.items() if key != "epoch"}, step=epoch)
+                prefix = "" if task is None else f"{task['phase']}/"
+                run.log_metrics(
+                    {f"{prefix}{key}": value for key, value in metrics.items() if key != "epoch"},
+                    step=step_offset + epoch,
+                )
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(
                     {
@@ -157,6 +165,59 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics, checkpoint=None)
+
+
+def training_loader(
+    train_data: ImageDataset,
+    *,
+    training_labels: np.ndarray | None,
+    classes_per_batch: int,
+    spec: JobSpec,
+    num_replicas: int,
+    rank: int,
+) -> tuple[DataLoader[Any], ClassBalancedBatchSampler]:
+    """The loader of one worker: its shard of P x K batches (call `sampler.set_epoch` each epoch).
+
+    Args:
+        train_data: the training images.
+        training_labels: labels `[N]` from `prepare_training` (-1 leaves an item out), or None
+            to draw batches by the dataset's labels.
+    """
+    train_set: Dataset[Any] = train_data
+    sampler_labels = train_data.labels
+    if training_labels is not None:
+        # Items labelled -1 are left out; a Subset keeps each item's own dataset index.
+        kept = np.flatnonzero(training_labels >= 0)
+        train_set, sampler_labels = Subset(train_data, kept.tolist()), training_labels[kept]
+    sampler = ClassBalancedBatchSampler(
+        labels=sampler_labels,
+        classes_per_batch=classes_per_batch,
+        samples_per_class=spec.train.samples_per_class,
+        num_replicas=num_replicas,
+        rank=rank,
+        seed=spec.train.seed,
+    )
+    return DataLoader(train_set, batch_sampler=sampler, num_workers=spec.train.loader_workers), sampler
+
+
+def begin_task(
+    method: Any, model: nn.Module, *, task: dict[str, Any], carry: Any, spec: JobSpec, device: torch.device
+) -> tuple[ImageDataset, ImageDataset]:
+    """Set `model` and `method` up for one task of an incremental sequence; its train and test data.
+
+    `task`: `index`, `phase`, `epochs`, `step_offset`; `carry`: the `TaskCarry` the runner built
+    from the earlier tasks (weights and statistics, no images).
+    Only this task's training images are loaded (the joint upper bound asks for every task's).
+    """
+    from retrieval.data.tasks import build_task_sequence
+    from retrieval.methods.incremental import IncrementalMethod
+
+    if not isinstance(method, IncrementalMethod) or spec.incremental is None:
+        raise TypeError(f"method {spec.method.name!r} does not train task sequences")
+    tasks = build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)
+    method.begin_task(model=model, carry=carry, phase=task["phase"], device=device)
+    index = int(task["index"])
+    return method.training_data(tasks, index), tasks[index].test
 
 
 def _mean_across_workers(

@@ -1,0 +1,560 @@
+"""Incremental and lifelong retrieval (thesis ch. 5, 6, 7) and the baselines they are compared with.
+
+A sequence of tasks is trained one task at a time. Before a task, the runner gives the method
+a `TaskCarry`: what the method chose to keep from earlier tasks, never their images. Each
+method keeps only what it needs:
+
+- `incremental_finetune` (lower bound): nothing; fine-tunes the previous model on new data.
+- `incremental_joint` (upper bound): nothing; trains on the images of every task so far.
+- `lwf`: the previous model, for KD on the old classes' probabilities.
+- `ewc`: each finished task's diagonal Fisher and weights (a penalty per old task).
+- `incremental_kd_mmd` (ch. 5): the previous model, for KD and multi-kernel MMD.
+- `feature_estimation` (ch. 6): the penultimate model, plus a few KB of drift statistics per
+  older task to estimate the older models' features.
+- `dual_distillation` (ch. 7): the previous model (old teacher), a specialist fine-tuned on the
+  new task (new teacher, trained first as its own phase), and replay images synthesised from
+  the old teacher's BatchNorm statistics.
+
+Every method trains on a task's new images with a metric loss plus cross-entropy of the
+cosine classifier over the task's classes (joint: over all classes so far), and adds its own
+distillation terms. All terms are returned by name so each is logged.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retrieval.config import (
+    DualDistillationSpec,
+    EwcSpec,
+    FeatureEstimationSpec,
+    IncrementalKdMmdSpec,
+    IncrementalMethodSpec,
+    JobSpec,
+    LwfSpec,
+)
+from retrieval.losses.distillation import (
+    correlation_distillation,
+    ewc_penalty,
+    fisher_diagonal,
+    knowledge_distillation,
+    multi_kernel_mmd,
+)
+from retrieval.losses.feature_estimation import (
+    DriftStatistics,
+    descending_weights,
+    drift_statistics,
+    estimate_features,
+)
+from retrieval.losses.metric import MetricLoss
+from retrieval.methods.base import RetrievalMethod
+from retrieval.models.incremental import IncrementalNetwork
+from retrieval.models.inversion import synthesize_images
+
+if TYPE_CHECKING:
+    from retrieval.data.base import ImageDataset
+    from retrieval.data.tasks import TaskData
+
+logger = logging.getLogger(__name__)
+
+Phase = Literal["student", "specialist"]
+
+
+@dataclass
+class TaskCarry:
+    """What a method keeps from the tasks before `task` (plain tensors and arrays, no images of old tasks).
+
+    Attributes:
+        task: index of the task about to be trained.
+        classes: that task's class ids (the sequence's numbering, contiguous).
+        previous_state: the model's state after task `task - 1` (None for the first task).
+        fisher: per finished task, EWC's diagonal Fisher and the weights it is anchored at.
+        drift: per finished task k >= 1, the drift statistics between models k-1 and k.
+        specialist_state: ch. 7, the new teacher fine-tuned on this task (None until its phase ran).
+        replay_images: ch. 7, images `[R, 3, S, S]` synthesised from the old teachers.
+        replay_labels: `[R]` the classes they were synthesised for.
+    """
+
+    task: int
+    classes: tuple[int, ...]
+    previous_state: dict[str, torch.Tensor] | None = None
+    fisher: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = field(default_factory=list)
+    drift: dict[int, DriftStatistics] = field(default_factory=dict)
+    specialist_state: dict[str, torch.Tensor] | None = None
+    replay_images: torch.Tensor | None = None
+    replay_labels: torch.Tensor | None = None
+
+    @property
+    def old_classes(self) -> int:
+        """Classes learnt before this task (ids 0..old_classes-1)."""
+        return self.classes[0]
+
+    @property
+    def seen_classes(self) -> int:
+        """Classes learnt once this task is learnt."""
+        return self.classes[-1] + 1
+
+
+def network(model: nn.Module) -> IncrementalNetwork:
+    """The `IncrementalNetwork` inside `model` (which may be DDP-wrapped)."""
+    bare = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if not isinstance(bare, IncrementalNetwork):
+        raise TypeError(f"expected an IncrementalNetwork, got {type(bare).__name__}")
+    return bare
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+class IncrementalMethod(RetrievalMethod):
+    """Shared by every incremental method: the network, the loss on new data, the task hooks.
+
+    The runner calls, per task: `begin_task` on every worker (after `build_model`, before DDP),
+    then the usual training steps, then `finish_task` once on the trained bare model to extend
+    the carry for the next task.
+    """
+
+    #: Whether a task trains on the images of earlier tasks too (only the joint upper bound).
+    reads_old_tasks = False
+
+    def __init__(self, spec: JobSpec) -> None:
+        super().__init__(spec)
+        if not isinstance(spec.method, IncrementalMethodSpec):
+            raise TypeError(f"{type(self).__name__} needs an incremental method spec, got {spec.method.name!r}")
+        if spec.model.embedding_dim is None:
+            raise ValueError("incremental methods need model.embedding_dim (the classifier sits on the embedding)")
+        self.settings: IncrementalMethodSpec = spec.method
+        self.carry: TaskCarry | None = None
+        self.phase: Phase = "student"
+        self.teacher: nn.Module | None = None
+
+    # ------------------------------------------------------------------ model and loss
+
+    def build_model(self) -> nn.Module:
+        return IncrementalNetwork(
+            model=self.spec.model, num_classes=1, temperature=self.settings.classifier_temperature
+        )
+
+    def build_loss(self) -> nn.Module:
+        return MetricLoss(
+            loss=self.settings.metric_loss, triplet_margin=self.settings.triplet_margin, triplet_mining="hard"
+        )
+
+    def embed(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        embeddings: torch.Tensor = network(model).embedding(images)
+        return embeddings
+
+    def phases(self, task: int) -> list[Phase]:
+        """The training runs of a task, in order (ch. 7 trains its specialist first)."""
+        return ["student"]
+
+    # ------------------------------------------------------------------ task hooks
+
+    def training_data(self, tasks: Sequence[TaskData], task: int) -> ImageDataset:
+        """The images task `task` trains on: its own only (the joint bound overrides this)."""
+        return tasks[task].train
+
+    def begin_task(self, *, model: nn.Module, carry: TaskCarry, phase: Phase, device: torch.device) -> None:
+        """Make `model` (fresh, bare) the start of this task and keep what the losses need.
+
+        The model starts from the previous task's weights and its classifier grows to the
+        classes seen so far.
+        """
+        self.carry = carry
+        self.phase = phase
+        if not isinstance(model, IncrementalNetwork):
+            raise TypeError(f"expected an IncrementalNetwork, got {type(model).__name__}")
+        if carry.previous_state is not None:
+            model.load_state_dict(carry.previous_state)
+            teacher = self.build_model()
+            teacher.load_state_dict(carry.previous_state)
+            self.teacher = _frozen(teacher.to(device))
+        else:
+            self.teacher = None
+        model.classifier.grow(carry.seen_classes)
+
+    def finish_task(
+        self, *, model: nn.Module, carry: TaskCarry, task_data: TaskData, device: torch.device
+    ) -> TaskCarry:
+        """The carry for the next task, from the trained bare model of this one."""
+        state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+        return TaskCarry(
+            task=carry.task + 1,
+            classes=(),
+            previous_state=state,
+            fisher=carry.fisher,
+            drift=carry.drift,
+            replay_images=carry.replay_images,
+            replay_labels=carry.replay_labels,
+        )
+
+    # ------------------------------------------------------------------ training step
+
+    def _ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over the current task's classes (joint: every class so far)."""
+        carry = self._require_carry()
+        first = 0 if self.reads_old_tasks else carry.old_classes
+        return F.cross_entropy(logits[:, first : carry.seen_classes], labels - first)
+
+    def _require_carry(self) -> TaskCarry:
+        if self.carry is None:
+            raise RuntimeError("begin_task must run before the first training step")
+        return self.carry
+
+    def base_terms(
+        self, *, model: nn.Module, loss: nn.Module, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Metric + cross-entropy on the new images; also returns the embeddings and logits."""
+        embeddings, logits = model(images)
+        terms = dict(loss(embeddings, labels))
+        terms["ce"] = self._ce(logits, labels)
+        terms["loss"] = self.settings.metric_weight * terms["metric"] + self.settings.ce_weight * terms["ce"]
+        return terms, embeddings, logits
+
+    def training_step(
+        self, *, model: nn.Module, loss: nn.Module, images: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        terms, _, _ = self.base_terms(model=model, loss=loss, images=images, labels=labels)
+        return terms
+
+    def _teacher_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.teacher is None:
+            raise RuntimeError("this task has no teacher (it is the first task)")
+        with torch.no_grad():
+            embeddings, logits = self.teacher(images)
+        return embeddings, logits
+
+
+class IncrementalFineTune(IncrementalMethod):
+    """Lower bound: the previous model fine-tuned on each new task alone."""
+
+    name = "incremental_finetune"
+
+
+class IncrementalJoint(IncrementalMethod):
+    """Upper bound: each task trains on the images of every task so far."""
+
+    name = "incremental_joint"
+    reads_old_tasks = True
+
+    def training_data(self, tasks: Sequence[TaskData], task: int) -> ImageDataset:
+        from retrieval.data.tasks import union
+
+        return union([tasks[position].train for position in range(task + 1)])
+
+
+class LearningWithoutForgetting(IncrementalMethod):
+    """LwF: KD on the old classes' probabilities of the previous model, for the new images."""
+
+    name = "lwf"
+
+    def training_step(
+        self, *, model: nn.Module, loss: nn.Module, images: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        terms, _, logits = self.base_terms(model=model, loss=loss, images=images, labels=labels)
+        carry = self._require_carry()
+        if self.teacher is not None and carry.old_classes > 0:
+            settings = self.spec.method
+            assert isinstance(settings, LwfSpec)
+            _, teacher_logits = self._teacher_outputs(images)
+            old = carry.old_classes
+            terms["kd"] = knowledge_distillation(
+                logits[:, :old], teacher_logits[:, :old], temperature=settings.kd_temperature
+            )
+            terms["loss"] = terms["loss"] + settings.kd_weight * terms["kd"]
+        return terms
+
+
+class ElasticWeightConsolidation(IncrementalMethod):
+    """EWC: a quadratic penalty per old task, weighted by that task's diagonal Fisher."""
+
+    name = "ewc"
+
+    def begin_task(self, *, model: nn.Module, carry: TaskCarry, phase: Phase, device: torch.device) -> None:
+        super().begin_task(model=model, carry=carry, phase=phase, device=device)
+        self._penalties = [
+            (
+                {name: tensor.to(device) for name, tensor in fisher.items()},
+                {name: tensor.to(device) for name, tensor in anchor.items()},
+            )
+            for fisher, anchor in carry.fisher
+        ]
+        # EWC needs no teacher network: free it.
+        self.teacher = None
+
+    def training_step(
+        self, *, model: nn.Module, loss: nn.Module, images: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        terms, _, _ = self.base_terms(model=model, loss=loss, images=images, labels=labels)
+        if self._penalties:
+            settings = self.spec.method
+            assert isinstance(settings, EwcSpec)
+            penalty = sum(
+                (ewc_penalty(model, fisher=fisher, anchor=anchor) for fisher, anchor in self._penalties),
+                torch.zeros((), device=images.device),
+            )
+            terms["ewc"] = penalty
+            terms["loss"] = terms["loss"] + settings.ewc_weight / 2.0 * penalty
+        return terms
+
+    def finish_task(
+        self, *, model: nn.Module, carry: TaskCarry, task_data: TaskData, device: torch.device
+    ) -> TaskCarry:
+        settings = self.spec.method
+        assert isinstance(settings, EwcSpec)
+        loss = self.build_loss().to(device)
+        self.carry = carry
+        self.phase = "student"
+
+        def objective(network: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            terms, _, _ = self.base_terms(model=network, loss=loss, images=images, labels=labels)
+            return terms["loss"]
+
+        fisher = fisher_diagonal(model, _task_batches(task_data, settings.fisher_batches, self.spec, device), objective)
+        anchor = {name: parameter.detach().clone() for name, parameter in model.named_parameters() if name in fisher}
+        following = super().finish_task(model=model, carry=carry, task_data=task_data, device=device)
+        following.fisher = [
+            *carry.fisher,
+            (
+                {name: tensor.cpu() for name, tensor in fisher.items()},
+                {name: tensor.cpu() for name, tensor in anchor.items()},
+            ),
+        ]
+        return following
+
+
+class IncrementalKdMmd(IncrementalMethod):
+    """Thesis ch. 5: KD on the old classifier's probabilities + multi-kernel MMD on embeddings."""
+
+    name = "incremental_kd_mmd"
+
+    def training_step(
+        self, *, model: nn.Module, loss: nn.Module, images: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        terms, embeddings, logits = self.base_terms(model=model, loss=loss, images=images, labels=labels)
+        carry = self._require_carry()
+        if self.teacher is not None:
+            settings = self.spec.method
+            assert isinstance(settings, IncrementalKdMmdSpec)
+            teacher_embeddings, teacher_logits = self._teacher_outputs(images)
+            old = carry.old_classes
+            terms["kd"] = knowledge_distillation(
+                logits[:, :old], teacher_logits[:, :old], temperature=settings.kd_temperature
+            )
+            terms["mmd"] = multi_kernel_mmd(
+                embeddings, teacher_embeddings, kernels=settings.mmd_kernels, multiplier=settings.mmd_multiplier
+            )
+            terms["loss"] = terms["loss"] + settings.kd_weight * terms["kd"] + settings.mmd_weight * terms["mmd"]
+        return terms
+
+
+class FeatureEstimation(IncrementalMethod):
+    """Thesis ch. 6: correlation distillation from the penultimate model and estimated older models."""
+
+    name = "feature_estimation"
+
+    def begin_task(self, *, model: nn.Module, carry: TaskCarry, phase: Phase, device: torch.device) -> None:
+        super().begin_task(model=model, carry=carry, phase=phase, device=device)
+        settings = self.spec.method
+        assert isinstance(settings, FeatureEstimationSpec)
+        # Older models j = 0..task-2 are estimated with the drift recorded when task j+1 finished.
+        older = [carry.drift[j + 1] for j in range(carry.task - 1) if j + 1 in carry.drift]
+        self._older = older
+        self._older_weights = descending_weights(len(older), gamma=settings.estimation_gamma)
+        self._generator = torch.Generator(device="cpu").manual_seed(self.spec.train.seed + carry.task)
+
+    def training_step(
+        self, *, model: nn.Module, loss: nn.Module, images: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        terms, embeddings, _ = self.base_terms(model=model, loss=loss, images=images, labels=labels)
+        if self.teacher is not None:
+            settings = self.spec.method
+            assert isinstance(settings, FeatureEstimationSpec)
+            temperature = settings.correlation_temperature
+            teacher_embeddings, _ = self._teacher_outputs(images)
+            terms["corr"] = correlation_distillation(embeddings, teacher_embeddings, temperature=temperature)
+            distilled = terms["corr"]
+            if self._older:
+                estimated = torch.zeros((), device=images.device)
+                for weight, stats in zip(self._older_weights, self._older, strict=True):
+                    older_features = estimate_features(
+                        teacher_embeddings, stats, scale=settings.estimation_scale, generator=self._generator
+                    )
+                    estimated = estimated + weight * correlation_distillation(
+                        embeddings, older_features, temperature=temperature
+                    )
+                terms["corr_estimated"] = estimated
+                distilled = distilled + estimated
+            terms["loss"] = terms["loss"] + settings.correlation_weight * distilled
+        return terms
+
+    def finish_task(
+        self, *, model: nn.Module, carry: TaskCarry, task_data: TaskData, device: torch.device
+    ) -> TaskCarry:
+        following = super().finish_task(model=model, carry=carry, task_data=task_data, device=device)
+        if carry.previous_state is None:
+            return following
+        settings = self.spec.method
+        assert isinstance(settings, FeatureEstimationSpec)
+        previous = _frozen(self.build_model())
+        previous.load_state_dict(carry.previous_state)
+        previous.to(device)
+        was_training = model.training
+        model.eval()
+        before, after = [], []
+        with torch.no_grad():
+            for images, _ in _task_batches(task_data, None, self.spec, device, augment=False):
+                before.append(network(previous).embedding(images).cpu().numpy())
+                after.append(network(model).embedding(images).cpu().numpy())
+        model.train(was_training)
+        stats = drift_statistics(
+            np.concatenate(before),
+            np.concatenate(after),
+            low_quantile=settings.drift_low_quantile,
+            high_quantile=settings.drift_high_quantile,
+        )
+        following.drift = {**carry.drift, carry.task: stats}
+        return following
+
+
+class DualDistillation(IncrementalMethod):
+    """Thesis ch. 7: old and new professional teachers, a self-motivated student, synthesised replay."""
+
+    name = "dual_distillation"
+
+    def phases(self, task: int) -> list[Phase]:
+        return ["student"] if task == 0 else ["specialist", "student"]
+
+    def begin_task(self, *, model: nn.Module, carry: TaskCarry, phase: Phase, device: torch.device) -> None:
+        super().begin_task(model=model, carry=carry, phase=phase, device=device)
+        self.new_teacher: nn.Module | None = None
+        self._replay: tuple[torch.Tensor, torch.Tensor] | None = None
+        if phase == "student" and carry.specialist_state is not None:
+            new_teacher = self.build_model()
+            new_teacher.load_state_dict(carry.specialist_state)
+            self.new_teacher = _frozen(new_teacher.to(device))
+        if phase == "student" and carry.replay_images is not None and carry.replay_labels is not None:
+            self._replay = (carry.replay_images.to(device), carry.replay_labels.to(device))
+        self._generator = torch.Generator(device="cpu").manual_seed(self.spec.train.seed + 7919 * carry.task)
+
+    def _replay_batch(self, size: int) -> torch.Tensor | None:
+        if self._replay is None:
+            return None
+        images, _ = self._replay
+        chosen = torch.randperm(images.shape[0], generator=self._generator)[:size]
+        return images[chosen.to(images.device)]
+
+    def training_step(
+        self, *, model: nn.Module, loss: nn.Module, images: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        replay = None if self.phase == "specialist" or self.teacher is None else self._replay_batch(images.shape[0])
+        if replay is None:
+            terms, embeddings, _ = self.base_terms(model=model, loss=loss, images=images, labels=labels)
+        else:
+            # One forward over new and replay images: DDP expects one forward per backward.
+            all_embeddings, all_logits = model(torch.cat([images, replay]))
+            embeddings, student_replay = all_embeddings[: len(images)], all_embeddings[len(images) :]
+            terms = dict(loss(embeddings, labels))
+            terms["ce"] = self._ce(all_logits[: len(images)], labels)
+            terms["loss"] = self.settings.metric_weight * terms["metric"] + self.settings.ce_weight * terms["ce"]
+        if self.phase == "specialist" or self.teacher is None:
+            return terms
+        settings = self.spec.method
+        assert isinstance(settings, DualDistillationSpec)
+        temperature = settings.correlation_temperature
+        old_embeddings, _ = self._teacher_outputs(images)
+        terms["corr_old"] = correlation_distillation(embeddings, old_embeddings, temperature=temperature)
+        if replay is not None:
+            teacher_replay, _ = self._teacher_outputs(replay)
+            terms["corr_replay"] = correlation_distillation(student_replay, teacher_replay, temperature=temperature)
+        old_total = terms["corr_old"] + terms.get("corr_replay", torch.zeros((), device=images.device))
+        terms["loss"] = terms["loss"] + settings.old_teacher_weight * old_total
+        if self.new_teacher is not None:
+            with torch.no_grad():
+                new_embeddings, _ = self.new_teacher(images)
+            terms["corr_new"] = correlation_distillation(embeddings, new_embeddings, temperature=temperature)
+            terms["loss"] = terms["loss"] + settings.new_teacher_weight * terms["corr_new"]
+        return terms
+
+    def finish_specialist(self, *, model: nn.Module, carry: TaskCarry) -> TaskCarry:
+        """The carry of the student phase: the same, plus the specialist (new teacher) just trained."""
+        state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+        return TaskCarry(
+            task=carry.task,
+            classes=carry.classes,
+            previous_state=carry.previous_state,
+            fisher=carry.fisher,
+            drift=carry.drift,
+            specialist_state=state,
+            replay_images=carry.replay_images,
+            replay_labels=carry.replay_labels,
+        )
+
+    def finish_task(
+        self, *, model: nn.Module, carry: TaskCarry, task_data: TaskData, device: torch.device
+    ) -> TaskCarry:
+        """Synthesise replay images of this task's classes from the trained model (the next old teacher)."""
+        following = super().finish_task(model=model, carry=carry, task_data=task_data, device=device)
+        settings = self.spec.method
+        assert isinstance(settings, DualDistillationSpec)
+        synthesis = settings.synthesis
+        targets = torch.tensor(
+            [class_id for class_id in task_data.classes for _ in range(synthesis.images_per_class)], dtype=torch.int64
+        )
+        teacher = network(copy.deepcopy(model).to(device))
+        images = synthesize_images(
+            teacher,
+            lambda batch: teacher(batch)[1],
+            targets=targets.to(device),
+            image_size=self.spec.dataset.image_size,
+            iterations=synthesis.iterations,
+            lr=synthesis.lr,
+            first_bn_multiplier=synthesis.first_bn_multiplier,
+            bn_weight=synthesis.bn_weight,
+            ce_weight=synthesis.ce_weight,
+            tv_weight=synthesis.tv_weight,
+            l2_weight=synthesis.l2_weight,
+            batch_size=synthesis.batch_size,
+            seed=self.spec.train.seed + carry.task,
+            device=device,
+            mean=self.spec.dataset.mean,
+            std=self.spec.dataset.std,
+        ).cpu()
+        if carry.replay_images is not None and carry.replay_labels is not None:
+            following.replay_images = torch.cat([carry.replay_images, images])
+            following.replay_labels = torch.cat([carry.replay_labels, targets])
+        else:
+            following.replay_images, following.replay_labels = images, targets
+        return following
+
+
+def _task_batches(
+    task_data: TaskData,
+    limit: int | None,
+    spec: JobSpec,
+    device: torch.device,
+    *,
+    augment: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches `(images [B, 3, S, S], labels [B])` of a finished task's training images, in order."""
+    dataset = task_data.train if augment else task_data.train.with_transform(task_data.test.transform)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=spec.train.classes_per_batch * spec.train.samples_per_class
+    )
+    for position, (images, labels, _) in enumerate(loader):
+        if limit is not None and position >= limit:
+            return
+        yield images.to(device), labels.to(device)

@@ -1,0 +1,265 @@
+"""Incremental methods in one process: task data, the carry between tasks, each method's loss terms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.config import JobSpec
+from retrieval.data.tasks import TaskData, build_task_sequence
+from retrieval.errors import DatasetError
+from retrieval.methods import build_method, load_model_package, save_model_package
+from retrieval.methods.incremental import IncrementalMethod, TaskCarry, network
+from retrieval.train.worker import begin_task, training_loader
+
+EXTRA_TERMS_AT_TASK_1 = {
+    "incremental_finetune": set(),
+    "incremental_joint": set(),
+    "lwf": {"kd"},
+    "ewc": {"ewc"},
+    "incremental_kd_mmd": {"kd", "mmd"},
+    "feature_estimation": {"corr"},
+    "dual_distillation": {"corr_old", "corr_replay", "corr_new"},
+}
+
+
+def job(method: str, tasks: list[dict[str, Any]], **method_settings: Any) -> JobSpec:
+    settings: dict[str, Any] = {"name": method, **method_settings}
+    if method == "dual_distillation":
+        settings.setdefault("synthesis", {"iterations": 2, "images_per_class": 1, "batch_size": 8})
+    if method == "ewc":
+        settings.setdefault("fisher_batches", 1)
+    return JobSpec.model_validate(
+        {
+            "name": f"test-{method}",
+            "method": settings,
+            "dataset": {"name": "digits", "image_size": 32},
+            "model": {"backbone": "resnet18", "embedding_dim": 16},
+            "train": {"classes_per_batch": 2, "samples_per_class": 4, "seed": 3},
+            "incremental": {"tasks": tasks, "test_fraction": 0.3},
+        }
+    )
+
+
+TWO_TASKS = [{"classes": "0-4"}, {"classes": "5-9"}]
+THREE_TASKS = [{"classes": "0-1"}, {"classes": "2-3"}, {"classes": "4-5"}]
+
+
+def first_batch(
+    method: IncrementalMethod, tasks: list[TaskData], index: int, spec: JobSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    loader, sampler = training_loader(
+        method.training_data(tasks, index),
+        training_labels=None,
+        classes_per_batch=2,
+        spec=spec,
+        num_replicas=1,
+        rank=0,
+    )
+    sampler.set_epoch(0)
+    images, labels, _ = next(iter(loader))
+    return images, labels
+
+
+def train_task(
+    method: IncrementalMethod, spec: JobSpec, tasks: list[TaskData], carry: TaskCarry
+) -> tuple[torch.nn.Module, TaskCarry, dict[str, dict[str, torch.Tensor]]]:
+    """Every phase of one task for two optimiser steps; the trained model, the next carry, the terms per phase."""
+    index = carry.task
+    terms_by_phase = {}
+    model = method.build_model()
+    for phase in method.phases(index):
+        model = method.build_model()
+        begin_task(
+            method, model, task={"index": index, "phase": phase}, carry=carry, spec=spec, device=torch.device("cpu")
+        )
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        loss = method.build_loss()
+        model.train()
+        for _ in range(2):
+            images, labels = first_batch(method, tasks, index, spec)
+            terms = method.training_step(model=model, loss=loss, images=images, labels=labels)
+            optimizer.zero_grad()
+            terms["loss"].backward()
+            optimizer.step()
+        terms_by_phase[phase] = terms
+        if phase == "specialist":
+            carry = method.finish_specialist(model=model, carry=carry)  # type: ignore[attr-defined]
+    following = method.finish_task(model=model, carry=carry, task_data=tasks[index], device=torch.device("cpu"))
+    return model, following, terms_by_phase
+
+
+@pytest.mark.parametrize("name", sorted(EXTRA_TERMS_AT_TASK_1))
+def test_each_method_trains_two_tasks_with_its_own_terms(name: str) -> None:
+    torch.manual_seed(0)
+    spec = job(name, TWO_TASKS)
+    method = build_method(spec)
+    assert isinstance(method, IncrementalMethod)
+    tasks = build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)  # type: ignore[arg-type]
+
+    first, carry, terms = train_task(method, spec, tasks, TaskCarry(task=0, classes=tasks[0].classes))
+    assert set(terms["student"]) == {"loss", "metric", "ce"}
+    assert network(first).classifier.num_classes == 5
+    assert carry.task == 1 and carry.previous_state is not None
+
+    carry.classes = tasks[1].classes
+    second, _, terms = train_task(method, spec, tasks, carry)
+    student_terms = terms["student"]
+    assert set(student_terms) == {"loss", "metric", "ce"} | EXTRA_TERMS_AT_TASK_1[name]
+    assert all(torch.isfinite(value) for value in student_terms.values())
+    # The classifier grew to 10 classes and started from the first task's rows.
+    assert network(second).classifier.num_classes == 10
+    if name == "dual_distillation":
+        assert set(terms["specialist"]) == {"loss", "metric", "ce"}
+
+
+def test_the_classifier_keeps_old_rows_when_it_grows() -> None:
+    spec = job("lwf", TWO_TASKS)
+    method = build_method(spec)
+    assert isinstance(method, IncrementalMethod)
+    tasks = build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)  # type: ignore[arg-type]
+    first = method.build_model()
+    network(first).classifier.grow(5)
+    carry = TaskCarry(task=1, classes=tasks[1].classes, previous_state=first.state_dict())
+    student = method.build_model()
+    method.begin_task(model=student, carry=carry, phase="student", device=torch.device("cpu"))
+    old_rows = network(first).classifier.weight.detach()
+    assert torch.equal(network(student).classifier.weight.detach()[:5], old_rows)
+    assert network(student).classifier.num_classes == 10
+    # The teacher is frozen and kept apart from the student.
+    assert method.teacher is not None and not any(p.requires_grad for p in method.teacher.parameters())
+
+
+def test_feature_estimation_distils_estimated_older_models_from_the_third_task() -> None:
+    torch.manual_seed(0)
+    spec = job("feature_estimation", THREE_TASKS)
+    method = build_method(spec)
+    assert isinstance(method, IncrementalMethod)
+    tasks = build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)  # type: ignore[arg-type]
+    carry = TaskCarry(task=0, classes=tasks[0].classes)
+    for index in range(3):
+        carry.classes = tasks[index].classes
+        _, carry, terms = train_task(method, spec, tasks, carry)
+        if index == 1:
+            # Task 1 finished: the drift between models 0 and 1 is recorded, a few KB, no images.
+            assert set(carry.drift) == {1}
+            assert carry.drift[1].low.shape == (16,)
+    assert "corr_estimated" in terms["student"]
+    assert carry.previous_state is not None and carry.replay_images is None
+
+
+def test_ewc_keeps_one_fisher_per_finished_task() -> None:
+    torch.manual_seed(0)
+    spec = job("ewc", THREE_TASKS)
+    method = build_method(spec)
+    assert isinstance(method, IncrementalMethod)
+    tasks = build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)  # type: ignore[arg-type]
+    carry = TaskCarry(task=0, classes=tasks[0].classes)
+    for index in range(2):
+        carry.classes = tasks[index].classes
+        _, carry, _ = train_task(method, spec, tasks, carry)
+    assert len(carry.fisher) == 2
+    fisher, anchor = carry.fisher[1]
+    assert set(fisher) == set(anchor) and all(value.min() >= 0 for value in fisher.values())
+
+
+def test_dual_distillation_replays_synthesised_images_of_every_old_class() -> None:
+    torch.manual_seed(0)
+    spec = job("dual_distillation", THREE_TASKS)
+    method = build_method(spec)
+    assert isinstance(method, IncrementalMethod)
+    tasks = build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)  # type: ignore[arg-type]
+    carry = TaskCarry(task=0, classes=tasks[0].classes)
+    for index in range(2):
+        carry.classes = tasks[index].classes
+        _, carry, _ = train_task(method, spec, tasks, carry)
+    assert carry.replay_images is not None and carry.replay_labels is not None
+    assert carry.replay_images.shape == (4, 3, 32, 32)
+    assert carry.replay_labels.tolist() == [0, 1, 2, 3]
+    # The specialist of a task is not carried into the next one.
+    assert carry.specialist_state is None
+
+
+@pytest.mark.parametrize(
+    "name", ["incremental_finetune", "lwf", "incremental_kd_mmd", "dual_distillation", "incremental_joint"]
+)
+def test_a_task_loader_never_yields_an_image_of_another_task(name: str) -> None:
+    spec = job(name, THREE_TASKS)
+    method = build_method(spec)
+    assert isinstance(method, IncrementalMethod)
+    tasks = build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)  # type: ignore[arg-type]
+    for index, task in enumerate(tasks):
+        allowed = tasks[: index + 1] if method.reads_old_tasks else [task]
+        allowed_sources = {item.train.source(position) for item in allowed for position in range(len(item.train))}
+        allowed_classes = {class_id for item in allowed for class_id in item.classes}
+        data = method.training_data(tasks, index)
+        for rank in range(2):
+            loader, sampler = training_loader(
+                data, training_labels=None, classes_per_batch=2, spec=spec, num_replicas=2, rank=rank
+            )
+            for epoch in range(2):
+                sampler.set_epoch(epoch)
+                for _, labels, positions in loader:
+                    assert set(labels.tolist()) <= allowed_classes
+                    assert {data.source(int(position)) for position in positions} <= allowed_sources
+    if not method.reads_old_tasks:
+        # And the images of task 2 are not among those of tasks 0 and 1 (sources are distinct images).
+        assert not {tasks[2].train.source(p) for p in range(len(tasks[2].train))} & {
+            tasks[0].train.source(p) for p in range(len(tasks[0].train))
+        }
+
+
+def test_task_splits_are_fixed_and_class_ids_follow_task_order() -> None:
+    spec = job("lwf", [{"classes": "5-9"}, {"classes": [0, 1]}])
+    tasks = build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)  # type: ignore[arg-type]
+    assert tasks[0].classes == (0, 1, 2, 3, 4) and tasks[1].classes == (5, 6)
+    # Sequence class 0 is digit 5.
+    assert tasks[0].train.class_names[0] == "5" and tasks[1].train.class_names[5] == "0"
+    again = build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)  # type: ignore[arg-type]
+    assert [again[1].test.source(p) for p in range(len(again[1].test))] == [
+        tasks[1].test.source(p) for p in range(len(tasks[1].test))
+    ]
+    train_sources = {tasks[0].train.source(p) for p in range(len(tasks[0].train))}
+    assert not train_sources & {tasks[0].test.source(p) for p in range(len(tasks[0].test))}
+    # 30% of each class is held out for testing (digit 5 has 182 images).
+    test_fives = int(np.sum(tasks[0].test.labels == 0))
+    assert test_fives == 182 - round(0.7 * 182)
+
+
+def test_bad_task_sequences_are_refused_with_the_task_named() -> None:
+    spec = job("lwf", [{"classes": "0-4"}, {"classes": "4-6"}])
+    with pytest.raises(DatasetError, match=r"tasks\[1\] repeats class id\(s\) \[4\]"):
+        build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)  # type: ignore[arg-type]
+    spec = job("lwf", [{"classes": "0-4"}, {"classes": "8-12"}])
+    with pytest.raises(DatasetError, match=r"tasks\[1\]\.classes names class id\(s\) \[10, 11, 12\]"):
+        build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)  # type: ignore[arg-type]
+
+
+def test_incremental_methods_need_a_sequence_and_others_refuse_one() -> None:
+    with pytest.raises(ValueError, match="'ewc' is incremental and needs an 'incremental' section"):
+        JobSpec.model_validate({"name": "x", "method": {"name": "ewc"}})
+    with pytest.raises(ValueError, match="'deep_metric' trains one task"):
+        JobSpec.model_validate(
+            {"name": "x", "method": {"name": "deep_metric"}, "incremental": {"tasks": [{"classes": "0-4"}]}}
+        )
+
+
+def test_a_grown_model_round_trips_through_a_model_package(tmp_path: Path) -> None:
+    spec = job("incremental_kd_mmd", TWO_TASKS)
+    method = build_method(spec)
+    model = method.build_model()
+    network(model).classifier.grow(10)
+    folder = save_model_package(tmp_path / "package", spec=spec, state_dict=model.state_dict())
+    package = load_model_package(folder)
+    assert network(package.model).classifier.num_classes == 10
+    images = torch.randn(3, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        expected = method.embed(model, images)
+        actual = package.method.embed(package.model, images)
+    torch.testing.assert_close(actual, expected)
+    assert package.dim == 16
