@@ -794,7 +794,13 @@ class SweepSpec(StrictModel):
 
 
 def sweep_metric_names(job: JobSpec) -> list[str]:
-    """Metrics every epoch of a trial reports on the held-out split, usable as a sweep's `metric`."""
+    """Metrics every epoch of a trial reports on the held-out split, usable as a sweep's `metric`.
+
+    A trial of an incremental job reports once per task: the means over the tasks seen so far
+    and the mean forgetting of the old tasks (0 after the first task).
+    """
+    if job.incremental is not None:
+        return [f"seen_mean/recall@{k}" for k in job.evaluation.recall_ks] + ["seen_mean/map@r", "forgetting/mean"]
     return [f"recall@{k}" for k in job.evaluation.recall_ks] + ["map@r", "train/loss"]
 
 

@@ -7,6 +7,10 @@ Example Serve config (see ``serve/digits.yaml``)::
         route_prefix: /
         import_path: retrieval.serving.app:build_app
         args: {index: indices/digits, tracking_uri: sqlite:///mlflow.db}
+        runtime_env: {env_vars: {RETRIEVAL_ADMIN_TOKEN: "<a long random token>"}}
+
+The admin token (for ``POST /admin/swap``, the rolling swap) is read by the ingress replicas
+from the environment variable ``admin_token_env`` names; without it the admin routes answer 403.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from ray import serve
 from retrieval.config import ServingSpec
 from retrieval.index.manifest import MANIFEST_FILE, read_manifest
 from retrieval.index.object_store import is_s3_uri, local_index_path, pin_index_version
-from retrieval.serving.deployments import EmbedderDeployment, SearchIngress, ShardDeployment
+from retrieval.serving.deployments import EmbedderDeployment, SearchIngress, ShardDeployment, new_swap_state_name
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +34,9 @@ logger = logging.getLogger(__name__)
 INGRESS_NUM_CPUS = 0.0
 
 
-def build_app(args: Mapping[str, Any]) -> serve.Application:
+def build_app(
+    args: Mapping[str, Any], *, ingress_env: Mapping[str, str] | None = None, state_name: str | None = None
+) -> serve.Application:
     """Build the search application from a Serve config's ``args`` (a `ServingSpec`).
 
     The index is resolved once, here: every deployment is given the absolute path of the
@@ -39,9 +45,18 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
     that is the version's ``s3://.../<version>/manifest.json``; each replica downloads what it
     needs into its node's cache (`retrieval.index.object_store.fetch_index`).
 
+    That version is only the first one: a rolling swap (``POST /admin/swap``) moves every
+    deployment to another version through the application's swap-state actor, and replicas
+    started later come up on whatever version is active then (see `retrieval.serving.swap`).
+
     Args:
         args: the `ServingSpec` fields, e.g. ``{"index": "indices/digits"}`` or
             ``{"index": "s3://bucket/indices/digits", "endpoint_url": "http://minio:9000"}``.
+        ingress_env: environment variables for the ingress replicas only, e.g. the admin
+            token when the app is run from Python (a Serve config sets ``runtime_env`` instead).
+        state_name: the name of the swap-state actor (default a fresh one); pass one to
+            remove it with `retrieval.serving.deployments.delete_swap_state` after
+            ``serve.delete``.
 
     Returns:
         The application: ``Shard0..ShardN-1``, ``Embedder`` and the ``SearchIngress``.
@@ -60,20 +75,21 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
         manifest, version_dir = read_manifest(spec.index)
         pinned_index = str((Path(version_dir) / MANIFEST_FILE).resolve())
     pinned = spec.model_copy(update={"index": pinned_index})
+    state = state_name or new_swap_state_name()
     # mypy does not apply class decorators, so it sees the plain classes without `.options`.
     shards = [
         ShardDeployment.options(  # type: ignore[attr-defined]
             name=f"Shard{info.shard}",
             num_replicas=spec.shard_replicas,
             ray_actor_options={"num_cpus": spec.shard_num_cpus},
-        ).bind(spec=pinned, shard=info.shard)
+        ).bind(spec=pinned, shard=info.shard, state_name=state)
         for info in manifest.shards
     ]
     embedder = EmbedderDeployment.options(  # type: ignore[attr-defined]
         name="Embedder",
         num_replicas=spec.embedder_replicas,
         ray_actor_options={"num_cpus": spec.embedder_num_cpus},
-    ).bind(spec=pinned)
+    ).bind(spec=pinned, state_name=state)
     logger.info(
         "serving index %s (%d shards, model %s) from %s",
         manifest.index_version,
@@ -81,6 +97,9 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
         manifest.model.uri,
         version_dir,
     )
+    ingress_options: dict[str, Any] = {"num_cpus": INGRESS_NUM_CPUS}
+    if ingress_env:
+        ingress_options["runtime_env"] = {"env_vars": dict(ingress_env)}
     return SearchIngress.options(  # type: ignore[attr-defined]
-        ray_actor_options={"num_cpus": INGRESS_NUM_CPUS}
-    ).bind(spec=pinned, shards=shards, embedder=embedder)
+        ray_actor_options=ingress_options
+    ).bind(spec=pinned, shards=shards, embedder=embedder, state_name=state)

@@ -27,3 +27,19 @@ class NotAnImageError(BadRequestError):
 
 class PayloadTooLargeError(BadRequestError):
     """An upload is bigger than the serving spec's `max_upload_bytes` (413)."""
+
+
+class BadIndexReferenceError(BadRequestError):
+    """A swap request names an index version or manifest that does not exist or is malformed (422)."""
+
+
+class SwapInProgressError(RetrievalError):
+    """A swap was requested while another one runs; one at a time (409)."""
+
+
+class SwapFailedError(RetrievalError):
+    """A swap was refused or aborted; the previous version keeps serving (409). The message says why."""
+
+
+class MemoryBudgetError(RetrievalError):
+    """A replica was asked to load a shard that would not fit in its memory budget."""

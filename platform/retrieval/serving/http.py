@@ -8,6 +8,13 @@ Endpoints::
     GET  /items/{id}      the stored metadata of one gallery item
     GET  /healthz         {"status": "ok"}
     GET  /version         {"model": {...}, "index_version": str, "manifest": {...}}
+    POST /admin/swap      JSON {"index": "<version name under the served root> | <manifest path or s3:// URI>"}
+                          -> {"from", "to", "model", "duration_s", "replicas"}   (rolling swap)
+    GET  /admin/status    {"active", "model", "prepared", "retiring", "epoch", "replicas": {...}}
+
+The admin routes need ``Authorization: Bearer <token>``, the token being the value of the
+environment variable ``ServingSpec.admin_token_env`` (default ``RETRIEVAL_ADMIN_TOKEN``) on the
+ingress replica, read per request; when that variable is unset or empty they are disabled.
 
 Every search reply is ``{"model": {"name", "version", "uri"}, "index_version", "k",
 "results": [{"id", "score", <item fields, e.g. label, source>}, ...]}``.
@@ -24,37 +31,51 @@ Every error reply is ``{"error": {"type": str, "message": str}}`` (ARCHITECTURE 
     404 not_found           unknown gallery id, or unknown route
     405 method_not_allowed  a known route with the wrong method
     503 version_unavailable no replica holds the pinned index version (retry later)
+    401 unauthorized        admin route without a bearer token, or with a wrong one
+    403 forbidden           admin routes are disabled (no token configured on the server)
+    409 swap_in_progress    another swap is running
+    409 swap_failed         the swap was refused or aborted (the reason); the old version serves on
+    422 bad_index_reference the swap names no readable index version / manifest
     500 internal_error      anything else (a bug); the replica keeps serving
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
+import os
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retrieval import __version__
 from retrieval.errors import BadRequestError, RetrievalError
 from retrieval.serving.errors import (
+    BadIndexReferenceError,
     ItemNotFoundError,
     NotAnImageError,
     PayloadTooLargeError,
+    SwapFailedError,
+    SwapInProgressError,
     VersionNotLoadedError,
     VersionUnavailableError,
 )
 from retrieval.serving.service import SearchService
+from retrieval.serving.swap import SwapAdmin
 
 logger = logging.getLogger(__name__)
 
 # Most specific first: the first matching class decides the status and the type.
 _ERROR_STATUS: list[tuple[type[RetrievalError], int, str]] = [
     (ItemNotFoundError, 404, "not_found"),
+    (BadIndexReferenceError, 422, "bad_index_reference"),
+    (SwapInProgressError, 409, "swap_in_progress"),
+    (SwapFailedError, 409, "swap_failed"),
     (PayloadTooLargeError, 413, "payload_too_large"),
     (NotAnImageError, 400, "not_an_image"),
     (BadRequestError, 400, "bad_request"),
@@ -75,6 +96,14 @@ class VectorQuery(BaseModel):
 
     vector: list[float]
     k: int | None = None
+
+
+class SwapRequest(BaseModel):
+    """Body of ``POST /admin/swap``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: str
 
 
 class IdQuery(BaseModel):
@@ -157,11 +186,30 @@ async def _read_upload(request: Request, *, max_bytes: int) -> tuple[bytes, int 
     return data, int(raw_k)
 
 
-def build_http_api(service: SearchService) -> FastAPI:
+def _admin_refusal(request: Request, *, token_env: str, admin: SwapAdmin | None) -> JSONResponse | None:
+    """The 401/403 reply for an admin request that may not proceed, or None when it may."""
+    expected = os.environ.get(token_env, "")
+    if admin is None or not expected:
+        return error_response(
+            403, "forbidden", f"admin endpoints are disabled: set {token_env} in the ingress replicas' environment"
+        )
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        reply = error_response(401, "unauthorized", "admin endpoints need an 'Authorization: Bearer <token>' header")
+    elif not hmac.compare_digest(given.strip().encode(), expected.encode()):
+        reply = error_response(401, "unauthorized", "the admin token is not valid")
+    else:
+        return None
+    reply.headers["WWW-Authenticate"] = "Bearer"
+    return reply
+
+
+def build_http_api(service: SearchService, admin: SwapAdmin | None = None) -> FastAPI:
     """The FastAPI app that serves ``service`` (see the module docstring for the routes).
 
     Args:
-        service: the search logic, pinned to one index version.
+        service: the search logic; each request is answered by its active version.
+        admin: the swap controller behind ``/admin/*``; None disables those routes (403).
 
     Returns:
         A FastAPI app; in Serve it is the ingress deployment's ASGI app.
@@ -193,5 +241,27 @@ def build_http_api(service: SearchService) -> FastAPI:
     @api.get("/version")
     async def version() -> dict[str, Any]:
         return service.version_info()
+
+    # The token is checked before the body is parsed, so an anonymous caller learns nothing
+    # about the request schema; hence a raw Request, validated by hand.
+    @api.post("/admin/swap", response_model=None)
+    async def admin_swap(request: Request) -> dict[str, Any] | JSONResponse:
+        refusal = _admin_refusal(request, token_env=service.spec.admin_token_env, admin=admin)
+        if refusal is not None or admin is None:
+            return refusal or error_response(403, "forbidden", "admin endpoints are disabled")
+        try:
+            body = SwapRequest.model_validate_json(await request.body())
+        except ValidationError as error:
+            raise RequestValidationError(
+                [{**detail, "loc": ("body", *detail.get("loc", ()))} for detail in error.errors()]
+            ) from None
+        return await admin.swap(body.index)
+
+    @api.get("/admin/status", response_model=None)
+    async def admin_status(request: Request) -> dict[str, Any] | JSONResponse:
+        refusal = _admin_refusal(request, token_env=service.spec.admin_token_env, admin=admin)
+        if refusal is not None or admin is None:
+            return refusal or error_response(403, "forbidden", "admin endpoints are disabled")
+        return await admin.status()
 
     return api

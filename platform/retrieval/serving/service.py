@@ -1,8 +1,12 @@
 """The search logic of the ingress, free of Ray and HTTP so it can be tested in-process.
 
-`SearchService` pins one index version (ARCHITECTURE invariant 1): it passes that version
-with every shard and embedder call and checks it in every shard reply, so an answer never
-mixes embeddings of two model versions. It talks to shards and the embedder through the
+`SearchService` answers each request with one index version (ARCHITECTURE invariant 1): it
+reads its active version into a local once, when the request starts, passes that version with
+every shard and embedder call and checks it in every shard reply, so an answer never mixes
+embeddings of two model versions. A rolling swap (`retrieval.serving.swap`) changes the active
+version with `activate`, one assignment: a request that started before it finishes on the old
+version, one that starts after runs on the new. Requests in flight are counted per version so
+that the old version is freed only once they have drained. It talks to shards and the embedder through the
 small async protocols below; `retrieval.serving.deployments` implements them over Serve
 deployment handles.
 """
@@ -12,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -22,6 +28,7 @@ from retrieval.errors import BadRequestError
 from retrieval.index.manifest import IndexManifest
 from retrieval.index.merge import merge_topk
 from retrieval.serving.errors import ItemNotFoundError, VersionNotLoadedError, VersionUnavailableError
+from retrieval.serving.swap import InFlight
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +57,27 @@ class EmbedderClient(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ActiveVersion:
+    """The version a request is answered with: its manifest and model reference."""
+
+    manifest: IndexManifest
+    model: dict[str, str]
+
+    @property
+    def index_version(self) -> str:
+        return self.manifest.index_version
+
+    @classmethod
+    def of(cls, manifest: IndexManifest) -> ActiveVersion:
+        return cls(manifest=manifest, model=manifest.model.model_dump(include={"name", "version", "uri"}))
+
+
 class SearchService:
     """Validates queries, fans them out to every shard, merges and shapes the replies.
 
     Args:
-        manifest: the manifest of the index version this service answers for.
+        manifest: the manifest of the index version this service answers with at first.
         spec: the serving spec (k limits).
         shards: one client per shard, in manifest order.
         embedder: the embedder client.
@@ -77,13 +100,53 @@ class SearchService:
             )
         if version_attempts < 1:
             raise ValueError(f"version_attempts must be >= 1, got {version_attempts}")
-        self.manifest = manifest
         self.spec = spec
-        self.index_version = manifest.index_version
+        self._active = ActiveVersion.of(manifest)
         self._shards = list(shards)
         self._embedder = embedder
         self._version_attempts = version_attempts
-        self._model = manifest.model.model_dump(include={"name", "version", "uri"})
+        self._in_flight = InFlight()
+
+    @property
+    def active(self) -> ActiveVersion:
+        """The version new requests are answered with."""
+        return self._active
+
+    @property
+    def manifest(self) -> IndexManifest:
+        """The active version's manifest."""
+        return self._active.manifest
+
+    @property
+    def index_version(self) -> str:
+        """The active index version."""
+        return self._active.index_version
+
+    @property
+    def in_flight(self) -> InFlight:
+        """Requests running now, per index version."""
+        return self._in_flight
+
+    def activate(self, manifest: IndexManifest) -> None:
+        """Answer new requests with ``manifest``'s version; requests already running keep theirs.
+
+        Raises:
+            ValueError: the manifest's shard count differs from this service's shard clients.
+        """
+        if len(manifest.shards) != len(self._shards):
+            raise ValueError(
+                f"index {manifest.index_version} has {len(manifest.shards)} shards but this service has "
+                f"{len(self._shards)} shard clients"
+            )
+        # One assignment: every request reads `_active` once, at its start (`_pin`).
+        self._active = ActiveVersion.of(manifest)
+        logger.info("now answering with index %s (model %s)", manifest.index_version, manifest.model.uri)
+
+    @contextmanager
+    def _pin(self) -> Iterator[ActiveVersion]:
+        active = self._active
+        with self._in_flight.hold(active.index_version):
+            yield active
 
     def resolve_k(self, k: int | None) -> int:
         """The k to search with: the spec's default when None, else checked against ``max_k``.
@@ -97,14 +160,19 @@ class SearchService:
             raise BadRequestError(f"k must be between 1 and {self.spec.max_k}, got {k}")
         return k
 
-    def query_vector(self, values: Sequence[float]) -> np.ndarray:
+    def query_vector(self, values: Sequence[float], *, dim: int | None = None) -> np.ndarray:
         """A query vector checked against the index: ``[1, D]`` float32.
+
+        Args:
+            values: the vector.
+            dim: the dimension to expect (default: the active version's).
 
         Raises:
             BadRequestError: wrong length, or NaN / infinite / float32-overflowing values.
         """
-        if len(values) != self.manifest.dim:
-            raise BadRequestError(f"vector has {len(values)} dimensions, the index expects {self.manifest.dim}")
+        dim = self.manifest.dim if dim is None else dim
+        if len(values) != dim:
+            raise BadRequestError(f"vector has {len(values)} dimensions, the index expects {dim}")
         bad = [position for position, value in enumerate(values) if not math.isfinite(value)]
         query = np.asarray(values, dtype=np.float64)
         if not bad:
@@ -120,18 +188,22 @@ class SearchService:
     async def search_vector(self, values: Sequence[float], k: int | None) -> dict[str, Any]:
         """Search by a raw query vector of the index's dimension."""
         resolved_k = self.resolve_k(k)
-        return await self._search(self.query_vector(values), resolved_k, exclude_id=None)
+        with self._pin() as active:
+            query = self.query_vector(values, dim=active.manifest.dim)
+            return await self._search(active, query, resolved_k, exclude_id=None)
 
     async def search_image(self, image_bytes: bytes, k: int | None) -> dict[str, Any]:
         """Embed an encoded image with the index's model version and search with it."""
         resolved_k = self.resolve_k(k)
-        vector = await self._embedder.embed(image_bytes, self.index_version)
-        query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-        if query.shape[1] != self.manifest.dim:
-            raise RuntimeError(
-                f"the embedder returned {query.shape[1]} dimensions, index {self.index_version} has {self.manifest.dim}"
-            )
-        return await self._search(query, resolved_k, exclude_id=None)
+        with self._pin() as active:
+            vector = await self._embedder.embed(image_bytes, active.index_version)
+            query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+            if query.shape[1] != active.manifest.dim:
+                raise RuntimeError(
+                    f"the embedder returned {query.shape[1]} dimensions, index {active.index_version} has "
+                    f"{active.manifest.dim}"
+                )
+            return await self._search(active, query, resolved_k, exclude_id=None)
 
     async def search_id(self, item_id: int, k: int | None) -> dict[str, Any]:
         """Neighbours of a gallery item, excluding the item itself.
@@ -140,12 +212,13 @@ class SearchService:
             ItemNotFoundError: the id is not in the index.
         """
         resolved_k = self.resolve_k(k)
-        shard = self._shard_of(item_id)
-        vector = None if shard is None else await shard.vector(item_id, self.index_version)
-        if vector is None:
-            raise ItemNotFoundError(f"no item with id {item_id} in index {self.index_version}")
-        query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-        return await self._search(query, resolved_k, exclude_id=item_id)
+        with self._pin() as active:
+            shard = self._shard_of(active, item_id)
+            vector = None if shard is None else await shard.vector(item_id, active.index_version)
+            if vector is None:
+                raise ItemNotFoundError(f"no item with id {item_id} in index {active.index_version}")
+            query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+            return await self._search(active, query, resolved_k, exclude_id=item_id)
 
     async def item(self, item_id: int) -> dict[str, Any]:
         """The stored metadata of one gallery item, with the model and index version.
@@ -153,54 +226,54 @@ class SearchService:
         Raises:
             ItemNotFoundError: the id is not in the index.
         """
-        shard = self._shard_of(item_id)
-        found = None if shard is None else await shard.item(item_id, self.index_version)
-        if found is None:
-            raise ItemNotFoundError(f"no item with id {item_id} in index {self.index_version}")
-        return {"model": self._model, "index_version": self.index_version, "item": found}
+        with self._pin() as active:
+            shard = self._shard_of(active, item_id)
+            found = None if shard is None else await shard.item(item_id, active.index_version)
+            if found is None:
+                raise ItemNotFoundError(f"no item with id {item_id} in index {active.index_version}")
+            return {"model": active.model, "index_version": active.index_version, "item": found}
 
     def version_info(self) -> dict[str, Any]:
         """The model, the index version and the whole manifest this service answers with."""
+        manifest = self._active.manifest
         return {
-            "model": self.manifest.model.model_dump(mode="json"),
-            "index_version": self.index_version,
-            "manifest": self.manifest.model_dump(mode="json"),
+            "model": manifest.model.model_dump(mode="json"),
+            "index_version": manifest.index_version,
+            "manifest": manifest.model_dump(mode="json"),
         }
 
-    def _shard_of(self, item_id: int) -> ShardClient | None:
+    def _shard_of(self, active: ActiveVersion, item_id: int) -> ShardClient | None:
         # Shards hold contiguous id ranges, so the manifest alone says where an id can be.
-        for info, client in zip(self.manifest.shards, self._shards, strict=True):
+        for info, client in zip(active.manifest.shards, self._shards, strict=True):
             if info.id_min <= item_id <= info.id_max:
                 return client
         return None
 
-    async def _fan_out(self, queries: np.ndarray, k: int) -> list[dict[str, Any]]:
+    async def _fan_out(self, version: str, queries: np.ndarray, k: int) -> list[dict[str, Any]]:
         for attempt in range(1, self._version_attempts + 1):
             try:
-                replies = await asyncio.gather(
-                    *(shard.search(queries, k, self.index_version) for shard in self._shards)
-                )
+                replies = await asyncio.gather(*(shard.search(queries, k, version) for shard in self._shards))
             except VersionNotLoadedError as error:
                 logger.warning("attempt %d/%d: %s", attempt, self._version_attempts, error)
                 continue
-            wrong = [
-                reply.get("index_version") for reply in replies if reply.get("index_version") != self.index_version
-            ]
+            wrong = [reply.get("index_version") for reply in replies if reply.get("index_version") != version]
             if wrong:
                 # A reply for another version must never be merged: its scores live in another space.
-                logger.error("shards answered for %s instead of %s; retrying", wrong, self.index_version)
+                logger.error("shards answered for %s instead of %s; retrying", wrong, version)
                 continue
             return list(replies)
         raise VersionUnavailableError(
-            f"no replica answered for index version {self.index_version} after {self._version_attempts} attempts"
+            f"no replica answered for index version {version} after {self._version_attempts} attempts"
         )
 
-    async def _search(self, queries: np.ndarray, k: int, *, exclude_id: int | None) -> dict[str, Any]:
+    async def _search(
+        self, active: ActiveVersion, queries: np.ndarray, k: int, *, exclude_id: int | None
+    ) -> dict[str, Any]:
         # One extra neighbour when the query item itself will be dropped from the answer.
         fetch = k + (exclude_id is not None)
-        replies = await self._fan_out(queries, fetch)
+        replies = await self._fan_out(active.index_version, queries, fetch)
         scores, ids = merge_topk(
-            results=[(reply["scores"], reply["ids"]) for reply in replies], k=fetch, metric=self.manifest.metric
+            results=[(reply["scores"], reply["ids"]) for reply in replies], k=fetch, metric=active.manifest.metric
         )
         items: dict[int, dict[str, Any]] = {}
         for reply in replies:
@@ -212,8 +285,8 @@ class SearchService:
             fields = {name: value for name, value in items.get(item_id, {}).items() if name not in ("id", "score")}
             results.append({"id": item_id, "score": score, **fields})
         return {
-            "model": self._model,
-            "index_version": self.index_version,
+            "model": active.model,
+            "index_version": active.index_version,
             "k": k,
             "results": results[:k],
         }

@@ -1,0 +1,123 @@
+"""Ask a running search application to swap its live index (``POST /admin/swap``).
+
+Used by ``retrieval serve swap`` and by the incremental runner after a task's model version
+passes its gate. The swap itself is a rolling swap (`retrieval.serving.swap`): it returns once
+every replica serves the new version and the old one is freed, or fails with the reason while
+the old version keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from retrieval.errors import RetrievalError
+
+logger = logging.getLogger(__name__)
+
+
+class SwapRequestError(RetrievalError):
+    """The application refused or failed a swap, or could not be reached.
+
+    Attributes:
+        status: the HTTP status (None when no reply came back).
+        error_type: the reply's ``error.type`` (e.g. ``swap_failed``, ``unauthorized``).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+
+
+def request_swap(url: str, *, index: str, token: str, timeout_s: float = 300) -> dict[str, Any]:
+    """Swap the application at ``url`` to the index version ``index`` names.
+
+    Args:
+        url: the application's base URL, e.g. ``http://127.0.0.1:8000``.
+        index: an index version name under the served root, or a manifest path / ``s3://`` URI.
+        token: the admin token (the server's ``RETRIEVAL_ADMIN_TOKEN``).
+        timeout_s: how long to wait for the whole swap.
+
+    Returns:
+        The server's summary ``{"from", "to", "model", "duration_s", "replicas"}``.
+
+    Raises:
+        SwapRequestError: a non-2xx reply (the message is the server's error message, with
+            the status and type), or no reply at all.
+    """
+    endpoint = url.rstrip("/") + "/admin/swap"
+    request = urllib.request.Request(
+        endpoint,
+        data=json.dumps({"index": index}).encode("utf-8"),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            summary: dict[str, Any] = json.loads(response.read().decode("utf-8"))
+    except urllib.error.HTTPError as error:
+        body = error.read().decode("utf-8", errors="replace")
+        try:
+            detail = json.loads(body)["error"]
+            message, error_type = str(detail["message"]), str(detail["type"])
+        except (ValueError, KeyError, TypeError):
+            message, error_type = body.strip() or str(error.reason), None
+        raise SwapRequestError(
+            f"swap to {index!r} refused by {endpoint} (HTTP {error.code}{', ' + error_type if error_type else ''}): "
+            f"{message}",
+            status=error.code,
+            error_type=error_type,
+        ) from None
+    except (urllib.error.URLError, OSError) as error:
+        raise SwapRequestError(f"cannot reach {endpoint}: {error}") from None
+    logger.info("swapped %s -> %s in %.2f s", summary.get("from"), summary.get("to"), summary.get("duration_s", 0.0))
+    return summary
+
+
+def resolve_swap_target(target: str, *, index_root: str | None) -> str:
+    """The index reference to send for ``retrieval serve swap --to TARGET``.
+
+    Args:
+        target: an index version name (sent as it is), or ``model:N``: the newest index
+            version under ``index_root`` whose manifest's ``model.version`` is ``N`` (e.g. a
+            rollback to the previous champion's index).
+        index_root: the served index root, a local folder; needed for ``model:N``.
+
+    Returns:
+        The index version name to ask for.
+
+    Raises:
+        RetrievalError: ``model:N`` without an index root, or no version built by model version N.
+    """
+    if not target.startswith("model:"):
+        return target
+    from retrieval.index.manifest import MANIFEST_FILE, read_manifest
+
+    model_version = target.removeprefix("model:")
+    if not index_root:
+        raise RetrievalError(f"--to {target} needs --index-root, the folder holding the served index versions")
+    root = Path(index_root)
+    if not root.is_dir():
+        raise RetrievalError(f"--index-root {index_root}: not a local folder")
+    found = []
+    seen = set()
+    for manifest_path in sorted(root.glob(f"*/{MANIFEST_FILE}")):
+        try:
+            manifest, _ = read_manifest(manifest_path)
+        except RetrievalError as error:
+            logger.warning("skipping %s: %s", manifest_path, error)
+            continue
+        seen.add(manifest.model.version)
+        if manifest.model.version == model_version:
+            found.append((manifest.created_at, manifest.index_version))
+    if not found:
+        raise RetrievalError(
+            f"no index version under {index_root} was built by model version {model_version} "
+            f"(model versions there: {', '.join(sorted(seen)) or 'none'})"
+        )
+    return max(found)[1]
