@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,12 +177,23 @@ class ProgressStore:
         return None if raw is None else dict(json.loads(raw))
 
 
-def run_incremental(spec: JobSpec, *, stop_after_task: int | None = None) -> IncrementalOutcome:
+def run_incremental(
+    spec: JobSpec,
+    *,
+    stop_after_task: int | None = None,
+    run: TrainingRun | None = None,
+    report: Callable[[dict[str, float]], None] | None = None,
+    promote: bool = True,
+) -> IncrementalOutcome:
     """Train, evaluate, register, index and (optionally) swap every task of the sequence.
 
     Args:
         spec: a job with an `incremental` section and an incremental method.
         stop_after_task: stop once this task is done (the next run continues from there).
+        run: log into this MLflow run (left open) instead of the job's own run.
+        report: called after every task with the means over the tasks seen so far and the mean
+            forgetting (e.g. `ray.tune.report` inside a sweep trial).
+        promote: whether a version that passes the gate becomes `champion` (a sweep says no).
 
     Raises:
         ConfigError: the job has no task sequence.
@@ -193,6 +204,8 @@ def run_incremental(spec: JobSpec, *, stop_after_task: int | None = None) -> Inc
     tasks = build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)
     if not ray.is_initialized():
         ray.init()
+    if run is not None:
+        return _run_tasks(spec, tasks=tasks, run=run, stop_after_task=stop_after_task, report=report, promote=promote)
     run, _ = TrainingRun.start_or_resume(
         tracking_uri=spec.tracking.tracking_uri,
         experiment=spec.tracking.experiment,
@@ -208,7 +221,9 @@ def run_incremental(spec: JobSpec, *, stop_after_task: int | None = None) -> Inc
         },
     )
     try:
-        outcome = _run_tasks(spec, tasks=tasks, run=run, stop_after_task=stop_after_task)
+        outcome = _run_tasks(
+            spec, tasks=tasks, run=run, stop_after_task=stop_after_task, report=report, promote=promote
+        )
     except BaseException:
         run.finish(status="FAILED")
         raise
@@ -217,7 +232,13 @@ def run_incremental(spec: JobSpec, *, stop_after_task: int | None = None) -> Inc
 
 
 def _run_tasks(
-    spec: JobSpec, *, tasks: list[TaskData], run: TrainingRun, stop_after_task: int | None
+    spec: JobSpec,
+    *,
+    tasks: list[TaskData],
+    run: TrainingRun,
+    stop_after_task: int | None,
+    report: Callable[[dict[str, float]], None] | None,
+    promote: bool,
 ) -> IncrementalOutcome:
     assert spec.incremental is not None
     method = build_method(spec)
@@ -272,7 +293,10 @@ def _run_tasks(
         task_outcome = _evaluate_and_log(
             spec, method=method, model=model, tasks=tasks, task=task, run=run, outcome=outcome
         )
-        task_outcome.model, task_outcome.promoted = _register(spec, state_dict=state_dict, run=run, task=task_outcome)
+        task_outcome.model, task_outcome.promoted = _register(
+            spec, state_dict=state_dict, run=run, task=task_outcome, promote=promote
+        )
+        run.set_tag("retrieval.registered_version", str(task_outcome.model["version"]))
         if spec.incremental.index:
             task_outcome.index_version = _build_index(
                 spec, method=method, model=model, tasks=tasks, task=task, registered=task_outcome.model
@@ -281,12 +305,29 @@ def _run_tasks(
                 task_outcome.swap = _swap(spec, index_version=task_outcome.index_version)
                 run.set_tag(f"retrieval.swap.task{task.index}", json.dumps(task_outcome.swap))
         outcome.tasks.append(task_outcome)
+        if report is not None:
+            report(_progress_metrics(outcome, spec))
         carry = _finish_task(spec, state_dict=state_dict, carry=carry, task=task)
         store.save(outcome, carry)
         if stop_after_task is not None and task.index >= stop_after_task:
             logger.info("stopping after task %d as asked; run the job again to continue", task.index)
             break
     return outcome
+
+
+def _progress_metrics(outcome: IncrementalOutcome, spec: JobSpec) -> dict[str, float]:
+    """After the last finished task: the means over the tasks seen and the mean forgetting (0 at first)."""
+    last = outcome.tasks[-1]
+    metrics = {
+        f"seen_mean/{key}": float(np.mean([values[key] for values in last.scores.values()]))
+        for key in last.scores[last.task]
+    }
+    first = f"recall@{spec.evaluation.recall_ks[0]}"
+    rows = [{task: values[first] for task, values in item.scores.items()} for item in outcome.tasks]
+    mean = mean_forgetting(as_matrix(rows, num_tasks=len(outcome.task_names)), after=last.task)
+    metrics["forgetting/mean"] = 0.0 if mean is None else mean
+    metrics["task"] = float(last.task)
+    return metrics
 
 
 def _task_epochs(spec: JobSpec, task: int) -> int:
@@ -356,7 +397,7 @@ def _evaluate_and_log(
 
 
 def _register(
-    spec: JobSpec, *, state_dict: dict[str, torch.Tensor], run: TrainingRun, task: TaskOutcome
+    spec: JobSpec, *, state_dict: dict[str, torch.Tensor], run: TrainingRun, task: TaskOutcome, promote: bool
 ) -> tuple[dict[str, Any], bool]:
     """Register the task's model; champion when the gate holds on the mean over the tasks seen."""
     means = {key: float(np.mean([values[key] for values in task.scores.values()])) for key in task.scores[task.task]}
@@ -375,7 +416,7 @@ def _register(
                 **{f"seen_mean.{key}": f"{value:.6f}" for key, value in means.items()},
             },
         )
-    promoted = all(condition.holds(means) for condition in spec.tracking.gate)
+    promoted = promote and all(condition.holds(means) for condition in spec.tracking.gate)
     if promoted:
         set_alias(tracking_uri=run.tracking_uri, name=registered.name, alias="champion", version=registered.version)
         registered = RegisteredModel(

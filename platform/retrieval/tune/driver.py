@@ -28,8 +28,8 @@ from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 from retrieval.config import Distribution, LoadedSweep, SweepSpec, load_sweep_spec
 from retrieval.errors import ConfigError
 from retrieval.evaluation.plots import sweep_figure
-from retrieval.tracking.registry import RegisteredModel
-from retrieval.tracking.runs import TrainingRun
+from retrieval.tracking.registry import RegisteredModel, set_alias
+from retrieval.tracking.runs import TrainingRun, metric_key
 from retrieval.train.driver import check_job_inputs, register_checkpoint, storage_location
 from retrieval.tune.trial import PARENT_TAG, SWEEP_TAG, TRIAL_TAG, SweepContext, run_trial, trial_job, trial_storage
 
@@ -156,12 +156,20 @@ def build_scheduler(sweep: LoadedSweep) -> TrialScheduler:
     settings = sweep.spec.scheduler
     if settings.name == "fifo":
         return FIFOScheduler()
+    # An incremental trial reports once per task, a plain one once per epoch.
+    steps = trial_steps(sweep)
     return ASHAScheduler(
         time_attr="training_iteration",
-        max_t=sweep.base_job.train.epochs,
-        grace_period=min(settings.grace_period, sweep.base_job.train.epochs),
+        max_t=steps,
+        grace_period=min(settings.grace_period, steps),
         reduction_factor=settings.reduction_factor,
     )
+
+
+def trial_steps(sweep: LoadedSweep) -> int:
+    """How many reports a trial that runs to the end makes: epochs, or tasks for an incremental job."""
+    job = sweep.base_job
+    return len(job.incremental.tasks) if job.incremental is not None else job.train.epochs
 
 
 def build_search(spec: SweepSpec) -> SearchAlgorithm | Searcher:
@@ -259,7 +267,7 @@ def _record(
     sweep: LoadedSweep, results: ray.tune.ResultGrid, *, parent: TrainingRun, resumed: bool, experiment_path: str
 ) -> SweepOutcome:
     spec = sweep.spec
-    epochs = sweep.base_job.train.epochs
+    epochs = trial_steps(sweep)
     children = _children(parent)
     rows: list[TrialRow] = []
     by_trial: dict[str, ray.tune.Result] = {}
@@ -307,13 +315,29 @@ def _record(
     child = TrainingRun(tracking_uri=parent.tracking_uri, run_id=best_child_id, experiment_id=parent.experiment_id)
     job = trial_job(sweep, best.config or {}, trial_id=best_row.trial_id)
     registered_tag = parent.client.get_run(parent.run_id).data.tags
-    if (
+    if job.incremental is not None:
+        # Each task of the trial registered its own version; the best trial's last one is the candidate.
+        version = child.client.get_run(child.run_id).data.tags.get("retrieval.registered_version")
+        if version is None:
+            raise RuntimeError(f"sweep {spec.name!r}: the best trial {best_row.trial_id} registered no version")
+        set_alias(tracking_uri=parent.tracking_uri, name=job.registered_model_name, alias="candidate", version=version)
+        for key, value in {
+            SWEEP_TAG: spec.name,
+            "retrieval.sweep_run_id": parent.run_id,
+            TRIAL_TAG: best_row.trial_id,
+        }.items():
+            parent.client.set_model_version_tag(job.registered_model_name, version, metric_key(key), value)
+        model = RegisteredModel(name=job.registered_model_name, version=version, aliases=("candidate",))
+        baselines: dict[str, dict[str, float]] = {}
+        parent.set_tag("retrieval.best_trial", best_row.trial_id)
+        parent.set_tag("retrieval.registered_version", version)
+    elif (
         registered_tag.get("retrieval.best_trial") == best_row.trial_id
         and "retrieval.registered_version" in registered_tag
     ):
         version = registered_tag["retrieval.registered_version"]
         model = RegisteredModel(name=job.registered_model_name, version=version, aliases=("candidate",))
-        baselines: dict[str, dict[str, float]] = {}
+        baselines = {}
         logger.info("sweep %s: best trial %s already registered as version %s", spec.name, best_row.trial_id, version)
     else:
         checkpoint_path = (best.metrics or {}).get(CHECKPOINT_PATH_KEY)
@@ -376,7 +400,7 @@ def _is_metric(key: str, value: Any) -> bool:
     return (
         isinstance(value, int | float)
         and not isinstance(value, bool)
-        and (key.startswith(("recall@", "map@", "train/")) or key in ("epoch",))
+        and (key.startswith(("recall@", "map@", "train/", "seen_mean/", "forgetting/")) or key in ("epoch",))
     )
 
 

@@ -84,6 +84,9 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
         logger.info("trial %s resumes its MLflow run %s", trial_id, run.run_id)
     for key, value in config.items():
         run.client.log_param(run.run_id, f"sweep.{key}", str(value))
+    if job.incremental is not None:
+        _run_incremental_trial(job, run=run, storage=context.trials_storage, trial_id=trial_id)
+        return
     trainer = build_trainer(
         job,
         run=run,
@@ -93,6 +96,23 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     )
     try:
         trainer.fit()
+    except BaseException:
+        run.finish(status="FAILED")
+        raise
+    run.finish()
+
+
+def _run_incremental_trial(job: JobSpec, *, run: TrainingRun, storage: str, trial_id: str) -> None:
+    """An incremental trial: the whole task sequence, reporting to Tune after every task.
+
+    Each task registers its version (alias `candidate` only: a sweep never promotes a champion)
+    and the trial's run keeps the last one in its `retrieval.registered_version` tag.
+    """
+    from retrieval.train.incremental import run_incremental
+
+    trial = job.model_copy(update={"storage": job.storage.model_copy(update={"path": f"{storage}/{trial_id}"})})
+    try:
+        run_incremental(trial, run=run, report=ray.tune.report, promote=False)
     except BaseException:
         run.finish(status="FAILED")
         raise
