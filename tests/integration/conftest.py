@@ -145,3 +145,24 @@ def _stop_group(process: subprocess.Popen[bytes]) -> None:
 def poll() -> object:
     """`wait_until(condition, timeout=..., what=...)`: poll with a deadline, never a bare sleep."""
     return wait_until
+
+
+def get_until_ok(url: str, deadline_s: float) -> requests.Response:
+    """GET `url` until it answers 200 (Serve's proxy learns new routes asynchronously)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            response = requests.get(url, timeout=5)
+            if response.status_code == 200:
+                return response
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer 200 within {deadline_s} s")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def http_ready() -> object:
+    """`get_until_ok(url, deadline_s)`: the first 200 reply of a route that is coming up."""
+    return get_until_ok

@@ -125,3 +125,31 @@ def task_lines_figure(matrix: np.ndarray, *, task_names: Sequence[str], metric: 
     axes.set_title(title)
     figure.tight_layout()
     return figure
+
+
+def image_grid_figure(
+    images: np.ndarray,
+    *,
+    captions: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    title: str,
+    columns: int = 8,
+) -> Figure:
+    """A grid of normalised model inputs `[N, 3, H, W]`, shown as pixels, one caption each."""
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    count = len(images)
+    columns = max(1, min(columns, count))
+    rows = max(1, -(-count // columns))
+    figure, axes_grid = plt.subplots(rows, columns, figsize=(1.4 * columns, 1.6 * rows + 0.4), squeeze=False)
+    pixels = images * np.asarray(std, dtype=np.float32)[None, :, None, None]
+    pixels = np.clip(pixels + np.asarray(mean, dtype=np.float32)[None, :, None, None], 0.0, 1.0)
+    for position, axes in enumerate(axes_grid.flat):
+        axes.axis("off")
+        if position < count:
+            axes.imshow(pixels[position].transpose(1, 2, 0))
+            axes.set_title(captions[position], fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure

@@ -43,7 +43,7 @@ from retrieval.config import INCREMENTAL_METHODS, DualDistillationSpec, JobSpec
 from retrieval.data.tasks import TaskData, build_task_sequence, union
 from retrieval.errors import ConfigError
 from retrieval.evaluation.forgetting import as_matrix, forgetting, format_matrix, mean_forgetting
-from retrieval.evaluation.plots import task_lines_figure, task_matrix_figure
+from retrieval.evaluation.plots import image_grid_figure, task_lines_figure, task_matrix_figure
 from retrieval.evaluation.runs import embed_dataset, score_embeddings
 from retrieval.index.manifest import ModelRef, read_manifest
 from retrieval.index.shards import build_shards
@@ -308,6 +308,7 @@ def _run_tasks(
         if report is not None:
             report(_progress_metrics(outcome, spec))
         carry = _finish_task(spec, state_dict=state_dict, carry=carry, task=task)
+        _log_replay(spec, carry=carry, task=task, run=run)
         store.save(outcome, carry)
         if stop_after_task is not None and task.index >= stop_after_task:
             logger.info("stopping after task %d as asked; run the job again to continue", task.index)
@@ -498,6 +499,23 @@ def _swap(spec: JobSpec, *, index_version: str) -> dict[str, Any]:
         return {"ok": False, "error": str(error)}
     logger.info("swapped the live index to %s in %.2f s", index_version, reply.get("duration_s", float("nan")))
     return {"ok": True, **reply}
+
+
+def _log_replay(spec: JobSpec, *, carry: TaskCarry, task: TaskData, run: TrainingRun) -> None:
+    """The replay images synthesised after this task (ch. 7), as a captioned grid in MLflow."""
+    if carry.replay_images is None or carry.replay_labels is None:
+        return
+    names = task.train.class_names
+    fresh = np.flatnonzero(np.isin(carry.replay_labels.numpy(), task.classes))[:32]
+    figure = image_grid_figure(
+        carry.replay_images.numpy()[fresh],
+        captions=[names[int(label)] for label in carry.replay_labels.numpy()[fresh]],
+        mean=spec.dataset.mean,
+        std=spec.dataset.std,
+        title=f"replay images synthesised from the model after {task.name}",
+    )
+    run.log_figure(figure, f"incremental/replay_after_task{task.index}.png")
+    plt.close(figure)
 
 
 def _finish_task(spec: JobSpec, *, state_dict: dict[str, torch.Tensor], carry: TaskCarry, task: TaskData) -> TaskCarry:

@@ -7,7 +7,6 @@ embedder) is deployed for the whole module and deleted at its end.
 from __future__ import annotations
 
 import io
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,23 +48,10 @@ def png_bytes(seed: int, size: int = 24) -> bytes:
     return buffer.getvalue()
 
 
-def get_until_ok(url: str, deadline_s: float) -> requests.Response:
-    """Serve's proxy learns new routes asynchronously: poll until the route answers."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            response = requests.get(url, timeout=5)
-            if response.status_code == 200:
-                return response
-        except requests.ConnectionError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not answer 200 within {deadline_s} s")
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
-def deployed(ray_cluster: Any, model_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
+def deployed(
+    ray_cluster: Any, model_package: Path, tmp_path_factory: pytest.TempPathFactory, http_ready: Any
+) -> Iterator[Deployed]:
     from ray import serve
 
     from retrieval.serving.app import build_app
@@ -102,7 +88,7 @@ def deployed(ray_cluster: Any, model_package: Path, tmp_path_factory: pytest.Tem
     )
     serve.run(app, name=APP_NAME, route_prefix=ROUTE)
     url = f"http://127.0.0.1:{ray_cluster.serve_port}{ROUTE}"
-    get_until_ok(f"{url}/healthz", deadline_s=30)
+    http_ready(f"{url}/healthz", deadline_s=30)
     try:
         yield Deployed(
             url=url,

@@ -99,23 +99,10 @@ def build_version(root: Path, name: str, *, seed: int, model_version: str, model
     return Version(name, model_version, path, dict(zip(ids, labels, strict=True)))
 
 
-def get_until_ok(url: str, deadline_s: float) -> requests.Response:
-    """Serve's proxy learns new routes asynchronously: poll until the route answers."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            response = requests.get(url, timeout=5)
-            if response.status_code == 200:
-                return response
-        except requests.ConnectionError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not answer 200 within {deadline_s} s")
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
-def deployed(ray_cluster: Any, model_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
+def deployed(
+    ray_cluster: Any, model_package: Path, tmp_path_factory: pytest.TempPathFactory, http_ready: Any
+) -> Iterator[Deployed]:
     from ray import serve
 
     from retrieval.serving.app import build_app
@@ -152,7 +139,7 @@ def deployed(ray_cluster: Any, model_package: Path, tmp_path_factory: pytest.Tem
     )
     serve.run(app, name=APP_NAME, route_prefix=ROUTE)
     url = f"http://127.0.0.1:{ray_cluster.serve_port}{ROUTE}"
-    get_until_ok(f"{url}/healthz", deadline_s=60)
+    http_ready(f"{url}/healthz", deadline_s=60)
     query_ids = [item_id for item_id in range(CLASSES * PER_CLASS) if item_id // PER_CLASS in NEW_CLASSES]
     try:
         yield Deployed(url=url, versions=versions, query_ids=query_ids)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +30,6 @@ APP_NAME = "retrieval-s3-index-test"
 ROUTE = "/s3-index-test"
 
 
-def get_until_ok(url: str, deadline_s: float) -> requests.Response:
-    """Serve's proxy learns new routes asynchronously: poll until the route answers."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            response = requests.get(url, timeout=5)
-            if response.status_code == 200:
-                return response
-        except requests.ConnectionError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not answer 200 within {deadline_s} s")
-        time.sleep(0.1)
-
-
 def png_bytes(seed: int, size: int = 32) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, size=(size, size), dtype=np.uint8)
     buffer = io.BytesIO()
@@ -61,6 +45,7 @@ def test_index_built_to_s3_is_served_from_s3(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
+    http_ready: Any,
 ) -> None:
     from ray import serve
 
@@ -100,7 +85,7 @@ def test_index_built_to_s3_is_served_from_s3(
     serve.run(app, name=APP_NAME, route_prefix=ROUTE)
     url = f"http://127.0.0.1:{ray_cluster.serve_port}{ROUTE}"
     try:
-        get_until_ok(f"{url}/healthz", deadline_s=60)
+        http_ready(f"{url}/healthz", deadline_s=60)
         query = np.random.default_rng(11).standard_normal(manifest.dim).astype(np.float32)
         response = requests.post(f"{url}/search/vector", json={"vector": query.tolist(), "k": 8}, timeout=30)
         assert response.status_code == 200, response.text

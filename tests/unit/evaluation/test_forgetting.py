@@ -37,7 +37,7 @@ def test_a_task_that_improved_has_negative_forgetting() -> None:
 
 
 def test_bad_rows_are_refused() -> None:
-    with pytest.raises(ValueError, match="row 0 names task 3, outside 0..1"):
+    with pytest.raises(ValueError, match=r"row 0 names task 3, outside 0\.\.1"):
         as_matrix([{3: 0.1}], num_tasks=2)
     with pytest.raises(ValueError, match="after=5 is outside the 3 rows"):
         forgetting(three_task_matrix(), after=5)

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.config import JobSpec
+from retrieval.config import JobSpec, load_job_spec
 from retrieval.data.tasks import TaskData, build_task_sequence
 from retrieval.errors import DatasetError
-from retrieval.methods import build_method, load_model_package, save_model_package
+from retrieval.methods import METHODS, build_method, load_model_package, save_model_package
 from retrieval.methods.incremental import IncrementalMethod, TaskCarry, network
 from retrieval.train.worker import begin_task, training_loader
 
+JOBS = Path(__file__).resolve().parents[3] / "jobs"
 EXTRA_TERMS_AT_TASK_1 = {
     "incremental_finetune": set(),
     "incremental_joint": set(),
@@ -263,3 +264,17 @@ def test_a_grown_model_round_trips_through_a_model_package(tmp_path: Path) -> No
         actual = package.method.embed(package.model, images)
     torch.testing.assert_close(actual, expected)
     assert package.dim == 16
+
+
+@pytest.mark.parametrize(
+    "path", sorted(path for path in JOBS.glob("*.yaml") if path.stem != "runtime_env"), ids=lambda path: path.stem
+)
+def test_every_incremental_job_file_is_valid(path: Path) -> None:
+    spec = load_job_spec(path)
+    if spec.incremental is None:
+        return
+    assert spec.method.name in METHODS
+    if all(task.dataset is None for task in spec.incremental.tasks) and spec.dataset.name == "digits":
+        # On the bundled data, the sequence can be built here.
+        tasks = build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)
+        assert [len(task.classes) for task in tasks] == [5, 5]

@@ -196,3 +196,34 @@ def test_results_table_lists_trials_best_first_and_marks_the_best():
     assert outcome.summary()["trials"][0] == {
         "trial_id": "t1", "method.ms_alpha": 2.0, "metric": 0.81, "epochs": 1, "status": "stopped early",
     }  # fmt: skip
+
+
+def test_an_incremental_sweep_reports_once_per_task_on_the_means_over_seen_tasks():
+    from retrieval.tune.driver import build_scheduler, trial_steps
+
+    sweep = load_sweep_spec(ROOT / "tune_spaces" / "incremental_kd_mmd.yaml")
+    assert sweep.base_job.incremental is not None
+    assert sweep.spec.metric == "seen_mean/recall@1"
+    # Two tasks: ASHA counts reports, one per task.
+    assert trial_steps(sweep) == 2
+    assert build_scheduler(sweep)._max_t == 2
+    job = trial_job(sweep, {"method.kd_weight": 3.0, "method.mmd_weight": 0.5}, trial_id="t_00000")
+    assert job.incremental is not None and len(job.incremental.tasks) == 2
+    assert job.method.kd_weight == 3.0  # type: ignore[union-attr]
+    assert job.incremental.index is False
+
+
+def test_a_plain_metric_is_refused_for_an_incremental_sweep(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "s",
+                "base_job": str(ROOT / "jobs" / "digits_incremental_kd_mmd.yaml"),
+                "space": {"method.kd_weight": {"uniform": [0.5, 2.0]}},
+                "metric": "recall@1",
+            }
+        )
+    )
+    with pytest.raises(ConfigError, match="seen_mean/recall@1"):
+        load_sweep_spec(path)
