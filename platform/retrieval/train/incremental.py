@@ -14,7 +14,7 @@ For each task k of `spec.incremental.tasks`:
    class seen so far) with that model; with `incremental.serve_url`, a promoted version is
    swapped into the running Serve app through its authenticated admin endpoint.
 5. extend the carry for the next task (`finish_task`: the model itself; EWC's Fisher; ch. 6's
-   drift statistics; ch. 7's synthesised replay images), as a Ray task with the job's resources.
+   drift statistics; ch. 7's synthesised replay images), as a Ray task on a GPU for a GPU job.
 
 Progress is saved after every task in `<storage>/<job>/incremental/` (a JSON state and the
 carry), so running the same job again continues where it stopped.
@@ -519,11 +519,14 @@ def _log_replay(spec: JobSpec, *, carry: TaskCarry, task: TaskData, run: Trainin
 
 
 def _finish_task(spec: JobSpec, *, state_dict: dict[str, torch.Tensor], carry: TaskCarry, task: TaskData) -> TaskCarry:
-    """The next task's carry, computed as a Ray task with one worker's resources (GPU where the job has one)."""
-    resources: dict[str, Any] = {"num_cpus": 1}
-    if spec.scaling.use_gpu:
-        resources["num_gpus"] = 1
-    remote = ray.remote(**resources)(_finish_task_here)
+    """The next task's carry: on a GPU job, a Ray task on one GPU; otherwise here, in the runner.
+
+    The CPU work (a Fisher estimate, a drift measurement, a small synthesis) costs less than
+    starting a worker process for it.
+    """
+    if not spec.scaling.use_gpu:
+        return _finish_task_here(spec.model_dump(mode="json"), state_dict, carry, task.index)
+    remote = ray.remote(num_cpus=1, num_gpus=1)(_finish_task_here)
     following: TaskCarry = ray.get(remote.remote(spec.model_dump(mode="json"), state_dict, carry, task.index))
     return following
 
