@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import torch
 
-from retrieval.config import JobSpec
+from retrieval.config import INCREMENTAL_METHODS, JobSpec
 from retrieval.methods import METHODS, build_method
+from retrieval.methods.incremental import IncrementalMethod, TaskCarry
 
 METHOD_VARIANTS: dict[str, list[dict[str, Any]]] = {
     "deep_metric": [
@@ -53,10 +54,13 @@ def _tiny_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _spec(make_job_spec: SpecFactory, method: dict[str, Any]) -> JobSpec:
+    # An incremental method trains a sequence; the contract batch is its first task.
+    sequence = {"incremental": {"tasks": [{"classes": "0-1"}]}} if method["name"] in INCREMENTAL_METHODS else {}
     return make_job_spec(
         method=method,
         dataset={"name": "digits", "image_size": IMAGE_SIZE},
         model={"backbone": "resnet18", "embedding_dim": EMBEDDING_DIM},
+        **sequence,
     )
 
 
@@ -73,6 +77,9 @@ def test_method_contract(make_job_spec: SpecFactory, method: dict[str, Any]) -> 
     assert retrieval_method.name == method["name"]
     torch.manual_seed(0)
     model = retrieval_method.build_model()
+    if isinstance(retrieval_method, IncrementalMethod):
+        carry = TaskCarry(task=0, classes=tuple(range(CLASSES)))
+        retrieval_method.begin_task(model=model, carry=carry, phase="student", device=torch.device("cpu"))
     loss = retrieval_method.build_loss()
     images, labels = _tiny_batch()
 
