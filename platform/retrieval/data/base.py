@@ -7,6 +7,7 @@ the dataset pickles cheaply into DataLoader workers and Ray workers.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -242,3 +243,25 @@ class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, int]]):
 
     def __repr__(self) -> str:
         return f"ImageDataset(images={len(self)}, classes={self.num_classes})"
+
+
+def concatenate_datasets(datasets: Sequence[ImageDataset]) -> ImageDataset:
+    """One dataset of the items of several, in order (the first one's class names and transform).
+
+    Raises:
+        DatasetError: no dataset is given.
+    """
+    if not datasets:
+        raise DatasetError("cannot concatenate an empty list of datasets")
+    loaders: list[ImageLoader] = []
+    sources: list[str] = []
+    for dataset in datasets:
+        loaders.extend(functools.partial(dataset.load_image, position) for position in range(len(dataset)))
+        sources.extend(dataset.source(position) for position in range(len(dataset)))
+    return ImageDataset(
+        loaders=loaders,
+        labels=np.concatenate([dataset.labels for dataset in datasets]),
+        class_names=datasets[0].class_names,
+        sources=sources,
+        transform=datasets[0].transform,
+    )

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from retrieval.config import DatasetSpec, IncrementalSpec, TaskSpec
 from retrieval.data.base import ImageDataset
@@ -157,26 +156,3 @@ def build_task_sequence(*, dataset: DatasetSpec, incremental: IncrementalSpec) -
         )
         tasks.append(built)
     return tasks
-
-
-def total_classes(tasks: Sequence[TaskData]) -> int:
-    """The number of classes of the whole sequence."""
-    return sum(len(task.classes) for task in tasks)
-
-
-def union(datasets: Sequence[ImageDataset]) -> ImageDataset:
-    """One dataset of the items of several (same class numbering, the first one's transform)."""
-    if not datasets:
-        raise DatasetError("union of no datasets")
-    loaders: list[Callable[[], Image.Image]] = []
-    sources: list[str] = []
-    for dataset in datasets:
-        loaders.extend(functools.partial(dataset.load_image, position) for position in range(len(dataset)))
-        sources.extend(dataset.source(position) for position in range(len(dataset)))
-    return ImageDataset(
-        loaders=loaders,
-        labels=np.concatenate([dataset.labels for dataset in datasets]),
-        class_names=datasets[0].class_names,
-        sources=sources,
-        transform=datasets[0].transform,
-    )

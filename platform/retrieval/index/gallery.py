@@ -8,7 +8,7 @@ from typing import Literal
 
 import numpy as np
 
-from retrieval.data.base import ImageDataset
+from retrieval.data.base import ImageDataset, concatenate_datasets
 from retrieval.data.from_spec import datasets_from_spec
 from retrieval.evaluation.runs import embed_dataset
 from retrieval.index.manifest import ModelRef
@@ -32,7 +32,7 @@ def gallery_dataset(package: ModelPackage, gallery: GalleryName) -> ImageDataset
         return splits.test
     if gallery == "train":
         return splits.train.with_transform(transform)
-    return _concatenate(splits.train.with_transform(transform), splits.test)
+    return concatenate_datasets([splits.train.with_transform(transform), splits.test])
 
 
 def build_gallery_index(
@@ -76,16 +76,4 @@ def build_gallery_index(
             "count": len(dataset),
             "job": spec.name,
         },
-    )
-
-
-def _concatenate(first: ImageDataset, second: ImageDataset) -> ImageDataset:
-    return ImageDataset(
-        loaders=[lambda index=index: first.load_image(index) for index in range(len(first))]
-        + [lambda index=index: second.load_image(index) for index in range(len(second))],
-        labels=np.concatenate([first.labels, second.labels]),
-        class_names=first.class_names,
-        sources=[first.source(index) for index in range(len(first))]
-        + [second.source(index) for index in range(len(second))],
-        transform=first.transform,
     )

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -42,6 +42,7 @@ from retrieval.config import (
     JobSpec,
     LwfSpec,
 )
+from retrieval.data.base import ImageDataset, concatenate_datasets
 from retrieval.losses.distillation import (
     correlation_distillation,
     ewc_penalty,
@@ -61,7 +62,6 @@ from retrieval.models.incremental import IncrementalNetwork
 from retrieval.models.inversion import synthesize_images
 
 if TYPE_CHECKING:
-    from retrieval.data.base import ImageDataset
     from retrieval.data.tasks import TaskData
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,11 @@ def network(model: nn.Module) -> IncrementalNetwork:
     return bare
 
 
+def _state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of a model's weights, to carry to the next task."""
+    return {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+
+
 def _frozen(model: nn.Module) -> nn.Module:
     model.eval()
     for parameter in model.parameters():
@@ -129,6 +134,8 @@ class IncrementalMethod(RetrievalMethod):
 
     #: Whether a task trains on the images of earlier tasks too (only the joint upper bound).
     reads_old_tasks = False
+    #: Whether the losses read a frozen copy of the previous model (not fine-tuning, joint or EWC).
+    distils_from_previous_model = True
 
     def __init__(self, spec: JobSpec) -> None:
         super().__init__(spec)
@@ -161,6 +168,10 @@ class IncrementalMethod(RetrievalMethod):
         """The training runs of a task, in order (ch. 7 trains its specialist first)."""
         return ["student"]
 
+    def needs_teacher(self, phase: Phase) -> bool:
+        """Whether `phase` distils from the frozen previous model (only then is one built)."""
+        return self.distils_from_previous_model
+
     # ------------------------------------------------------------------ task hooks
 
     def training_data(self, tasks: Sequence[TaskData], task: int) -> ImageDataset:
@@ -177,29 +188,20 @@ class IncrementalMethod(RetrievalMethod):
         self.phase = phase
         if not isinstance(model, IncrementalNetwork):
             raise TypeError(f"expected an IncrementalNetwork, got {type(model).__name__}")
+        self.teacher = None
         if carry.previous_state is not None:
             model.load_state_dict(carry.previous_state)
-            teacher = self.build_model()
-            teacher.load_state_dict(carry.previous_state)
-            self.teacher = _frozen(teacher.to(device))
-        else:
-            self.teacher = None
+            if self.needs_teacher(phase):
+                teacher = self.build_model()
+                teacher.load_state_dict(carry.previous_state)
+                self.teacher = _frozen(teacher.to(device))
         model.classifier.grow(carry.seen_classes)
 
     def finish_task(
         self, *, model: nn.Module, carry: TaskCarry, task_data: TaskData, device: torch.device
     ) -> TaskCarry:
         """The carry for the next task, from the trained bare model of this one."""
-        state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
-        return TaskCarry(
-            task=carry.task + 1,
-            classes=(),
-            previous_state=state,
-            fisher=carry.fisher,
-            drift=carry.drift,
-            replay_images=carry.replay_images,
-            replay_labels=carry.replay_labels,
-        )
+        return replace(carry, task=carry.task + 1, classes=(), previous_state=_state_of(model), specialist_state=None)
 
     # ------------------------------------------------------------------ training step
 
@@ -242,6 +244,7 @@ class IncrementalFineTune(IncrementalMethod):
     """Lower bound: the previous model fine-tuned on each new task alone."""
 
     name = "incremental_finetune"
+    distils_from_previous_model = False
 
 
 class IncrementalJoint(IncrementalMethod):
@@ -249,11 +252,10 @@ class IncrementalJoint(IncrementalMethod):
 
     name = "incremental_joint"
     reads_old_tasks = True
+    distils_from_previous_model = False
 
     def training_data(self, tasks: Sequence[TaskData], task: int) -> ImageDataset:
-        from retrieval.data.tasks import union
-
-        return union([tasks[position].train for position in range(task + 1)])
+        return concatenate_datasets([tasks[position].train for position in range(task + 1)])
 
 
 class LearningWithoutForgetting(IncrementalMethod):
@@ -282,6 +284,7 @@ class ElasticWeightConsolidation(IncrementalMethod):
     """EWC: a quadratic penalty per old task, weighted by that task's diagonal Fisher."""
 
     name = "ewc"
+    distils_from_previous_model = False
 
     def begin_task(self, *, model: nn.Module, carry: TaskCarry, phase: Phase, device: torch.device) -> None:
         super().begin_task(model=model, carry=carry, phase=phase, device=device)
@@ -292,8 +295,6 @@ class ElasticWeightConsolidation(IncrementalMethod):
             )
             for fisher, anchor in carry.fisher
         ]
-        # EWC needs no teacher network: free it.
-        self.teacher = None
 
     def training_step(
         self, *, model: nn.Module, loss: nn.Module, images: torch.Tensor, labels: torch.Tensor
@@ -438,6 +439,10 @@ class DualDistillation(IncrementalMethod):
     def phases(self, task: int) -> list[Phase]:
         return ["student"] if task == 0 else ["specialist", "student"]
 
+    def needs_teacher(self, phase: Phase) -> bool:
+        # The specialist fine-tunes alone; only the student distils from the old teacher.
+        return phase == "student"
+
     def begin_task(self, *, model: nn.Module, carry: TaskCarry, phase: Phase, device: torch.device) -> None:
         super().begin_task(model=model, carry=carry, phase=phase, device=device)
         self.new_teacher: nn.Module | None = None
@@ -491,17 +496,7 @@ class DualDistillation(IncrementalMethod):
 
     def finish_specialist(self, *, model: nn.Module, carry: TaskCarry) -> TaskCarry:
         """The carry of the student phase: the same, plus the specialist (new teacher) just trained."""
-        state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
-        return TaskCarry(
-            task=carry.task,
-            classes=carry.classes,
-            previous_state=carry.previous_state,
-            fisher=carry.fisher,
-            drift=carry.drift,
-            specialist_state=state,
-            replay_images=carry.replay_images,
-            replay_labels=carry.replay_labels,
-        )
+        return replace(carry, specialist_state=_state_of(model))
 
     def finish_task(
         self, *, model: nn.Module, carry: TaskCarry, task_data: TaskData, device: torch.device

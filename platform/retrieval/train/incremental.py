@@ -40,7 +40,8 @@ import ray
 import torch
 
 from retrieval.config import INCREMENTAL_METHODS, DualDistillationSpec, JobSpec
-from retrieval.data.tasks import TaskData, build_task_sequence, union
+from retrieval.data.base import concatenate_datasets
+from retrieval.data.tasks import TaskData, build_task_sequence
 from retrieval.errors import ConfigError
 from retrieval.evaluation.forgetting import as_matrix, forgetting, format_matrix, mean_forgetting
 from retrieval.evaluation.plots import image_grid_figure, task_lines_figure, task_matrix_figure
@@ -71,6 +72,10 @@ class TaskOutcome:
     promoted: bool
     index_version: str | None = None
     swap: dict[str, Any] | None = None
+
+    def seen_means(self) -> dict[str, float]:
+        """Each metric's mean over the tasks seen so far (what the gate and a sweep look at)."""
+        return {key: float(np.mean([values[key] for values in self.scores.values()])) for key in self.scores[self.task]}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -290,9 +295,9 @@ def _run_tasks(
         model.load_state_dict(state_dict)
         model.eval()
 
-        task_outcome = _evaluate_and_log(
-            spec, method=method, model=model, tasks=tasks, task=task, run=run, outcome=outcome
-        )
+        task_outcome = _evaluate(spec, method=method, model=model, tasks=tasks, task=task)
+        outcome.tasks.append(task_outcome)
+        _log_matrices(spec, outcome=outcome, run=run)
         task_outcome.model, task_outcome.promoted = _register(
             spec, state_dict=state_dict, run=run, task=task_outcome, promote=promote
         )
@@ -304,7 +309,6 @@ def _run_tasks(
             if spec.incremental.serve_url and task_outcome.promoted:
                 task_outcome.swap = _swap(spec, index_version=task_outcome.index_version)
                 run.set_tag(f"retrieval.swap.task{task.index}", json.dumps(task_outcome.swap))
-        outcome.tasks.append(task_outcome)
         if report is not None:
             report(_progress_metrics(outcome, spec))
         carry = _finish_task(spec, state_dict=state_dict, carry=carry, task=task)
@@ -319,13 +323,8 @@ def _run_tasks(
 def _progress_metrics(outcome: IncrementalOutcome, spec: JobSpec) -> dict[str, float]:
     """After the last finished task: the means over the tasks seen and the mean forgetting (0 at first)."""
     last = outcome.tasks[-1]
-    metrics = {
-        f"seen_mean/{key}": float(np.mean([values[key] for values in last.scores.values()]))
-        for key in last.scores[last.task]
-    }
-    first = f"recall@{spec.evaluation.recall_ks[0]}"
-    rows = [{task: values[first] for task, values in item.scores.items()} for item in outcome.tasks]
-    mean = mean_forgetting(as_matrix(rows, num_tasks=len(outcome.task_names)), after=last.task)
+    metrics = {f"seen_mean/{key}": value for key, value in last.seen_means().items()}
+    mean = mean_forgetting(outcome.matrix(f"recall@{spec.evaluation.recall_ks[0]}"), after=last.task)
     metrics["forgetting/mean"] = 0.0 if mean is None else mean
     metrics["task"] = float(last.task)
     return metrics
@@ -342,49 +341,39 @@ def _phase_epochs(spec: JobSpec, task: int, phase: str) -> int:
     return _task_epochs(spec, task)
 
 
-def _evaluate_and_log(
-    spec: JobSpec,
-    *,
-    method: IncrementalMethod,
-    model: torch.nn.Module,
-    tasks: Sequence[TaskData],
-    task: TaskData,
-    run: TrainingRun,
-    outcome: IncrementalOutcome,
+def _evaluate(
+    spec: JobSpec, *, method: IncrementalMethod, model: torch.nn.Module, tasks: Sequence[TaskData], task: TaskData
 ) -> TaskOutcome:
-    """Score the model on every task so far; log the row, the matrices and the plots."""
+    """Scores of the model on the test split of every task so far."""
     embed = functools.partial(method.embed, model)
     scores: dict[int, dict[str, float]] = {}
     for seen in tasks[: task.index + 1]:
         with torch.no_grad():
             vectors = embed_dataset(embed, seen.test, batch_size=spec.train.embed_batch_size)
         scores[seen.index] = score_embeddings(vectors, seen.test.labels, ks=spec.evaluation.recall_ks)
-    task_outcome = TaskOutcome(task=task.index, name=task.name, scores=scores, model={}, promoted=False)
-    rows = [*outcome.tasks, task_outcome]
+    return TaskOutcome(task=task.index, name=task.name, scores=scores, model={}, promoted=False)
 
-    step = task.index
+
+def _log_matrices(spec: JobSpec, *, outcome: IncrementalOutcome, run: TrainingRun) -> None:
+    """Log the last task's row, the forgetting, the task x task matrices and their plots."""
+    last = outcome.tasks[-1]
     metrics: dict[str, float] = {}
-    for seen_index, values in scores.items():
+    for seen_index, values in last.scores.items():
         metrics.update({f"task{seen_index}/{key}": value for key, value in values.items()})
-    for key in scores[task.index]:
-        metrics[f"seen_mean/{key}"] = float(np.mean([values[key] for values in scores.values()]))
-    names = [item.name for item in tasks]
+    metrics.update({f"seen_mean/{key}": value for key, value in last.seen_means().items()})
+    names = outcome.task_names
     first = f"recall@{spec.evaluation.recall_ks[0]}"
-    matrix = as_matrix(
-        [{seen: values[first] for seen, values in row.scores.items()} for row in rows], num_tasks=len(tasks)
-    )
-    for old, value in forgetting(matrix, after=task.index).items():
+    matrix = outcome.matrix(first)
+    for old, value in forgetting(matrix, after=last.task).items():
         metrics[f"forgetting/task{old}"] = value
-    mean = mean_forgetting(matrix, after=task.index)
+    mean = mean_forgetting(matrix, after=last.task)
     if mean is not None:
         metrics["forgetting/mean"] = mean
-    run.log_metrics(metrics, step=step)
+    run.log_metrics(metrics, step=last.task)
 
     tables = []
     for metric in [first, "map@r"]:
-        full = as_matrix(
-            [{seen: values[metric] for seen, values in row.scores.items()} for row in rows], num_tasks=len(tasks)
-        )
+        full = outcome.matrix(metric)
         tables.append(format_matrix(full, task_names=names, metric=metric, markdown=True))
         figure = task_matrix_figure(full, task_names=names, metric=metric, title=f"{spec.name}: {metric}")
         run.log_figure(figure, f"incremental/matrix_{metric.replace('@', '_at_')}.png")
@@ -393,15 +382,14 @@ def _evaluate_and_log(
     run.log_figure(figure, "incremental/task_recall.png")
     plt.close(figure)
     run.client.log_text(run.run_id, "\n\n".join(tables) + "\n", "incremental/matrix.md")
-    logger.info("after task %s:\n%s", task.name, format_matrix(matrix, task_names=names, metric=first))
-    return task_outcome
+    logger.info("after task %s:\n%s", last.name, format_matrix(matrix, task_names=names, metric=first))
 
 
 def _register(
     spec: JobSpec, *, state_dict: dict[str, torch.Tensor], run: TrainingRun, task: TaskOutcome, promote: bool
 ) -> tuple[dict[str, Any], bool]:
     """Register the task's model; champion when the gate holds on the mean over the tasks seen."""
-    means = {key: float(np.mean([values[key] for values in task.scores.values()])) for key in task.scores[task.task]}
+    means = task.seen_means()
     with tempfile.TemporaryDirectory() as folder:
         package_dir = save_model_package(Path(folder) / "package", spec=spec, state_dict=state_dict)
         registered = register_model_package(
@@ -445,7 +433,7 @@ def _build_index(
     registered: dict[str, Any],
 ) -> str:
     """A new index version of the test images of every class seen so far, built with this task's model."""
-    gallery = union([seen.test for seen in tasks[: task.index + 1]])
+    gallery = concatenate_datasets([seen.test for seen in tasks[: task.index + 1]])
     with torch.no_grad():
         vectors = embed_dataset(functools.partial(method.embed, model), gallery, batch_size=spec.train.embed_batch_size)
     names = gallery.class_names

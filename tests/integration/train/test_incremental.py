@@ -176,6 +176,4 @@ def test_each_kind_of_carry_learns_a_second_task_with_two_workers(
         assert client.get_metric_history(outcome.run_id, "specialist/train/loss")
         artifacts = {item.path for item in client.list_artifacts(outcome.run_id, "incremental")}
         assert "incremental/replay_after_task0.png" in artifacts
-    assert [task.model["version"] for task in outcome.tasks] == [1, 2] or [
-        str(task.model["version"]) for task in outcome.tasks
-    ] == ["1", "2"]
+    assert [task.model["version"] for task in outcome.tasks] == ["1", "2"]
