@@ -9,6 +9,7 @@ Layout::
     <folder>/job.yaml       the validated JobSpec
     <folder>/model.pt       the model's state_dict
     <folder>/package.json   format version, method, embedding dim, sha256 of model.pt
+    <folder>/text_context.json   cross-modal models: vocabulary / tag names the text encoder reads
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ from PIL import Image
 from torch import nn
 
 from retrieval.config import JobSpec
-from retrieval.errors import ModelNotFoundError
+from retrieval.errors import BadRequestError, ModelNotFoundError
 from retrieval.methods.base import RetrievalMethod
+from retrieval.methods.cross_modal import CrossModalMethod, TextContext, build_cross_modal_method
 from retrieval.methods.registry import build_method
+
+TEXT_CONTEXT_FILE = "text_context.json"
 
 PACKAGE_FORMAT = 1
 
@@ -39,7 +43,7 @@ class ModelPackage:
     """A loaded, ready-to-embed model."""
 
     spec: JobSpec
-    method: RetrievalMethod
+    method: RetrievalMethod | CrossModalMethod
     model: nn.Module
     dim: int
     device: torch.device
@@ -48,6 +52,39 @@ class ModelPackage:
     @property
     def model_uri(self) -> str:
         return self.source
+
+    @property
+    def is_cross_modal(self) -> bool:
+        """Embeds texts as well as images, into one space."""
+        return isinstance(self.method, CrossModalMethod)
+
+    @property
+    def code_bits(self) -> int | None:
+        """K for a hashing model, whose every embedding is a sign code of ±1.0; None for float embeddings."""
+        if isinstance(self.method, CrossModalMethod) and self.method.hashing:
+            return self.dim
+        return None
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> np.ndarray:
+        """Embeddings `[N, D]` float32 of texts (±1 codes for a hashing model).
+
+        Raises:
+            BadRequestError: the model embeds images only.
+        """
+        if not isinstance(self.method, CrossModalMethod):
+            raise BadRequestError(
+                f"model {self.source} ({self.spec.method.name}) embeds images only; text queries need a "
+                "cross-modal model (cross_modal_hashing or adversarial_cross_modal)"
+            )
+        self.model.eval()
+        chunks = [
+            self.method.embed_texts(self.model, list(texts[start : start + batch_size])).float().cpu().numpy()
+            for start in range(0, len(texts), batch_size)
+        ]
+        if not chunks:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate(chunks).astype(np.float32, copy=False)
 
     def preprocess(self) -> Any:
         """The evaluation transform the model was trained with (PIL image -> `[3, H, W]`)."""
@@ -75,23 +112,34 @@ class ModelPackage:
         return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
-def save_model_package(directory: str | Path, *, spec: JobSpec, state_dict: Mapping[str, torch.Tensor]) -> Path:
+def save_model_package(
+    directory: str | Path,
+    *,
+    spec: JobSpec,
+    state_dict: Mapping[str, torch.Tensor],
+    extra_files: Mapping[str, str] | None = None,
+) -> Path:
     """Write a model package; returns the folder.
 
     Args:
         directory: created if missing; existing package files are overwritten.
         spec: the job spec the weights were trained with.
         state_dict: the bare model's weights (not DDP-wrapped).
+        extra_files: more text files of the package by name (a cross-modal model's `text_context.json`).
     """
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "model.pt"
     torch.save({name: tensor.detach().cpu() for name, tensor in state_dict.items()}, weights)
     (folder / "job.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    for name, text in (extra_files or {}).items():
+        (folder / name).write_text(text)
+    if spec.is_cross_modal and not (folder / TEXT_CONTEXT_FILE).is_file():
+        raise ValueError(f"a cross-modal model package needs {TEXT_CONTEXT_FILE} (its text encoder's vocabulary)")
     info = {
         "format": PACKAGE_FORMAT,
         "method": spec.method.name,
-        "embedding_dim": spec.model.embedding_dim,
+        "embedding_dim": _embedding_dim(spec),
         "model_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
     }
     (folder / "package.json").write_text(json.dumps(info, indent=2))
@@ -117,7 +165,16 @@ def load_model_package(directory: str | Path, *, device: str = "cpu", source: st
             f"{weights}: checksum mismatch (expected {info.get('model_sha256')}, got {actual}); refusing to load"
         )
     spec = JobSpec.from_mapping(yaml.safe_load((folder / "job.yaml").read_text()), source=str(folder / "job.yaml"))
-    method = build_method(spec)
+    method: RetrievalMethod | CrossModalMethod
+    if spec.is_cross_modal:
+        context_file = folder / TEXT_CONTEXT_FILE
+        if not context_file.is_file():
+            raise ModelNotFoundError(f"{folder}: cross-modal model package without {TEXT_CONTEXT_FILE}")
+        method = build_cross_modal_method(
+            spec, context=TextContext.from_json(context_file.read_text(), source=str(context_file))
+        )
+    else:
+        method = build_method(spec)
     model = method.build_model()
     try:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
@@ -139,3 +196,15 @@ def load_model_package(directory: str | Path, *, device: str = "cpu", source: st
         device=torch_device,
         source=source or str(folder),
     )
+
+
+def _embedding_dim(spec: JobSpec) -> int | None:
+    """What the model embeds into: K bits of a hashing model, the common space of ch. 4, or the head's D."""
+    settings = spec.method
+    bits = getattr(settings, "bits", None)
+    if bits is not None:
+        return int(bits)
+    common = getattr(settings, "embedding_dim", None)
+    if common is not None:
+        return int(common)
+    return spec.model.embedding_dim

@@ -1,0 +1,629 @@
+"""Cross-modal methods: entropy-regularised hashing (thesis ch. 3) and adversarial real-valued retrieval (ch. 4).
+
+Both train two players in alternation (see `retrieval.train.cross_modal`): the encoders (the
+"generator") and the modality classifiers (the "discriminator"). A method here defines each
+player's loss terms on a batch, how a batch's texts are prepared, how items are embedded for
+retrieval, and how a model is scored. It holds no training state; what it derives from the
+training data (the vocabulary, the tag width, the number of labels) is a `TextContext`, built
+the same way on every worker and saved with the model.
+
+Modality labels: image 0, text 1. A batch has `B` images and `T` texts (a tag vector per image,
+or every caption of each image), `owner[t]` the batch position of text `t`'s image. The
+modality classifiers see both modalities with equal weight whatever `T / B` is, and their
+accuracy is the balanced accuracy (chance: 0.5).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from retrieval.config import AdversarialCrossModalSpec, CrossModalHashingSpec, JobSpec, TextEncoderSpec
+from retrieval.data.cross_modal import CrossModalDataset
+from retrieval.errors import ConfigError, ModelNotFoundError
+from retrieval.evaluation.cross_modal import cross_modal_hash_scores, cross_modal_recall
+from retrieval.losses.cross_modal import (
+    bidirectional_ranking_loss,
+    bit_balance_loss,
+    label_calibration_loss,
+    label_similarity,
+    modality_entropy_loss,
+    pairwise_likelihood_loss,
+    projection_matching_loss,
+    quantization_loss,
+)
+from retrieval.models.cross_modal import CrossModalNetwork, CrossModalOutput, ModalityDiscriminator
+from retrieval.models.text import Vocabulary, build_text_encoder
+
+IMAGE, TEXT = 0, 1
+
+
+@dataclass(frozen=True)
+class TextContext:
+    """What a cross-modal model's architecture takes from its training data; saved with the model.
+
+    Attributes:
+        vocabulary: the words of the training captions (GRU encoder), else None.
+        tag_dim: width of the tag / bag-of-words vector (BoW encoder), else None.
+        num_labels: categories of the dataset (multi-hot width), or None where it has none.
+        tag_names: the word of each tag column (BoW encoder), so a free-text query becomes a tag vector.
+    """
+
+    vocabulary: Vocabulary | None
+    tag_dim: int | None
+    num_labels: int | None
+    tag_names: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dataset(cls, dataset: CrossModalDataset, *, text: TextEncoderSpec) -> TextContext:
+        """The context of a training split (deterministic: every worker builds the same one)."""
+        vocabulary = None
+        if text.kind == "gru":
+            captions, _ = dataset.texts()
+            vocabulary = Vocabulary.build(captions, min_count=text.min_word_count)
+        if text.kind == "bow" and dataset.tag_dim is None:
+            raise ConfigError(
+                "method.text.kind 'bow' reads tag vectors, but this dataset has captions only; use 'gru' or 'minilm'"
+            )
+        return cls(
+            vocabulary=vocabulary,
+            tag_dim=dataset.tag_dim if text.kind == "bow" else None,
+            num_labels=dataset.num_labels,
+            tag_names=tuple(dataset.tag_names) if text.kind == "bow" else (),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "vocabulary": None if self.vocabulary is None else json.loads(self.vocabulary.to_json()),
+                "tag_dim": self.tag_dim,
+                "num_labels": self.num_labels,
+                "tag_names": list(self.tag_names),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str) -> TextContext:
+        """Raises ModelNotFoundError naming `source` when the JSON is not a text context."""
+        try:
+            data = json.loads(text)
+            vocabulary = data["vocabulary"]
+            return cls(
+                vocabulary=None if vocabulary is None else Vocabulary.from_json(json.dumps(vocabulary)),
+                tag_dim=None if data["tag_dim"] is None else int(data["tag_dim"]),
+                num_labels=None if data["num_labels"] is None else int(data["num_labels"]),
+                tag_names=tuple(str(name) for name in data.get("tag_names", [])),
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            raise ModelNotFoundError(f"{source}: not a text context of a cross-modal model: {error}") from error
+
+
+@dataclass
+class CrossModalBatch:
+    """One training or scoring batch.
+
+    Attributes:
+        images: `[B, 3, H, W]`.
+        text_inputs: prepared texts (`TextEncoder.prepare`), `T` of them.
+        owner: `[T]` int64, the batch position of each text's image.
+        labels: `[B, C]` multi-hot float, or None.
+    """
+
+    images: torch.Tensor
+    text_inputs: dict[str, torch.Tensor]
+    owner: torch.Tensor
+    labels: torch.Tensor | None
+
+    def to(self, device: torch.device) -> CrossModalBatch:
+        return CrossModalBatch(
+            images=self.images.to(device),
+            text_inputs={name: value.to(device) for name, value in self.text_inputs.items()},
+            owner=self.owner.to(device),
+            labels=None if self.labels is None else self.labels.to(device),
+        )
+
+    @property
+    def positive(self) -> torch.Tensor:
+        """`[B, T]` bool: text `t` describes image `i`."""
+        return self.owner.unsqueeze(0) == torch.arange(self.images.shape[0], device=self.owner.device).unsqueeze(1)
+
+
+@dataclass
+class EncodedSplit:
+    """Retrieval representations of a split: codes for a hashing model, unit vectors otherwise.
+
+    Attributes:
+        images: `[N, K or D]` float32.
+        texts: `[T, K or D]` float32.
+        owner: `[T]` int64 image index of each text.
+        image_labels: `[N, C]` multi-hot, or None.
+    """
+
+    images: np.ndarray
+    texts: np.ndarray
+    owner: np.ndarray
+    image_labels: np.ndarray | None
+
+    @property
+    def text_labels(self) -> np.ndarray | None:
+        return None if self.image_labels is None else self.image_labels[self.owner]
+
+
+class CrossModalMethod(ABC):
+    """A cross-modal method: two encoders, a modality discriminator, and each player's loss.
+
+    Args:
+        spec: the validated job spec (method: one of the cross-modal method specs).
+        context: what the architecture takes from the training data (`TextContext.from_dataset`).
+    """
+
+    name: str
+    hashing: bool
+
+    def __init__(self, spec: JobSpec, *, context: TextContext) -> None:
+        self.spec = spec
+        self.context = context
+
+    @property
+    @abstractmethod
+    def text_spec(self) -> TextEncoderSpec:
+        """The text encoder's settings."""
+
+    @property
+    @abstractmethod
+    def discriminator_steps(self) -> int:
+        """Steps of the modality classifiers per step of the encoders."""
+
+    @property
+    @abstractmethod
+    def discriminator_lr(self) -> float | None:
+        """Learning rate of the modality classifiers (None: the encoders' rate)."""
+
+    @abstractmethod
+    def build_model(self) -> CrossModalNetwork:
+        """A fresh network (backbone weights per the spec)."""
+
+    @abstractmethod
+    def build_discriminator(self) -> ModalityDiscriminator:
+        """Fresh modality classifiers."""
+
+    @abstractmethod
+    def generator_terms(
+        self, *, output: CrossModalOutput, discriminator: nn.Module, batch: CrossModalBatch
+    ) -> dict[str, torch.Tensor]:
+        """The encoders' loss terms; `"loss"` is the weighted total to back-propagate.
+
+        Args:
+            output: the network's output on `batch` (with gradients).
+            discriminator: the modality classifiers, not DDP-wrapped (their gradients from this
+                loss are discarded: only the encoders step on it).
+            batch: the batch.
+        """
+
+    # ----------------------------------------------------------------- shared by both methods
+
+    def discriminator_terms(
+        self, *, output: CrossModalOutput, discriminator: nn.Module, batch: CrossModalBatch
+    ) -> dict[str, torch.Tensor]:
+        """The modality classifiers' loss (balanced cross-entropy) and balanced accuracy, on detached inputs."""
+        image_count, text_count = output.image_features.shape[0], output.text_features.shape[0]
+        features = torch.cat([output.image_features, output.text_features]).detach()
+        codes = None
+        if output.image_codes is not None and output.text_codes is not None:
+            codes = torch.cat([output.image_codes, output.text_codes]).detach()
+        feature_logits, code_logits = discriminator(features, codes)
+        modality = torch.cat(
+            [
+                torch.full((image_count,), IMAGE, dtype=torch.long, device=features.device),
+                torch.full((text_count,), TEXT, dtype=torch.long, device=features.device),
+            ]
+        )
+        terms = {
+            "feature_ce": _balanced_cross_entropy(feature_logits, modality),
+            "feature_accuracy": _balanced_accuracy(feature_logits, modality),
+        }
+        total = terms["feature_ce"]
+        if code_logits is not None:
+            terms["code_ce"] = _balanced_cross_entropy(code_logits, modality)
+            terms["code_accuracy"] = _balanced_accuracy(code_logits, modality)
+            total = total + terms["code_ce"]
+        terms["loss"] = total
+        return terms
+
+    def entropy_terms(
+        self, *, output: CrossModalOutput, discriminator: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`L_ent` of the features and of the codes (None without codes), each modality weighted equally."""
+        feature_image, code_image = discriminator(output.image_features, output.image_codes)
+        feature_text, code_text = discriminator(output.text_features, output.text_codes)
+        feature_entropy = 0.5 * (modality_entropy_loss(feature_image) + modality_entropy_loss(feature_text))
+        if code_image is None or code_text is None:
+            return feature_entropy, None
+        return feature_entropy, 0.5 * (modality_entropy_loss(code_image) + modality_entropy_loss(code_text))
+
+    def texts_of(
+        self, dataset: CrossModalDataset, indices: Sequence[int]
+    ) -> tuple[list[str], np.ndarray | None, np.ndarray]:
+        """The texts of some images: `(texts, tag rows or None, owner)`, owner `[T]` positions in `indices`.
+
+        The BoW encoder reads one tag vector per image; sentence encoders read every caption.
+        """
+        positions = list(range(len(indices)))
+        if self.text_spec.kind == "bow":
+            if dataset.tags is None:
+                raise ConfigError("method.text.kind 'bow' reads tag vectors, but this dataset has captions only")
+            texts = [" ".join(dataset.captions[index][:1]) for index in indices]
+            return texts, dataset.tags[np.asarray(indices, dtype=np.int64)], np.asarray(positions, dtype=np.int64)
+        texts, owner = [], []
+        for position, index in enumerate(indices):
+            for caption in dataset.captions[index]:
+                texts.append(caption)
+                owner.append(position)
+        return texts, None, np.asarray(owner, dtype=np.int64)
+
+    def make_batch(
+        self, model: nn.Module, dataset: CrossModalDataset, images: torch.Tensor, indices: torch.Tensor
+    ) -> CrossModalBatch:
+        """A batch of `images` `[B, 3, H, W]` (dataset items `indices` `[B]`) with their texts, on the CPU."""
+        index_list = [int(index) for index in indices]
+        texts, tags, owner = self.texts_of(dataset, index_list)
+        labels = None
+        if dataset.labels is not None:
+            labels = torch.from_numpy(np.asarray(dataset.labels[np.asarray(index_list)], dtype=np.float32))
+        return CrossModalBatch(
+            images=images,
+            text_inputs=_bare(model).text.prepare(texts, tags),
+            owner=torch.from_numpy(owner),
+            labels=labels,
+        )
+
+    def retrieval_vectors(self, features: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
+        """What an item is retrieved by: sign codes (±1) for hashing, the unit feature otherwise."""
+        if self.hashing:
+            if codes is None:
+                raise TypeError("a hashing method needs codes")
+            return torch.where(codes > 0, 1.0, -1.0)
+        return features
+
+    @torch.no_grad()
+    def embed(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Retrieval vectors `[B, K or D]` of images `[B, 3, H, W]`."""
+        network = _bare(model)
+        features = network.image_features(images)
+        return self.retrieval_vectors(features, network.image_codes(features) if self.hashing else None)
+
+    @torch.no_grad()
+    def embed_texts(self, model: nn.Module, texts: Sequence[str], tags: np.ndarray | None = None) -> torch.Tensor:
+        """Retrieval vectors `[T, K or D]` of texts (tag rows `[T, V]` for a BoW encoder)."""
+        network = _bare(model)
+        device = next(network.parameters()).device
+        if self.text_spec.kind == "bow" and tags is None:
+            if self.context.tag_dim is None:
+                raise ConfigError("a BoW text encoder needs the width of its tag vectors")
+            tags = tag_vectors(texts, tag_names=self.context.tag_names, tag_dim=self.context.tag_dim)
+        inputs = {name: value.to(device) for name, value in network.text.prepare(list(texts), tags).items()}
+        features = network.text_features(inputs)
+        return self.retrieval_vectors(features, network.text_codes(features) if self.hashing else None)
+
+    @torch.no_grad()
+    def encode_split(
+        self, model: nn.Module, dataset: CrossModalDataset, *, batch_size: int, device: torch.device | str = "cpu"
+    ) -> EncodedSplit:
+        """Retrieval vectors of every image and every text of a split (model in eval mode)."""
+        network = _bare(model)
+        was_training = network.training
+        network.eval()
+        images, texts, owners = [], [], []
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        for batch_images, indices in loader:
+            batch = self.make_batch(network, dataset, batch_images, indices).to(torch.device(device))
+            output = network(batch.images, batch.text_inputs)
+            images.append(self.retrieval_vectors(output.image_features, output.image_codes).float().cpu().numpy())
+            texts.append(self.retrieval_vectors(output.text_features, output.text_codes).float().cpu().numpy())
+            owners.append(batch.owner.cpu().numpy() + int(indices[0]))
+        network.train(was_training)
+        return EncodedSplit(
+            images=np.concatenate(images),
+            texts=np.concatenate(texts),
+            owner=np.concatenate(owners),
+            image_labels=None if dataset.labels is None else np.asarray(dataset.labels, dtype=np.float32),
+        )
+
+    @abstractmethod
+    def score(self, query: EncodedSplit, retrieval: EncodedSplit) -> dict[str, float]:
+        """The method's retrieval metrics for queries against the retrieval set."""
+
+
+class CrossModalHashing(CrossModalMethod):
+    """Ch. 3: pairwise likelihood on codes and features, quantisation, entropy against two modality classifiers."""
+
+    name = "cross_modal_hashing"
+    hashing = True
+
+    def __init__(self, spec: JobSpec, *, context: TextContext) -> None:
+        super().__init__(spec, context=context)
+        if not isinstance(spec.method, CrossModalHashingSpec):
+            raise TypeError(f"CrossModalHashing needs a cross_modal_hashing method spec, got {spec.method.name!r}")
+        self.settings: CrossModalHashingSpec = spec.method
+
+    @property
+    def text_spec(self) -> TextEncoderSpec:
+        return self.settings.text
+
+    @property
+    def discriminator_steps(self) -> int:
+        return self.settings.discriminator_steps
+
+    @property
+    def discriminator_lr(self) -> float | None:
+        return self.settings.discriminator_lr
+
+    def build_model(self) -> CrossModalNetwork:
+        model_spec = self.spec.model
+        return CrossModalNetwork(
+            backbone=model_spec.backbone,
+            weights=model_spec.weights,
+            pooling=model_spec.pooling,
+            gem_p=model_spec.gem_p,
+            text_encoder=build_text_encoder(
+                self.settings.text,
+                output_dim=self.settings.feature_dim,
+                vocabulary=self.context.vocabulary,
+                tag_dim=self.context.tag_dim,
+            ),
+            common_dim=self.settings.feature_dim,
+            bits=self.settings.bits,
+            normalize=False,
+        )
+
+    def build_discriminator(self) -> ModalityDiscriminator:
+        return ModalityDiscriminator(feature_dim=self.settings.feature_dim, bits=self.settings.bits)
+
+    def generator_terms(
+        self, *, output: CrossModalOutput, discriminator: nn.Module, batch: CrossModalBatch
+    ) -> dict[str, torch.Tensor]:
+        settings = self.settings
+        if output.image_codes is None or output.text_codes is None:
+            raise TypeError("the hashing method needs a network with hash layers")
+        if batch.labels is not None:
+            similarity = label_similarity(batch.labels, batch.labels[batch.owner])
+        else:
+            similarity = batch.positive.float()
+        feature_entropy, code_entropy = self.entropy_terms(output=output, discriminator=discriminator)
+        codes = torch.cat([output.image_codes, output.text_codes])
+        terms = {
+            "code_pair": pairwise_likelihood_loss(output.image_codes, output.text_codes, similarity),
+            "feature_pair": pairwise_likelihood_loss(output.image_features, output.text_features, similarity),
+            "quantization": quantization_loss(codes),
+            "bit_balance": bit_balance_loss(codes),
+            "feature_entropy": feature_entropy,
+            "code_entropy": code_entropy if code_entropy is not None else torch.zeros_like(feature_entropy),
+        }
+        terms["entropy"] = terms["feature_entropy"] + terms["code_entropy"]
+        terms["loss"] = (
+            settings.code_pair_weight * terms["code_pair"]
+            + settings.feature_pair_weight * terms["feature_pair"]
+            + settings.quantization_weight * terms["quantization"]
+            + settings.entropy_weight * terms["entropy"]
+            + settings.bit_balance_weight * terms["bit_balance"]
+        )
+        return terms
+
+    def score(self, query: EncodedSplit, retrieval: EncodedSplit) -> dict[str, float]:
+        query_labels, retrieval_labels = _relevance_labels(query), _relevance_labels(retrieval)
+        # A cut-off beyond the retrieval set counts the whole set, under the name the spec asked for.
+        gallery = min(len(retrieval.images), len(retrieval.texts))
+        top_n = self.spec.evaluation.map_top_n
+        ns = self.spec.evaluation.precision_ns
+        renamed = [(f"map@{min(top_n, gallery)}", f"map@{top_n}")]
+        renamed += [(f"p@{min(n, gallery)}", f"p@{n}") for n in ns]
+        raw = cross_modal_hash_scores(
+            query.images,
+            query_labels,
+            query.texts,
+            query_labels[query.owner],
+            retrieval.images,
+            retrieval_labels,
+            retrieval.texts,
+            retrieval_labels[retrieval.owner],
+            top_n=min(top_n, gallery),
+            ns=sorted({min(n, gallery) for n in ns}),
+        )
+        scores = {}
+        for key, value in raw.items():
+            direction, name = key.split("/", 1)
+            if name == "map@all":
+                scores[key] = value
+            for requested in [asked for got, asked in renamed if got == name]:
+                scores[f"{direction}/{requested}"] = value
+        scores["map@all"] = 0.5 * (scores["i2t/map@all"] + scores["t2i/map@all"])
+        return scores
+
+
+class AdversarialCrossModal(CrossModalMethod):
+    """Ch. 4: bi-directional ranking + projection matching (KL) + entropy against a modality classifier."""
+
+    name = "adversarial_cross_modal"
+    hashing = False
+
+    def __init__(self, spec: JobSpec, *, context: TextContext) -> None:
+        super().__init__(spec, context=context)
+        if not isinstance(spec.method, AdversarialCrossModalSpec):
+            raise TypeError(
+                f"AdversarialCrossModal needs an adversarial_cross_modal method spec, got {spec.method.name!r}"
+            )
+        self.settings: AdversarialCrossModalSpec = spec.method
+        if self.settings.label_weight > 0 and context.num_labels is None:
+            raise ConfigError(
+                "method.label_weight > 0 needs category labels, but this dataset has none (e.g. Flickr30K, COCO)"
+            )
+
+    @property
+    def text_spec(self) -> TextEncoderSpec:
+        return self.settings.text
+
+    @property
+    def discriminator_steps(self) -> int:
+        return self.settings.discriminator_steps
+
+    @property
+    def discriminator_lr(self) -> float | None:
+        return self.settings.discriminator_lr
+
+    def build_model(self) -> CrossModalNetwork:
+        model_spec = self.spec.model
+        return CrossModalNetwork(
+            backbone=model_spec.backbone,
+            weights=model_spec.weights,
+            pooling=model_spec.pooling,
+            gem_p=model_spec.gem_p,
+            text_encoder=build_text_encoder(
+                self.settings.text,
+                output_dim=self.settings.text.hidden_dim,
+                vocabulary=self.context.vocabulary,
+                tag_dim=self.context.tag_dim,
+            ),
+            common_dim=self.settings.embedding_dim,
+            bits=None,
+            normalize=True,
+            # Only built when used: a parameter that never receives a gradient stalls DDP.
+            num_labels=self.context.num_labels if self.settings.label_weight > 0 else None,
+        )
+
+    def build_discriminator(self) -> ModalityDiscriminator:
+        return ModalityDiscriminator(feature_dim=self.settings.embedding_dim, bits=None)
+
+    def generator_terms(
+        self, *, output: CrossModalOutput, discriminator: nn.Module, batch: CrossModalBatch
+    ) -> dict[str, torch.Tensor]:
+        settings = self.settings
+        positive = batch.positive
+        feature_entropy, _ = self.entropy_terms(output=output, discriminator=discriminator)
+        terms = {
+            "ranking": bidirectional_ranking_loss(
+                output.image_features, output.text_features, positive, margin=settings.ranking_margin
+            ),
+            "projection": projection_matching_loss(output.image_features, output.text_features, positive.float()),
+            "entropy": feature_entropy,
+        }
+        total = (
+            settings.ranking_weight * terms["ranking"]
+            + settings.projection_weight * terms["projection"]
+            + settings.entropy_weight * terms["entropy"]
+        )
+        if output.label_logits is not None and batch.labels is not None:
+            labels = torch.cat([batch.labels, batch.labels[batch.owner]])
+            terms["label"] = label_calibration_loss(output.label_logits, labels, temperature=settings.label_temperature)
+            total = total + settings.label_weight * terms["label"]
+        terms["loss"] = total
+        return terms
+
+    def score(self, query: EncodedSplit, retrieval: EncodedSplit) -> dict[str, float]:
+        # The thesis' protocol: images and sentences of the test split retrieve each other.
+        return cross_modal_recall(query.images, query.texts, query.owner, ks=self.spec.evaluation.recall_ks)
+
+
+def alternating_step(
+    method: CrossModalMethod,
+    *,
+    model: nn.Module,
+    discriminator: nn.Module,
+    generator_optimizer: torch.optim.Optimizer,
+    discriminator_optimizer: torch.optim.Optimizer,
+    batch: CrossModalBatch,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One step of the two-player schedule; returns the encoders' and the classifiers' terms.
+
+    The encoders embed the batch once; the modality classifiers take `method.discriminator_steps`
+    steps on the detached features (and codes); then the encoders step on their loss, whose
+    entropy term reads the just-updated classifiers. Nothing here draws random numbers, so the
+    schedule is fixed by the seed of the data order and of the initial weights.
+
+    Args:
+        model: the network, possibly DDP-wrapped (its forward runs both encoders in one call).
+        discriminator: the modality classifiers, possibly DDP-wrapped (their own steps all-reduce).
+        batch: on the model's device.
+    """
+    output = model(batch.images, batch.text_inputs)
+    adversary: dict[str, torch.Tensor] = {}
+    for _ in range(method.discriminator_steps):
+        adversary = method.discriminator_terms(output=output, discriminator=discriminator, batch=batch)
+        discriminator_optimizer.zero_grad(set_to_none=True)
+        adversary["loss"].backward()
+        discriminator_optimizer.step()
+    # The classifiers are read bare here: the encoders' loss must neither all-reduce nor step their gradients.
+    bare_discriminator = (
+        discriminator.module if isinstance(discriminator, nn.parallel.DistributedDataParallel) else discriminator
+    )
+    terms = method.generator_terms(output=output, discriminator=bare_discriminator, batch=batch)
+    generator_optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    generator_optimizer.step()
+    discriminator_optimizer.zero_grad(set_to_none=True)
+    return terms, adversary
+
+
+CROSS_MODAL_METHOD_CLASSES: dict[str, type[CrossModalMethod]] = {
+    CrossModalHashing.name: CrossModalHashing,
+    AdversarialCrossModal.name: AdversarialCrossModal,
+}
+
+
+def build_cross_modal_method(spec: JobSpec, *, context: TextContext) -> CrossModalMethod:
+    """The cross-modal method named by `spec.method.name`, bound to the spec and its text context."""
+    try:
+        method_class = CROSS_MODAL_METHOD_CLASSES[spec.method.name]
+    except KeyError:
+        raise ValueError(
+            f"{spec.method.name!r} is not a cross-modal method; those are {sorted(CROSS_MODAL_METHOD_CLASSES)}"
+        ) from None
+    return method_class(spec, context=context)
+
+
+def tag_vectors(texts: Sequence[str], *, tag_names: Sequence[str], tag_dim: int) -> np.ndarray:
+    """Tag vectors `[T, V]` of free texts: 1 where a tag word occurs in the text (a text query to a BoW model)."""
+    from retrieval.models.text import tokenize
+
+    if len(tag_names) != tag_dim:
+        raise ConfigError(f"the model has {tag_dim} tags but {len(tag_names)} tag names")
+    position = {name.lower(): column for column, name in enumerate(tag_names)}
+    vectors = np.zeros((len(texts), tag_dim), dtype=np.float32)
+    for row, text in enumerate(texts):
+        for word in tokenize(text):
+            column = position.get(word)
+            if column is not None:
+                vectors[row, column] = 1.0
+    return vectors
+
+
+def _relevance_labels(split: EncodedSplit) -> np.ndarray:
+    """Multi-hot labels for relevance; a dataset without categories: each image is its own class."""
+    if split.image_labels is not None:
+        return split.image_labels
+    return np.eye(split.images.shape[0], dtype=np.float32)
+
+
+def _balanced_cross_entropy(logits: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+    """Mean of the per-modality mean cross-entropies: 5 captions per image do not outvote the image."""
+    losses = F.cross_entropy(logits, modality, reduction="none")
+    return 0.5 * (losses[modality == IMAGE].mean() + losses[modality == TEXT].mean())
+
+
+def _balanced_accuracy(logits: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+    correct = (logits.argmax(dim=1) == modality).float()
+    return 0.5 * (correct[modality == IMAGE].mean() + correct[modality == TEXT].mean()).detach()
+
+
+def _bare(model: nn.Module) -> CrossModalNetwork:
+    network = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if not isinstance(network, CrossModalNetwork):
+        raise TypeError(f"expected a CrossModalNetwork, got {type(network).__name__}")
+    return network
