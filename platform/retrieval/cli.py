@@ -106,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("--shards", type=int, default=None, help="number of shards (default: from the job spec)")
     index.add_argument("--factory", default=None, help="Faiss factory string (default: from the job spec)")
     index.add_argument("--gallery", choices=["test", "train", "all"], default=None, help="which split to index")
+    index.add_argument(
+        "--modality",
+        choices=["image", "text"],
+        default=None,
+        help="cross-modal models: index the retrieval set's images or its texts (default: the job spec's)",
+    )
     index.set_defaults(handler=_index)
 
     evaluate = commands.add_parser(
@@ -283,6 +289,7 @@ def _index(args: argparse.Namespace) -> int:
         shards=args.shards,
         factory=args.factory,
         gallery=args.gallery,
+        modality=args.modality,
     )
     print(f"index manifest: {manifest}")
     return 0
@@ -302,6 +309,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         for override in args.overrides:
             apply_override(data, override)
         spec = JobSpec.from_mapping(data, source=f"{args.model} job spec")
+        if package.is_cross_modal:
+            return _print_cross_modal(package, spec, args)
         result = evaluate_suite(
             spec,
             embedders={"trained": lambda batch: package.method.embed(package.model, batch)},
@@ -311,6 +320,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         spec = load_job_spec(args.spec, args.overrides)
         if spec.incremental is not None:
             return _print_incremental(spec, args)
+        if spec.is_cross_modal:
+            raise RetrievalError(
+                f"{spec.name}: a cross-modal job is scored with its trained encoders: "
+                "`retrieval evaluate --model models:/<name>@champion`"
+            )
         result = evaluate_suite(spec)
     print(f"{spec.name} on {spec.dataset.name} ({result.protocol} protocol)")
     print(result.table())
@@ -321,6 +335,19 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"logged to MLflow run {run_id} ({spec.tracking.tracking_uri}, experiment {spec.tracking.experiment})")
     if args.summary:
         _write_json(args.summary, {"job": spec.name, "protocol": result.protocol, "rows": result.rows})
+    return 0
+
+
+def _print_cross_modal(package: Any, spec: Any, args: argparse.Namespace) -> int:
+    """`retrieval evaluate --model` of a cross-modal model: its metrics on the job's query / retrieval splits."""
+    from retrieval.train.cross_modal import score_model
+
+    metrics = score_model(package.method, package.model, spec=spec, device=package.device)
+    print(f"{spec.name} ({spec.method.name}) on {spec.dataset.name}")
+    for key in sorted(metrics):
+        print(f"  {key:<20} {metrics[key]:.4f}")
+    if args.summary:
+        _write_json(args.summary, {"job": spec.name, "metrics": metrics})
     return 0
 
 
@@ -421,6 +448,7 @@ def build_index_from_model(
     shards: int | None = None,
     factory: str | None = None,
     gallery: str | None = None,
+    modality: str | None = None,
 ) -> Path | str:
     """`retrieval index`: settings default to the model's own job spec.
 
@@ -456,6 +484,7 @@ def build_index_from_model(
             factory=factory or spec.index.factory,
             metric=spec.index.metric,
             batch_size=spec.train.embed_batch_size,
+            modality="text" if (modality or spec.index.modality) == "text" else "image",
         )
 
     if not is_s3_uri(out_root):

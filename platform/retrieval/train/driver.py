@@ -94,8 +94,23 @@ def check_job_inputs(spec: JobSpec) -> None:
 
     Raises:
         DatasetError: the dataset cannot be read or split as specified, or its training split
-            has fewer classes than a batch needs.
+            has fewer classes than a batch needs (or, for a cross-modal job, fewer pairs than a
+            batch per worker).
     """
+    if spec.is_cross_modal:
+        from retrieval.data.cross_modal import cross_modal_datasets_from_spec
+        from retrieval.train.cross_modal import method_for
+
+        pairs = cross_modal_datasets_from_spec(spec.dataset)
+        needed = 2 * spec.scaling.num_workers
+        if len(pairs.train) < needed:
+            raise DatasetError(
+                f"the training split of {spec.dataset.name!r} has {len(pairs.train)} pairs; "
+                f"{spec.scaling.num_workers} workers need at least {needed}"
+            )
+        # Builds the text context (and, for a BoW encoder, checks the dataset has tag vectors).
+        method_for(spec, pairs.train)
+        return
     splits = datasets_from_spec(spec.dataset)
     train_classes = len(set(splits.train.labels.tolist()))
     if train_classes < spec.train.classes_per_batch:
@@ -170,8 +185,14 @@ def build_trainer(
     `task` makes it one task of an incremental sequence (see `retrieval.train.incremental`).
     """
     location, filesystem = storage_location(spec, storage)
+    if spec.is_cross_modal:
+        from retrieval.train.cross_modal import cross_modal_loop_per_worker
+
+        loop: Any = cross_modal_loop_per_worker
+    else:
+        loop = train_loop_per_worker
     return TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config={
             "spec": spec.model_dump(mode="json"),
             "tracking": (
@@ -213,6 +234,13 @@ def register_checkpoint(
     The new version gets the alias `candidate`; with `promote_with_gate` it also becomes
     `champion` when the job's gate holds.
     """
+    if spec.is_cross_modal:
+        from retrieval.train.cross_modal import register_cross_modal_checkpoint
+
+        outcome: TrainingOutcome = register_cross_modal_checkpoint(
+            spec, checkpoint=checkpoint, run=run, history=history, promote_with_gate=promote_with_gate, tags=tags
+        )
+        return outcome
     with tempfile.TemporaryDirectory() as folder:
         with checkpoint.as_directory() as checkpoint_dir:
             state = torch.load(Path(checkpoint_dir) / CHECKPOINT_STATE, map_location="cpu", weights_only=False)

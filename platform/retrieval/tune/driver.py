@@ -25,7 +25,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
-from retrieval.config import Distribution, LoadedSweep, SweepSpec, load_sweep_spec
+from retrieval.config import Distribution, LoadedSweep, SweepSpec, load_sweep_spec, sweep_metric_names
 from retrieval.errors import ConfigError
 from retrieval.evaluation.plots import sweep_figure
 from retrieval.tracking.registry import RegisteredModel, set_alias
@@ -48,12 +48,14 @@ class TrialRow:
     metric: float
     epochs: int
     status: str
+    others: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "trial_id": self.trial_id,
             **self.values,
             "metric": self.metric,
+            **self.others,
             "epochs": self.epochs,
             "status": self.status,
         }
@@ -78,7 +80,8 @@ class SweepOutcome:
     def table(self) -> str:
         """The printed results table: one row per trial, best first."""
         keys = sorted({key for row in self.rows for key in row.values})
-        header = ["trial", *keys, self.metric, "epochs", "status"]
+        others = sorted({key for row in self.rows for key in row.others})
+        header = ["trial", *keys, self.metric, *others, "epochs", "status"]
         ordered = sorted(self.rows, key=lambda row: _sort_key(row.metric, self.mode))
         lines = [header]
         for row in ordered:
@@ -88,6 +91,7 @@ class SweepOutcome:
                     row.trial_id + marker,
                     *(_format_value(row.values.get(key)) for key in keys),
                     f"{row.metric:.4f}",
+                    *(f"{row.others.get(key, math.nan):.4f}" for key in others),
                     str(row.epochs),
                     row.status,
                 ]
@@ -291,6 +295,12 @@ def _record(
                 metric=float(metrics.get(spec.metric, math.nan)),
                 epochs=done,
                 status=status,
+                # The job's other held-out metrics, so an ablation's table shows every direction.
+                others={
+                    name: float(metrics[name])
+                    for name in sweep_metric_names(sweep.base_job)
+                    if name != spec.metric and isinstance(metrics.get(name), int | float)
+                },
             )
         )
         child_id = children.get(trial_id)
@@ -367,7 +377,7 @@ def _record(
     )
     parent.log_figure(figure, "sweep/metric_vs_weights.png")
     plt.close(figure)
-    return SweepOutcome(
+    outcome = SweepOutcome(
         name=spec.name,
         metric=spec.metric,
         mode=spec.mode,
@@ -380,6 +390,8 @@ def _record(
         experiment_path=experiment_path,
         baselines=baselines,
     )
+    parent.client.log_text(parent.run_id, outcome.table() + "\n", "sweep/table.txt")
+    return outcome
 
 
 def _children(parent: TrainingRun) -> dict[str, str]:
