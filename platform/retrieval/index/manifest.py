@@ -11,6 +11,12 @@ naming the active one::
 The manifest is the record that makes an index reproducible (ARCHITECTURE invariant 3):
 it names the model version that embedded the gallery, the Faiss factory string, the
 gallery it was built from, and the sha256 of every shard file.
+
+Two kinds of index share this layout: float indices (metric ``"ip"`` or ``"l2"``, ``dim`` the
+embedding size) and binary ones (metric ``"hamming"``: hash codes packed 8 bits a byte in Faiss
+binary indices, ``dim`` and ``bits`` the code length in bits). ``modality`` says what the
+gallery items are (images, or texts of a cross-modal dataset). Manifests written before
+``bits`` and ``modality`` existed read as float image indices.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ FORMAT_VERSION = 1
 
 # A version names a directory under the root: no separators, no leading dot (temp dirs).
 _VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+IndexMetric = Literal["ip", "l2", "hamming"]
+Modality = Literal["image", "text"]
 
 
 class ModelRef(BaseModel):
@@ -73,11 +82,18 @@ class IndexManifest(BaseModel):
     created_at: str
     model: ModelRef
     dim: int
-    metric: Literal["ip", "l2"]
+    metric: IndexMetric
     factory: str
     num_items: int
     shards: list[ShardInfo]
     gallery: dict[str, Any]
+    bits: int | None = None
+    modality: Modality = "image"
+
+    @property
+    def is_binary(self) -> bool:
+        """A Faiss binary index of packed hash codes, searched by Hamming distance."""
+        return self.metric == "hamming"
 
     @model_validator(mode="after")
     def _check_consistency(self) -> IndexManifest:
@@ -87,6 +103,13 @@ class IndexManifest(BaseModel):
             raise ValueError(f"index_version {self.index_version!r} is not a valid directory name")
         if self.dim < 1:
             raise ValueError(f"dim must be >= 1, got {self.dim}")
+        if self.metric == "hamming":
+            if self.bits != self.dim or self.dim % 8:
+                raise ValueError(
+                    f"a hamming index needs bits equal to dim and a multiple of 8, got bits {self.bits}, dim {self.dim}"
+                )
+        elif self.bits is not None:
+            raise ValueError(f"bits applies to a hamming index only, but metric is {self.metric!r}")
         numbers = [info.shard for info in self.shards]
         if numbers != list(range(len(self.shards))):
             raise ValueError(f"shards must be numbered 0..{len(self.shards) - 1} in order, got {numbers}")

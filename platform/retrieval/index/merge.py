@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 
-# The values Faiss pads a short result row with (id -1), so a merged row looks the same.
-_PADDING_SCORE = {"ip": -np.finfo(np.float32).max, "l2": np.finfo(np.float32).max}
+from retrieval.index.manifest import IndexMetric
+
+# The values Faiss pads a short result row with (id -1), so a merged row looks the same; a
+# binary shard's padding is shown as an l2 one's (`LoadedShard.search`).
+_PADDING_SCORE = {
+    "ip": -np.finfo(np.float32).max,
+    "l2": np.finfo(np.float32).max,
+    "hamming": np.finfo(np.float32).max,
+}
+# Metrics whose scores are distances: smaller is better.
+_ASCENDING = ("l2", "hamming")
 
 
 def merge_topk(
     *,
     results: Sequence[tuple[np.ndarray, np.ndarray]],
     k: int,
-    metric: Literal["ip", "l2"],
+    metric: IndexMetric,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Merge the top-k lists of several shards into the exact global top-k.
 
@@ -26,7 +34,8 @@ def merge_topk(
         results: one ``(scores [Q, k_i], ids [Q, k_i])`` pair per shard, same ``Q`` for all;
             id ``-1`` marks Faiss padding.
         k: neighbours to keep per query, >= 1.
-        metric: ``"ip"`` (higher score is better) or ``"l2"`` (lower is better).
+        metric: ``"ip"`` (higher score is better), ``"l2"`` or ``"hamming"`` (distances: lower is
+            better; Hamming distances are whole numbers, exact in float32).
 
     Returns:
         Scores ``[Q, k]`` float32 and ids ``[Q, k]`` int64, best first; equal scores are
@@ -41,7 +50,7 @@ def merge_topk(
         [[3, 8, 1]]
     """
     if metric not in _PADDING_SCORE:
-        raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+        raise ValueError(f"metric must be 'ip', 'l2' or 'hamming', got {metric!r}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if not results:
@@ -65,7 +74,7 @@ def merge_topk(
     scores = np.concatenate(all_scores, axis=1)
     ids = np.concatenate(all_ids, axis=1)
     padding = ids < 0
-    rank_key = -scores if metric == "ip" else scores
+    rank_key = scores if metric in _ASCENDING else -scores
     # lexsort sorts by the LAST key first: padding last, then best score, then smaller id.
     order = np.lexsort((ids, rank_key, padding), axis=-1)[:, :k]
     merged_scores = np.take_along_axis(scores, order, axis=1)

@@ -3,6 +3,11 @@
 Each shard holds a contiguous range of the (sorted) gallery ids, so a shard's manifest
 entry says which ids it owns and a lookup by id goes to exactly one shard. Every shard
 returns global ids, so per-shard results merge without translation (see `merge.merge_topk`).
+
+Float shards hold float32 vectors (metric ``"ip"`` or ``"l2"``); binary shards (metric
+``"hamming"``) hold hash codes packed 8 bits a byte (``uint8 [N, bits / 8]``, the layout of
+`retrieval.evaluation.cross_modal.pack_codes`) in Faiss binary indices and are searched with
+packed queries by Hamming distance. Both kinds share the items files, checksums and manifest.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import faiss
 import numpy as np
@@ -26,6 +31,8 @@ import numpy as np
 from retrieval.errors import IndexIntegrityError
 from retrieval.index.manifest import (
     IndexManifest,
+    IndexMetric,
+    Modality,
     ModelRef,
     ShardInfo,
     set_current_version,
@@ -37,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 _FAISS_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 _HASH_CHUNK_BYTES = 1 << 20
+# Faiss pads a short binary result row with an arbitrary distance; shown like an l2 row's padding.
+_BINARY_PADDING = np.finfo(np.float32).max
 
 
 def faiss_metric(metric: str) -> int:
@@ -48,6 +57,30 @@ def faiss_metric(metric: str) -> int:
     if metric not in _FAISS_METRICS:
         raise ValueError(f"metric must be one of {sorted(_FAISS_METRICS)}, got {metric!r}")
     return _FAISS_METRICS[metric]
+
+
+def binary_factory(factory: str) -> str:
+    """The Faiss binary factory string for ``factory``: ``"Flat"`` means ``"BFlat"``, others pass as given.
+
+    So a spec's default ``factory: Flat`` works for float and binary indices alike, while
+    ``"BHNSW32"`` or ``"BIVF64"`` choose a binary HNSW graph or inverted file.
+    """
+    return "BFlat" if factory == "Flat" else factory
+
+
+def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Unpack codes packed 8 bits a byte back to sign codes: the inverse of `pack_codes`.
+
+    Args:
+        packed: ``uint8 [N, bits / 8]`` (or ``[bits / 8]``), first code bit in the highest bit
+            of the first byte (``np.packbits``' order).
+        bits: the code length.
+
+    Returns:
+        ``float32 [N, bits]`` (or ``[bits]``) of +1.0 (bit set) and -1.0 (bit clear).
+    """
+    unpacked = np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=-1, count=bits)
+    return unpacked.astype(np.float32) * 2.0 - 1.0
 
 
 def file_sha256(path: Path) -> str:
@@ -77,11 +110,19 @@ def _validate_inputs(
     index_version: str | None,
     train_sample: int,
     add_batch_size: int,
+    metric: str,
 ) -> tuple[np.ndarray, np.ndarray]:
+    if metric != "hamming":
+        faiss_metric(metric)
     vectors = np.asarray(vectors)
     ids = np.asarray(ids)
     if vectors.ndim != 2:
         raise ValueError(f"vectors must be a 2-D array [N, D], got shape {vectors.shape}")
+    if metric == "hamming" and vectors.dtype != np.uint8:
+        raise ValueError(
+            f"a hamming index takes codes packed 8 bits a byte (uint8 [N, bits / 8], see pack_codes), "
+            f"got dtype {vectors.dtype}"
+        )
     count, dim = vectors.shape
     if count == 0 or dim == 0:
         raise ValueError(f"vectors must be non-empty, got shape {vectors.shape}")
@@ -105,16 +146,18 @@ def _validate_inputs(
     if (ids < 0).any():
         # Faiss pads missing results with id -1: a negative gallery id would be ambiguous.
         raise ValueError(f"ids must be >= 0, got {int(ids.min())}")
+    unique_ids, counts = np.unique(ids, return_counts=True)
+    duplicated = unique_ids[counts > 1]
+    if duplicated.size:
+        raise ValueError(f"ids must be unique; {duplicated.size} repeat, e.g. {duplicated[:5].tolist()}")
+    if metric == "hamming":
+        return np.ascontiguousarray(vectors), ids.astype(np.int64)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     bad_rows = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
     if bad_rows.size:
         raise ValueError(
             f"vectors hold non-finite values (NaN or inf) in {bad_rows.size} rows, first at row {int(bad_rows[0])}"
         )
-    unique_ids, counts = np.unique(ids, return_counts=True)
-    duplicated = unique_ids[counts > 1]
-    if duplicated.size:
-        raise ValueError(f"ids must be unique; {duplicated.size} repeat, e.g. {duplicated[:5].tolist()}")
     return vectors, ids.astype(np.int64)
 
 
@@ -140,6 +183,28 @@ def _new_shard_index(*, dim: int, factory: str, metric: str) -> faiss.Index:
     return index
 
 
+def _new_binary_shard_index(*, bits: int, factory: str) -> faiss.IndexBinary:
+    try:
+        index = faiss.index_binary_factory(bits, binary_factory(factory))
+    except RuntimeError as error:
+        raise ValueError(
+            f"faiss cannot build binary factory {binary_factory(factory)!r} for {bits} bits "
+            f"(binary factories: 'Flat' / 'BFlat', 'BHNSW32', 'BIVF<lists>'): {error}"
+        ) from error
+    if isinstance(index, faiss.IndexBinaryIVF):
+        # As for float IVF: reconstruction by id (id queries) needs the direct map, made while empty.
+        index.make_direct_map()
+    if not isinstance(index, faiss.IndexBinaryIDMap2):
+        index = faiss.IndexBinaryIDMap2(index)
+    return index
+
+
+def _new_index(*, dim: int, factory: str, metric: str) -> Any:
+    if metric == "hamming":
+        return _new_binary_shard_index(bits=dim, factory=factory)
+    return _new_shard_index(dim=dim, factory=factory, metric=metric)
+
+
 def _write_items(path: Path, ids: np.ndarray, items: Sequence[Mapping[str, Any]]) -> None:
     with path.open("w", encoding="utf-8") as stream:
         for item_id, item in zip(ids.tolist(), items, strict=True):
@@ -160,12 +225,13 @@ def build_shards(
     out_root: str | Path,
     num_shards: int,
     factory: str = "Flat",
-    metric: Literal["ip", "l2"] = "ip",
+    metric: IndexMetric = "ip",
     model: ModelRef,
     gallery: Mapping[str, Any],
     index_version: str | None = None,
     train_sample: int = 100_000,
     add_batch_size: int = 65_536,
+    modality: Modality = "image",
 ) -> Path:
     """Write a new version of a sharded index under ``out_root`` and make it current.
 
@@ -174,20 +240,25 @@ def build_shards(
     sees a half-written version and earlier versions stay intact.
 
     Args:
-        vectors: gallery embeddings ``[N, D]``, float32 (converted if needed), all finite.
+        vectors: gallery embeddings ``[N, D]``, float32 (converted if needed), all finite; for
+            metric ``"hamming"`` packed hash codes ``uint8 [N, bits / 8]`` (see `pack_codes`).
         ids: gallery ids ``[N]``, unique non-negative integers.
         items: per-vector metadata (``N`` JSON-serialisable mappings, e.g.
             ``{"label": "7", "source": "digits:12"}``), stored per shard beside the index.
         out_root: the index root directory (created if missing).
         num_shards: number of shards, between 1 and ``N``; shard ``s`` holds the ``s``-th
             contiguous range of the sorted ids.
-        factory: Faiss factory string (e.g. ``"Flat"``, ``"IVF4,Flat"``, ``"HNSW32"``).
-        metric: ``"ip"`` (inner product, higher is better) or ``"l2"`` (lower is better).
+        factory: Faiss factory string (e.g. ``"Flat"``, ``"IVF4,Flat"``, ``"HNSW32"``); for
+            ``"hamming"`` a binary one (``"Flat"`` = ``"BFlat"``, ``"BHNSW32"``, ``"BIVF16"``).
+        metric: ``"ip"`` (inner product, higher is better), ``"l2"`` (lower is better) or
+            ``"hamming"`` (Hamming distance between packed codes, lower is better).
         model: the model version that produced ``vectors``.
         gallery: a free description of what was indexed (dataset, split, count).
         index_version: the version name; default a sortable UTC timestamp + random suffix.
         train_sample: at most this many vectors of a shard train an index that needs it.
         add_batch_size: vectors added to Faiss per call (bounds peak memory).
+        modality: what the gallery items are (``"image"``, or ``"text"`` for captions), recorded
+            in the manifest for clients.
 
     Returns:
         The path of the written ``manifest.json``.
@@ -203,9 +274,12 @@ def build_shards(
         index_version=index_version,
         train_sample=train_sample,
         add_batch_size=add_batch_size,
+        metric=metric,
     )
-    faiss_metric(metric)
-    count, dim = vectors.shape
+    binary = metric == "hamming"
+    count = vectors.shape[0]
+    # A binary index's dimension is in bits, 8 per byte of a packed code.
+    dim = vectors.shape[1] * 8 if binary else vectors.shape[1]
     root = Path(out_root)
     root.mkdir(parents=True, exist_ok=True)
     version = index_version or new_index_version()
@@ -220,7 +294,7 @@ def build_shards(
         for shard, positions in enumerate(np.array_split(order, num_shards)):
             shard_vectors = vectors[positions]
             shard_ids = ids[positions]
-            index = _new_shard_index(dim=dim, factory=factory, metric=metric)
+            index = _new_index(dim=dim, factory=factory, metric=metric)
             if not index.is_trained:
                 rng = np.random.default_rng(shard)
                 take = min(train_sample, len(positions))
@@ -232,7 +306,10 @@ def build_shards(
 
             index_name = f"shard-{shard:03d}.faiss"
             items_name = f"shard-{shard:03d}.items.jsonl"
-            faiss.write_index(index, str(staging / index_name))
+            if binary:
+                faiss.write_index_binary(index, str(staging / index_name))
+            else:
+                faiss.write_index(index, str(staging / index_name))
             _write_items(staging / items_name, shard_ids, [items[position] for position in positions.tolist()])
             shard_infos.append(
                 ShardInfo(
@@ -266,6 +343,8 @@ def build_shards(
             num_items=count,
             shards=shard_infos,
             gallery=dict(gallery),
+            bits=dim if binary else None,
+            modality=modality,
         )
         write_manifest(manifest, staging)
         os.rename(staging, version_dir)
@@ -282,28 +361,50 @@ class LoadedShard:
     """One verified shard in memory.
 
     Attributes:
-        index: the Faiss index; it answers with global gallery ids.
+        index: the Faiss index (a binary one for metric ``"hamming"``); it answers with global
+            gallery ids.
         items: per-id metadata, each dict including its ``"id"``.
         info: the shard's manifest entry.
+        metric: the index's metric (from the manifest).
     """
 
-    index: faiss.Index
+    index: Any
     items: dict[int, dict[str, Any]]
     info: ShardInfo
+    metric: IndexMetric = "ip"
+
+    @property
+    def is_binary(self) -> bool:
+        """Whether the shard holds packed hash codes searched by Hamming distance."""
+        return self.metric == "hamming"
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Search the shard.
 
         Args:
-            queries: ``[Q, D]`` query vectors.
+            queries: ``[Q, D]`` float query vectors; for a binary shard packed codes
+                ``uint8 [Q, bits / 8]`` (see `pack_codes`).
             k: neighbours per query, >= 1.
 
         Returns:
-            Scores ``[Q, k]`` float32 and ids ``[Q, k]`` int64; ids are ``-1`` past the
-            shard's size (Faiss padding).
+            Scores ``[Q, k]`` float32 (Hamming distances, whole numbers, for a binary shard) and
+            ids ``[Q, k]`` int64; ids are ``-1`` past the shard's size (Faiss padding), with
+            score ``float32 max`` in a binary shard.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if self.is_binary:
+            code_bytes = self.index.d // 8
+            queries = np.asarray(queries)
+            if queries.dtype != np.uint8 or queries.ndim != 2 or queries.shape[1] != code_bytes:
+                raise ValueError(
+                    f"queries of a {self.index.d}-bit binary shard must be packed codes uint8 [Q, {code_bytes}], "
+                    f"got {queries.dtype} {queries.shape}"
+                )
+            distances, ids = self.index.search(np.ascontiguousarray(queries), k)
+            scores = distances.astype(np.float32)
+            scores[ids < 0] = _BINARY_PADDING
+            return scores, ids.astype(np.int64)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.index.d:
             raise ValueError(f"queries must have shape [Q, {self.index.d}], got {queries.shape}")
@@ -311,14 +412,17 @@ class LoadedShard:
         return scores, ids
 
     def vector(self, item_id: int) -> np.ndarray:
-        """The stored vector ``[D]`` of a gallery id.
+        """The stored vector ``[D]`` float32 of a gallery id; a binary shard's code unpacked to ±1 ``[bits]``.
 
         Raises:
             KeyError: the id is not in this shard.
         """
         if item_id not in self.items:
             raise KeyError(item_id)
-        return np.asarray(self.index.reconstruct(int(item_id)), dtype=np.float32)
+        stored = self.index.reconstruct(int(item_id))
+        if self.is_binary:
+            return unpack_codes(stored, self.index.d)
+        return np.asarray(stored, dtype=np.float32)
 
 
 def _verified_path(version_dir: Path, name: str, expected_sha256: str) -> Path:
@@ -378,7 +482,7 @@ def load_shard(*, manifest: IndexManifest, version_dir: Path, shard: int, verify
         index_path = version_dir / info.file
         items_path = version_dir / info.items_file
     try:
-        index = faiss.read_index(str(index_path))
+        index = faiss.read_index_binary(str(index_path)) if manifest.is_binary else faiss.read_index(str(index_path))
     except RuntimeError as error:
         raise IndexIntegrityError(f"{index_path}: faiss cannot read the shard: {error}") from error
     items = _read_items(items_path)
@@ -388,4 +492,4 @@ def load_shard(*, manifest: IndexManifest, version_dir: Path, shard: int, verify
             f"{index.ntotal} vectors of dim {index.d} and {items_path.name} holds {len(items)} items"
         )
     logger.info("index %s: loaded shard %d (%d vectors)", manifest.index_version, shard, info.count)
-    return LoadedShard(index=index, items=items, info=info)
+    return LoadedShard(index=index, items=items, info=info, metric=manifest.metric)

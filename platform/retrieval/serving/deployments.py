@@ -422,7 +422,7 @@ class ShardDeployment(VersionedReplica):
 
 @serve.deployment
 class EmbedderDeployment(VersionedReplica):
-    """Embeds uploaded images with the model version that built the index.
+    """Embeds uploaded images, and texts for cross-modal models, with the model version that built the index.
 
     Holds one model per index version (one object when two versions share a model URI).
 
@@ -451,7 +451,8 @@ class EmbedderDeployment(VersionedReplica):
 
         Raises:
             ModelNotFoundError: the manifest's model cannot be loaded.
-            IndexIntegrityError: the model's dimension differs from the index's.
+            IndexIntegrityError: the model's dimension differs from the index's, or a binary
+                index's model is not a hashing one (or its code length differs).
         """
         # Imported here, not at module level: it pulls in torch and MLflow, which the shard
         # and ingress replicas (same module) must not pay for in memory and start-up time.
@@ -463,7 +464,12 @@ class EmbedderDeployment(VersionedReplica):
             return version
         shared = next((embedder for held_uri, embedder in self._models.values() if held_uri == uri), None)
         embedder = shared if shared is not None else load_embedder(uri, tracking_uri=self._spec.tracking_uri)
-        if embedder.dim != manifest.dim:
+        if manifest.is_binary and embedder.code_bits != manifest.bits:
+            raise IndexIntegrityError(
+                f"index {version} holds {manifest.bits}-bit hash codes but model {uri} gives "
+                f"{'real-valued embeddings' if embedder.code_bits is None else f'{embedder.code_bits}-bit codes'}"
+            )
+        if not manifest.is_binary and embedder.dim != manifest.dim:
             raise IndexIntegrityError(
                 f"model {uri} embeds into {embedder.dim} dimensions but index {version} holds "
                 f"{manifest.dim}-dimensional vectors"
@@ -499,6 +505,24 @@ class EmbedderDeployment(VersionedReplica):
                 raise VersionNotLoadedError(f"the embedder holds index versions {sorted(self._models)}, not {version}")
             image = decode_image(image_bytes)
             return np.asarray(held[1].embed_images([image])[0], dtype=np.float32)
+
+    def embed_text(self, text: str, index_version: str | None = None) -> np.ndarray:
+        """The embedding ``[D]`` float32 of a text (a ±1 code ``[bits]`` for a hashing model).
+
+        Args:
+            text: the query sentence; the model's text encoder cuts an over-long one.
+            index_version: the version the caller pinned; default the application's active one.
+
+        Raises:
+            BadRequestError: the model embeds images only.
+            VersionNotLoadedError: this replica holds no model for ``index_version``.
+        """
+        version = index_version if index_version is not None else self._desired_active
+        with self._in_flight.hold(version):
+            held = self._models.get(version)
+            if held is None:
+                raise VersionNotLoadedError(f"the embedder holds index versions {sorted(self._models)}, not {version}")
+            return np.asarray(held[1].embed_texts([text])[0], dtype=np.float32)
 
 
 async def _call(method: Any, *args: Any) -> Any:
@@ -541,6 +565,9 @@ class HandleEmbedderClient:
 
     async def embed(self, image_bytes: bytes, index_version: str) -> np.ndarray:
         return np.asarray(await _call(self._handle.embed, image_bytes, index_version))
+
+    async def embed_text(self, text: str, index_version: str) -> np.ndarray:
+        return np.asarray(await _call(self._handle.embed_text, text, index_version))
 
 
 @serve.deployment

@@ -2,9 +2,12 @@
 
 Endpoints::
 
+    POST /search          JSON {"text" | "vector" | "id" | "image": ..., "k": int?}, exactly one
+                          query field; "image" is the image file base64-encoded
     POST /search/vector   JSON {"vector": [float, ...], "k": int?}
     POST /search/image    multipart form: file (image bytes), k (optional form field)
     POST /search/id       JSON {"id": int, "k": int?}   neighbours, excluding the item
+    POST /search/text     JSON {"text": str, "k": int?}  cross-modal models: search by a sentence
     GET  /items/{id}      the stored metadata of one gallery item
     GET  /healthz         {"status": "ok"}
     GET  /version         {"model": {...}, "index_version": str, "manifest": {...}}
@@ -16,18 +19,25 @@ The admin routes need ``Authorization: Bearer <token>``, the token being the val
 environment variable ``ServingSpec.admin_token_env`` (default ``RETRIEVAL_ADMIN_TOKEN``) on the
 ingress replica, read per request; when that variable is unset or empty they are disabled.
 
-Every search reply is ``{"model": {"name", "version", "uri"}, "index_version", "k",
-"results": [{"id", "score", <item fields, e.g. label, source>}, ...]}``.
+Every search reply is ``{"model": {"name", "version", "uri"}, "index_version", "modality", "k",
+"results": [{"id", "score", <item fields, e.g. label, source>}, ...]}``, best first (highest
+``score``); ``modality`` ("image" or "text") says what the indexed items are. A binary (hashing)
+index also gives each result its Hamming ``distance``, with ``score = 1 - 2 * distance / bits``
+(the cosine of the two ±1 codes, in [-1, 1]); its vector queries hold one real value per bit,
+of which only the sign counts.
 
 Every error reply is ``{"error": {"type": str, "message": str}}`` (ARCHITECTURE invariant 4):
 
     422 validation_error    the request does not fit the schema: malformed JSON, a missing
-                            or unknown field, a value of the wrong type (FastAPI's
-                            RequestValidationError, reshaped)
+                            or unknown field, a value of the wrong type, not exactly one
+                            query field in POST /search (FastAPI's RequestValidationError,
+                            reshaped)
     400 bad_request         well-formed but invalid: wrong vector length, non-finite values,
-                            k outside 1..max_k
+                            k outside 1..max_k, an empty or blank text, a text query to a model
+                            that embeds images only, an "image" that is not base64
     400 not_an_image        the upload is not a readable image
-    413 payload_too_large   the upload is bigger than max_upload_bytes
+    413 payload_too_large   the upload is bigger than max_upload_bytes, or a text is longer
+                            than MAX_TEXT_CHARS (10,000) characters
     404 not_found           unknown gallery id, or unknown route
     405 method_not_allowed  a known route with the wrong method
     503 version_unavailable no replica holds the pinned index version (retry later)
@@ -41,6 +51,8 @@ Every error reply is ``{"error": {"type": str, "message": str}}`` (ARCHITECTURE 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import logging
 import os
@@ -49,7 +61,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -98,6 +110,39 @@ class VectorQuery(BaseModel):
     k: int | None = None
 
 
+class TextQuery(BaseModel):
+    """Body of ``POST /search/text``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    k: int | None = None
+
+
+_QUERY_FIELDS = ("vector", "id", "text", "image")
+
+
+class SearchQuery(BaseModel):
+    """Body of ``POST /search``: exactly one of ``vector``, ``id``, ``text``, ``image`` (base64)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vector: list[float] | None = None
+    id: int | None = None
+    text: str | None = None
+    image: str | None = None
+    k: int | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_query(self) -> SearchQuery:
+        given = [name for name in _QUERY_FIELDS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of {', '.join(_QUERY_FIELDS)}; got {', '.join(given) if given else 'none'}"
+            )
+        return self
+
+
 class SwapRequest(BaseModel):
     """Body of ``POST /admin/swap``."""
 
@@ -113,6 +158,25 @@ class IdQuery(BaseModel):
 
     id: int
     k: int | None = None
+
+
+def decode_base64_image(data: str, *, max_bytes: int) -> bytes:
+    """The image bytes of a base64 ``image`` field, refusing oversize ones before decoding.
+
+    Raises:
+        PayloadTooLargeError: the decoded image would be over ``max_bytes``.
+        BadRequestError: the field is not valid base64.
+    """
+    # 4 base64 characters carry 3 bytes; the padding makes this an upper bound.
+    if len(data) // 4 * 3 > max_bytes + 3:
+        raise PayloadTooLargeError(f"the image is about {len(data) // 4 * 3} bytes, the limit is {max_bytes}")
+    try:
+        decoded = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise BadRequestError(f"image is not valid base64: {error}") from None
+    if len(decoded) > max_bytes:
+        raise PayloadTooLargeError(f"the image is {len(decoded)} bytes, the limit is {max_bytes}")
+    return decoded
 
 
 def error_response(status: int, error_type: str, message: str) -> JSONResponse:
@@ -229,6 +293,21 @@ def build_http_api(service: SearchService, admin: SwapAdmin | None = None) -> Fa
     @api.post("/search/id")
     async def search_id(query: IdQuery) -> dict[str, Any]:
         return await service.search_id(query.id, query.k)
+
+    @api.post("/search/text")
+    async def search_text(query: TextQuery) -> dict[str, Any]:
+        return await service.search_text(query.text, query.k)
+
+    @api.post("/search")
+    async def search(query: SearchQuery) -> dict[str, Any]:
+        if query.text is not None:
+            return await service.search_text(query.text, query.k)
+        if query.vector is not None:
+            return await service.search_vector(query.vector, query.k)
+        if query.id is not None:
+            return await service.search_id(query.id, query.k)
+        image = decode_base64_image(query.image or "", max_bytes=service.spec.max_upload_bytes)
+        return await service.search_image(image, query.k)
 
     @api.get("/items/{item_id}")
     async def item(item_id: int) -> dict[str, Any]:

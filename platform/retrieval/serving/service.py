@@ -9,6 +9,12 @@ version, one that starts after runs on the new. Requests in flight are counted p
 that the old version is freed only once they have drained. It talks to shards and the embedder through the
 small async protocols below; `retrieval.serving.deployments` implements them over Serve
 deployment handles.
+
+Queries come as a vector, a gallery id, an image or a text (cross-modal models); the last two
+are embedded by the embedder with the pinned version's model. A binary (hamming) index holds
+packed hash codes: every query is reduced to its signs and packed (`pack_codes`) before the
+search, and each result carries its Hamming ``distance`` and ``score = 1 - 2 * distance / bits``,
+the cosine similarity of the two ±1 codes, so clients rank every index by ``score`` alike.
 """
 
 from __future__ import annotations
@@ -25,12 +31,22 @@ import numpy as np
 
 from retrieval.config import ServingSpec
 from retrieval.errors import BadRequestError
+from retrieval.evaluation.cross_modal import pack_codes
 from retrieval.index.manifest import IndexManifest
 from retrieval.index.merge import merge_topk
-from retrieval.serving.errors import ItemNotFoundError, VersionNotLoadedError, VersionUnavailableError
+from retrieval.serving.errors import (
+    ItemNotFoundError,
+    PayloadTooLargeError,
+    VersionNotLoadedError,
+    VersionUnavailableError,
+)
 from retrieval.serving.swap import InFlight
 
 logger = logging.getLogger(__name__)
+
+# A text query longer than this is refused (413) before it reaches the embedder; shorter ones
+# the text encoder cuts to its own maximum length.
+MAX_TEXT_CHARS = 10_000
 
 
 class ShardClient(Protocol):
@@ -54,6 +70,14 @@ class EmbedderClient(Protocol):
 
     async def embed(self, image_bytes: bytes, index_version: str) -> np.ndarray:
         """The embedding ``[D]`` of an encoded image, by the model that built the index."""
+        ...
+
+    async def embed_text(self, text: str, index_version: str) -> np.ndarray:
+        """The embedding ``[D]`` (±1 code for a hashing model) of a text, by the model that built the index.
+
+        Raises:
+            BadRequestError: the model embeds images only.
+        """
         ...
 
 
@@ -160,18 +184,27 @@ class SearchService:
             raise BadRequestError(f"k must be between 1 and {self.spec.max_k}, got {k}")
         return k
 
-    def query_vector(self, values: Sequence[float], *, dim: int | None = None) -> np.ndarray:
+    def query_vector(
+        self, values: Sequence[float], *, dim: int | None = None, binary: bool | None = None
+    ) -> np.ndarray:
         """A query vector checked against the index: ``[1, D]`` float32.
 
         Args:
-            values: the vector.
+            values: the vector (for a binary index one real value per bit, its sign taken).
             dim: the dimension to expect (default: the active version's).
+            binary: whether the index is a binary one, for the message (default: the active version's).
 
         Raises:
             BadRequestError: wrong length, or NaN / infinite / float32-overflowing values.
         """
         dim = self.manifest.dim if dim is None else dim
+        binary = self.manifest.is_binary if binary is None else binary
         if len(values) != dim:
+            if binary:
+                raise BadRequestError(
+                    f"vector has {len(values)} values, the binary index expects {dim} (one per code bit; "
+                    "the sign of each is taken)"
+                )
             raise BadRequestError(f"vector has {len(values)} dimensions, the index expects {dim}")
         bad = [position for position, value in enumerate(values) if not math.isfinite(value)]
         query = np.asarray(values, dtype=np.float64)
@@ -189,21 +222,31 @@ class SearchService:
         """Search by a raw query vector of the index's dimension."""
         resolved_k = self.resolve_k(k)
         with self._pin() as active:
-            query = self.query_vector(values, dim=active.manifest.dim)
-            return await self._search(active, query, resolved_k, exclude_id=None)
+            query = self.query_vector(values, dim=active.manifest.dim, binary=active.manifest.is_binary)
+            return await self._search(active, self._packed(active, query), resolved_k, exclude_id=None)
 
     async def search_image(self, image_bytes: bytes, k: int | None) -> dict[str, Any]:
         """Embed an encoded image with the index's model version and search with it."""
         resolved_k = self.resolve_k(k)
         with self._pin() as active:
             vector = await self._embedder.embed(image_bytes, active.index_version)
-            query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-            if query.shape[1] != active.manifest.dim:
-                raise RuntimeError(
-                    f"the embedder returned {query.shape[1]} dimensions, index {active.index_version} has "
-                    f"{active.manifest.dim}"
-                )
-            return await self._search(active, query, resolved_k, exclude_id=None)
+            return await self._search(active, self._embedded(active, vector), resolved_k, exclude_id=None)
+
+    async def search_text(self, text: str, k: int | None) -> dict[str, Any]:
+        """Embed a text with the index's model version and search with it (cross-modal models).
+
+        Raises:
+            BadRequestError: empty or whitespace-only text, or a model that embeds images only.
+            PayloadTooLargeError: a text longer than `MAX_TEXT_CHARS` characters.
+        """
+        resolved_k = self.resolve_k(k)
+        if not text.strip():
+            raise BadRequestError("text is empty: give a non-blank query text")
+        if len(text) > MAX_TEXT_CHARS:
+            raise PayloadTooLargeError(f"text has {len(text)} characters, the limit is {MAX_TEXT_CHARS}")
+        with self._pin() as active:
+            vector = await self._embedder.embed_text(text, active.index_version)
+            return await self._search(active, self._embedded(active, vector), resolved_k, exclude_id=None)
 
     async def search_id(self, item_id: int, k: int | None) -> dict[str, Any]:
         """Neighbours of a gallery item, excluding the item itself.
@@ -218,7 +261,7 @@ class SearchService:
             if vector is None:
                 raise ItemNotFoundError(f"no item with id {item_id} in index {active.index_version}")
             query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-            return await self._search(active, query, resolved_k, exclude_id=item_id)
+            return await self._search(active, self._packed(active, query), resolved_k, exclude_id=item_id)
 
     async def item(self, item_id: int) -> dict[str, Any]:
         """The stored metadata of one gallery item, with the model and index version.
@@ -241,6 +284,20 @@ class SearchService:
             "index_version": manifest.index_version,
             "manifest": manifest.model_dump(mode="json"),
         }
+
+    @staticmethod
+    def _packed(active: ActiveVersion, queries: np.ndarray) -> np.ndarray:
+        """``queries [Q, D]`` as the shards take them: packed sign bits ``uint8 [Q, D / 8]`` for a binary index."""
+        return pack_codes(queries) if active.manifest.is_binary else queries
+
+    def _embedded(self, active: ActiveVersion, vector: np.ndarray) -> np.ndarray:
+        query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        if query.shape[1] != active.manifest.dim:
+            raise RuntimeError(
+                f"the embedder returned {query.shape[1]} dimensions, index {active.index_version} has "
+                f"{active.manifest.dim}"
+            )
+        return self._packed(active, query)
 
     def _shard_of(self, active: ActiveVersion, item_id: int) -> ShardClient | None:
         # Shards hold contiguous id ranges, so the manifest alone says where an id can be.
@@ -278,15 +335,23 @@ class SearchService:
         items: dict[int, dict[str, Any]] = {}
         for reply in replies:
             items.update(reply["items"])
+        bits = active.manifest.bits
         results = []
         for score, item_id in zip(scores[0].tolist(), ids[0].tolist(), strict=True):
             if item_id < 0 or item_id == exclude_id:
                 continue
-            fields = {name: value for name, value in items.get(item_id, {}).items() if name not in ("id", "score")}
-            results.append({"id": item_id, "score": score, **fields})
+            fields = {
+                name: value for name, value in items.get(item_id, {}).items() if name not in ("id", "score", "distance")
+            }
+            if bits is None:
+                results.append({"id": item_id, "score": score, **fields})
+            else:
+                distance = int(score)
+                results.append({"id": item_id, "score": 1.0 - 2.0 * distance / bits, "distance": distance, **fields})
         return {
             "model": active.model,
             "index_version": active.index_version,
+            "modality": active.manifest.modality,
             "k": k,
             "results": results[:k],
         }

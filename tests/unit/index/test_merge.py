@@ -27,13 +27,23 @@ def test_l2_merge_prefers_small_distances_per_row() -> None:
     assert scores.tolist() == [[0.0, 1.0, 2.0], [0.5, 1.0, 5.0]]
 
 
-@pytest.mark.parametrize(("metric", "padding"), [("ip", -FLT_MAX), ("l2", FLT_MAX)])
+def test_hamming_merge_ranks_whole_distances_ascending_ties_by_id() -> None:
+    # Three shards' top-3 lists of Hamming distances, padding (id -1) in the last one.
+    first = (np.array([[2.0, 5.0, 5.0]]), np.array([[8, 3, 12]]))
+    second = (np.array([[0.0, 5.0, 7.0]]), np.array([[20, 1, 21]]))
+    third = (np.array([[5.0, FLT_MAX, FLT_MAX]]), np.array([[30, -1, -1]]))
+    scores, ids = merge_topk(results=[first, second, third], k=5, metric="hamming")
+    assert ids.tolist() == [[20, 8, 1, 3, 12]]
+    assert scores.tolist() == [[0.0, 2.0, 5.0, 5.0, 5.0]]
+
+
+@pytest.mark.parametrize(("metric", "padding"), [("ip", -FLT_MAX), ("l2", FLT_MAX), ("hamming", FLT_MAX)])
 def test_padding_goes_last_and_short_rows_are_padded(metric: str, padding: float) -> None:
     # A padded entry whose score would otherwise rank first must still come last.
     first = (np.array([[-padding, 1.0]]), np.array([[-1, 5]]))
     second = (np.array([[2.0]]), np.array([[6]]))
     scores, ids = merge_topk(results=[first, second], k=5, metric=metric)  # type: ignore[arg-type]
-    best_first = [6, 5] if metric == "ip" else [5, 6]
+    best_first = [6, 5] if metric == "ip" else [5, 6]  # hamming ranks like l2: smaller first
     assert ids.tolist() == [[*best_first, -1, -1, -1]]
     assert scores[0, 2:].tolist() == [padding] * 3
 
