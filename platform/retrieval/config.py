@@ -426,6 +426,12 @@ class AdversarialCrossModalSpec(StrictModel):
     text: TextEncoderSpec = Field(default_factory=lambda: TextEncoderSpec(kind="gru"))
     ranking_weight: float = Field(1.0, ge=0.0)
     ranking_margin: float = Field(0.2, ge=0.0)
+    ranking_warmup_epochs: int = Field(
+        0,
+        ge=0,
+        description="epochs that sum the hinge over every negative (VSE0) before the hardest negative (VSE++): "
+        "from random weights, hardest negatives alone pull every embedding to one point",
+    )
     projection_weight: float = Field(1.0, ge=0.0, description="l_p")
     entropy_weight: float = Field(0.1, ge=0.0, description="l_e")
     label_weight: float = Field(0.0, ge=0.0, description="l_c")

@@ -175,7 +175,7 @@ def modality_classification_loss(logits: torch.Tensor, modality: torch.Tensor) -
 
 
 def bidirectional_ranking_loss(
-    images: torch.Tensor, texts: torch.Tensor, positive: torch.Tensor, *, margin: float
+    images: torch.Tensor, texts: torch.Tensor, positive: torch.Tensor, *, margin: float, hardest: bool = True
 ) -> torch.Tensor:
     """Bi-directional hinge ranking loss with the hardest negatives in the batch (VSE++, ch. 4).
 
@@ -185,12 +185,15 @@ def bidirectional_ranking_loss(
         [m - s(i, t) + max_{t' not positive for i} s(i, t')]_+ + [m - s(i, t) + max_{i' not positive for t} s(i', t)]_+
 
     summed over positive pairs. A direction with no negative in the batch contributes 0.
+    With `hardest=False` each max becomes a sum of the hinges over every negative (VSE0): the
+    warm-up from random weights, where hardest negatives alone pull every embedding to one point.
 
     Args:
         images: `[B, D]` image embeddings (L2-normalised by the caller).
         texts: `[T, D]` text embeddings (L2-normalised by the caller).
         positive: `[B, T]` bool, text t describes image i.
         margin: m.
+        hardest: the hardest negative only (VSE++), or every negative (VSE0).
 
     Returns:
         Scalar loss.
@@ -199,6 +202,14 @@ def bidirectional_ranking_loss(
     _check_relation("positive", positive, images.shape[0], texts.shape[0])
     positive = positive.bool()
     scores = images @ texts.T
+    if not hardest:
+        weights = positive.to(scores.dtype)
+        negative = (~positive).to(scores.dtype)
+        # cost[i, t, t'] over every negative text t' of image i, and every negative image i' of text t.
+        text_cost = (margin - scores.unsqueeze(2) + scores.unsqueeze(1)).clamp(min=0.0) * negative.unsqueeze(1)
+        image_cost = (margin - scores.unsqueeze(0) + scores.unsqueeze(1)).clamp(min=0.0) * negative.unsqueeze(1)
+        # image_cost[i', i, t] = hinge of positive (i, t) against negative image i' of t.
+        return (text_cost.sum(dim=2) * weights).sum() + (image_cost.sum(dim=0) * weights).sum()
     negatives = scores.masked_fill(positive, float("-inf"))
     hardest_text = negatives.max(dim=1, keepdim=True).values  # [B, 1]
     hardest_image = negatives.max(dim=0, keepdim=True).values  # [1, T]

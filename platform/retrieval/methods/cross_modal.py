@@ -171,6 +171,11 @@ class CrossModalMethod(ABC):
     def __init__(self, spec: JobSpec, *, context: TextContext) -> None:
         self.spec = spec
         self.context = context
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch about to be trained (a loss may change with it, e.g. a ranking warm-up)."""
+        self.epoch = epoch
 
     @property
     @abstractmethod
@@ -509,9 +514,17 @@ class AdversarialCrossModal(CrossModalMethod):
         feature_entropy, _ = self.entropy_terms(output=output, discriminator=discriminator)
         terms = {
             "ranking": bidirectional_ranking_loss(
-                output.image_features, output.text_features, positive, margin=settings.ranking_margin
+                output.image_features,
+                output.text_features,
+                positive,
+                margin=settings.ranking_margin,
+                hardest=self.epoch >= settings.ranking_warmup_epochs,
             ),
-            "projection": projection_matching_loss(output.image_features, output.text_features, positive.float()),
+            "projection": projection_matching_loss(
+                _or(output.image_projections, output.image_features),
+                _or(output.text_projections, output.text_features),
+                positive.float(),
+            ),
             "entropy": feature_entropy,
         }
         total = (
@@ -602,6 +615,10 @@ def tag_vectors(texts: Sequence[str], *, tag_names: Sequence[str], tag_dim: int)
             if column is not None:
                 vectors[row, column] = 1.0
     return vectors
+
+
+def _or(value: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
+    return default if value is None else value
 
 
 def _relevance_labels(split: EncodedSplit) -> np.ndarray:

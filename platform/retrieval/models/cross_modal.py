@@ -1,9 +1,7 @@
 """Image and text encoders into one common space, with optional hash layers (thesis ch. 3-4).
 
-Ch. 3 (hashing): image: backbone -> pooling -> FC -> tanh -> real feature `f_I` `[B, D]` ->
-FC -> tanh -> relaxed code `h_I` `[B, K]`; text: encoder -> FC -> tanh -> `f_T` -> FC -> tanh -> `h_T`.
-The tanh on the real features is our specification: it bounds `theta = 0.5 <f_I, f_T>` like the
-codes' so the feature-level likelihood loss cannot blow up.
+Ch. 3 (hashing): image: backbone -> pooling -> FC -> real feature `f_I` `[B, D]` -> FC -> tanh ->
+relaxed code `h_I` `[B, K]`; text: encoder -> FC -> `f_T` -> FC -> tanh -> `h_T`.
 
 Ch. 4 (real-valued): image and text each go through a projection MLP (Linear -> ReLU -> Linear)
 into the common `D`-dim space and are L2-normalised; no codes.
@@ -35,6 +33,9 @@ class CrossModalOutput:
         image_codes: `[B, K]` relaxed codes in (-1, 1), or None (real-valued model).
         text_codes: `[T, K]` or None.
         label_logits: `[B + T, C]` (images first) of the optional label classifier, or None.
+        image_projections: `[B, D]` the image features before L2 normalisation (ch. 4's projection
+            matching reads them: unit vectors would bound its logits to [-1, 1]); else the features.
+        text_projections: `[T, D]` likewise.
     """
 
     image_features: torch.Tensor
@@ -42,6 +43,8 @@ class CrossModalOutput:
     image_codes: torch.Tensor | None
     text_codes: torch.Tensor | None
     label_logits: torch.Tensor | None = None
+    image_projections: torch.Tensor | None = None
+    text_projections: torch.Tensor | None = None
 
 
 class CrossModalNetwork(nn.Module):
@@ -52,7 +55,7 @@ class CrossModalNetwork(nn.Module):
         text_encoder: the text side, its `output_dim` the text feature size before the head.
         common_dim: `D`.
         bits: `K` for a hashing network, None for a real-valued one.
-        normalize: L2-normalise the common-space features (ch. 4) instead of tanh (ch. 3).
+        normalize: L2-normalise the common-space features (ch. 4); ch. 3's real features are the FC's output.
         num_labels: adds a linear label classifier on the common space (ch. 4's `L_cls`).
     """
 
@@ -91,7 +94,7 @@ class CrossModalNetwork(nn.Module):
         self.label_head: nn.Module | None = None if num_labels is None else nn.Linear(common_dim, num_labels)
 
     def _finish(self, raw: torch.Tensor) -> torch.Tensor:
-        return F.normalize(raw, dim=-1) if self.normalize else torch.tanh(raw)
+        return F.normalize(raw, dim=-1) if self.normalize else raw
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """`[B, 3, H, W]` -> common-space features `[B, D]`."""
@@ -114,8 +117,9 @@ class CrossModalNetwork(nn.Module):
         return torch.tanh(self.text_hash(features))
 
     def forward(self, images: torch.Tensor, text_inputs: dict[str, torch.Tensor]) -> CrossModalOutput:
-        image_features = self.image_features(images)
-        text_features = self.text_features(text_inputs)
+        image_projections = self.image_head(self.pool(self.trunk(images)))
+        text_projections = self.text_head(self.text(text_inputs))
+        image_features, text_features = self._finish(image_projections), self._finish(text_projections)
         hashing = self.bits is not None
         label_logits = None
         if self.label_head is not None:
@@ -126,6 +130,8 @@ class CrossModalNetwork(nn.Module):
             image_codes=self.image_codes(image_features) if hashing else None,
             text_codes=self.text_codes(text_features) if hashing else None,
             label_logits=label_logits,
+            image_projections=image_projections,
+            text_projections=text_projections,
         )
 
 

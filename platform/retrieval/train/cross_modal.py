@@ -111,6 +111,7 @@ def cross_modal_loop_per_worker(config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, epochs):
         sampler.set_epoch(epoch)
+        method.set_epoch(epoch)
         model.train()
         discriminator.train()
         sums: dict[str, float] = defaultdict(float)

@@ -282,6 +282,45 @@ def test_ranking_loss_matches_loop(margin: float, layout: str) -> None:
         assert loss.item() == 0.0  # no negatives, or no positive pair: nothing to rank
 
 
+def _reference_ranking_all_negatives(
+    images: np.ndarray, texts: np.ndarray, positive: np.ndarray, margin: float
+) -> float:
+    scores = [[_dot(image, text) for text in texts] for image in images]
+    total = 0.0
+    for i in range(len(images)):
+        for t in range(len(texts)):
+            if not positive[i, t]:
+                continue
+            for u in range(len(texts)):
+                if not positive[i, u]:
+                    total += max(0.0, margin - scores[i][t] + scores[i][u])
+            for j in range(len(images)):
+                if not positive[j, t]:
+                    total += max(0.0, margin - scores[i][t] + scores[j][t])
+    return total
+
+
+@pytest.mark.parametrize("layout", ["diagonal", "five_per_image", "random", "none_positive"])
+def test_ranking_loss_over_every_negative_matches_loop(layout: str) -> None:
+    rng = np.random.default_rng(7 + len(layout))
+    images = _unit_rows(rng, 4, 8)
+    positive = {
+        "diagonal": np.eye(4, dtype=bool),
+        "five_per_image": _five_captions(4),
+        "random": rng.random((4, 7)) < 0.4,
+        "none_positive": np.zeros((4, 6), dtype=bool),
+    }[layout]
+    texts = _unit_rows(rng, positive.shape[1], 8)
+    images_t, texts_t = _tensor(images, grad=True), _tensor(texts, grad=True)
+    loss = bidirectional_ranking_loss(images_t, texts_t, torch.tensor(positive), margin=0.2, hardest=False)
+    expected = _reference_ranking_all_negatives(images, texts, positive, 0.2)
+    assert loss.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
+    _assert_finite_gradients(loss, images_t, texts_t)
+    # Every negative's hinge is at least the hardest one's share: the sum bounds the hardest from above.
+    hardest = bidirectional_ranking_loss(images_t, texts_t, torch.tensor(positive), margin=0.2)
+    assert loss.item() >= hardest.item() - 1e-12
+
+
 def test_ranking_loss_with_tied_scores() -> None:
     # Every score is 1: each hinge is exactly the margin, two directions per positive pair.
     images = torch.ones(3, 2) / math.sqrt(2)

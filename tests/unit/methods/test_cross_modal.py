@@ -34,6 +34,7 @@ ADVERSARIAL = {
     "name": "adversarial_cross_modal",
     "embedding_dim": 32,
     "text": {"kind": "gru", "word_dim": 16, "hidden_dim": 32, "max_words": 12},
+    "ranking_warmup_epochs": 1,
 }
 
 
