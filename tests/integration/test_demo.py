@@ -16,8 +16,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "digits_deep_metric.yaml"
 
 
-def test_demo_once_trains_registers_indexes_serves_and_answers(ray_cluster, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the demo writes mlflow.db, ray_results and indices in the working directory
+def test_demo_once_trains_registers_indexes_serves_and_answers(ray_cluster, tmp_path, monkeypatch, mlflow_db):
+    # The demo writes mlflow.db (here an empty one already: `mlflow_db`), ray_results and indices
+    # in the working directory.
+    monkeypatch.chdir(tmp_path)
     summary_path = tmp_path / "summary.json"
     code = main(
         [
@@ -31,6 +33,8 @@ def test_demo_once_trains_registers_indexes_serves_and_answers(ray_cluster, tmp_
             str(summary_path),
             "--set",
             "train.epochs=1",
+            "--set",
+            "dataset.image_size=16",
             "--set",
             "tracking.gate=[]",
         ]

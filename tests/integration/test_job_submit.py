@@ -16,8 +16,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_ray_job_submit_trains_and_registers(ray_cluster, tmp_path):
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_ray_job_submit_trains_and_registers(ray_cluster, tmp_path, mlflow_db):
+    tracking = mlflow_db
     summary = tmp_path / "summary.json"
     bin_dir = Path(sys.executable).parent
     command = [
@@ -27,7 +27,7 @@ def test_ray_job_submit_trains_and_registers(ray_cluster, tmp_path):
         "--runtime-env", str(ROOT / "jobs" / "runtime_env.yaml"),
         "--",
         "retrieval", "train", "jobs/digits_deep_metric.yaml",
-        "--set", "train.epochs=1", "--set", "scaling.num_workers=1",
+        "--set", "train.epochs=1", "--set", "scaling.num_workers=1", "--set", "dataset.image_size=16",
         "--set", f"storage.path={tmp_path / 'ray_results'}",
         "--set", f"tracking.tracking_uri={tracking}",
         "--set", "tracking.registered_model=submitted-digits",

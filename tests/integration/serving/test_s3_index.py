@@ -46,6 +46,7 @@ def test_index_built_to_s3_is_served_from_s3(
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
     http_ready: Any,
+    mlflow_db: str,
 ) -> None:
     from ray import serve
 
@@ -53,7 +54,7 @@ def test_index_built_to_s3_is_served_from_s3(
 
     index_uri = f"s3://{s3_endpoint.bucket}/indices/s3-served"
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint.url)
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking_uri = mlflow_db
     code = main(
         ["index", "--model", str(model_package), "--out", index_uri, "--shards", "2", "--tracking-uri", tracking_uri]
     )

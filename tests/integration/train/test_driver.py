@@ -12,24 +12,30 @@ from retrieval.train import run_training
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _spec(make_job_spec, tmp_path: Path, *, name: str, epochs: int, gate: list[str], **extra):
+def _spec(make_job_spec, tmp_path: Path, tracking: str, *, name: str, epochs: int, gate: list[str], **extra):
     return make_job_spec(
         name=name,
         train={"epochs": epochs, "classes_per_batch": 5, "samples_per_class": 8},
         scaling={"num_workers": 2},
         storage={"path": str(tmp_path / "ray_results"), "max_failures": 1},
         tracking={
-            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "tracking_uri": tracking,
             "experiment": "tests",
             "registered_model": name.replace("_", "-"),
             "gate": gate,
+        },
+        # 16 px inputs (resnet18 handles them): the checks are about bookkeeping, not recall.
+        dataset={
+            "name": "digits",
+            "image_size": 16,
+            "split": {"mode": "class_ranges", "train_classes": "0-4", "test_classes": "5-9"},
         },
         **extra,
     )
 
 
-def test_train_records_registers_gates_and_resumes(ray_cluster, make_job_spec, tmp_path):
-    spec = _spec(make_job_spec, tmp_path, name="driver_job", epochs=2, gate=["recall@1 >= 1.01"])
+def test_train_records_registers_gates_and_resumes(ray_cluster, make_job_spec, tmp_path, mlflow_db):
+    spec = _spec(make_job_spec, tmp_path, mlflow_db, name="driver_job", epochs=2, gate=["recall@1 >= 1.01"])
     outcome = run_training(spec)
 
     # Evaluation: the trained model and both baselines, every metric a fraction.
@@ -63,7 +69,7 @@ def test_train_records_registers_gates_and_resumes(ray_cluster, make_job_spec, t
 
     # Started again with more epochs: resumes from the last checkpoint, trains only what is left,
     # and with a gate that holds, the new version becomes champion.
-    spec = _spec(make_job_spec, tmp_path, name="driver_job", epochs=3, gate=["recall@1 >= 0.0"])
+    spec = _spec(make_job_spec, tmp_path, mlflow_db, name="driver_job", epochs=3, gate=["recall@1 >= 0.0"])
     resumed = run_training(spec)
     assert resumed.epochs_run[-1] == 2
     history = client.get_metric_history(resumed.run_id, "resumed_from_epoch")
@@ -72,16 +78,6 @@ def test_train_records_registers_gates_and_resumes(ray_cluster, make_job_spec, t
     assert str(client.get_model_version_by_alias("driver-job", "champion").version) == "2"
 
 
-def test_worker_killed_mid_run_resumes_from_last_checkpoint(ray_cluster, make_job_spec, tmp_path):
-    spec = _spec(make_job_spec, tmp_path, name="fault_job", epochs=3, gate=[])
-    marker = tmp_path / "killed.txt"
-    outcome = run_training(spec, fault={"epoch": 1, "rank": 1, "marker": str(marker)})
-
-    assert marker.read_text().startswith("killed rank 1 at epoch 1")
-    client = MlflowClient(tracking_uri=spec.tracking.tracking_uri)
-    # Epoch 0 ran once; the restarted worker group loaded epoch 0's checkpoint and ran epochs 1-2.
-    resumed_from = [int(point.value) for point in client.get_metric_history(outcome.run_id, "resumed_from_epoch")]
-    assert resumed_from == [0, 1, 1]
-    assert sorted(point.step for point in client.get_metric_history(outcome.run_id, "train/loss")) == [0, 1, 2]
-    assert outcome.model.version == "1"
-    assert client.get_run(outcome.run_id).info.status == "FINISHED"
+# A worker killed mid-run (Ray Train's restart from the last checkpoint of the same run) is
+# tested in tests/integration/train/test_s3_storage.py, with the checkpoints in S3: one Ray
+# Train job with a fault costs ~90 s on a 2-core machine, and the restart path is the same.

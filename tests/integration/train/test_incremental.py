@@ -29,7 +29,7 @@ APP_NAME = "incremental-swap-test"
 ROUTE = "/incremental-test"
 
 
-def spec_for(method: str, tmp_path: Path, tasks: list[dict[str, Any]], **extra: Any) -> JobSpec:
+def spec_for(method: str, tmp_path: Path, tracking: str, tasks: list[dict[str, Any]], **extra: Any) -> JobSpec:
     settings: dict[str, Any] = {"name": method}
     if method == "dual_distillation":
         settings["synthesis"] = {"iterations": 5, "images_per_class": 2, "batch_size": 8}
@@ -46,7 +46,7 @@ def spec_for(method: str, tmp_path: Path, tasks: list[dict[str, Any]], **extra: 
             "scaling": {"num_workers": 2},
             "storage": {"path": str(tmp_path / "ray_results")},
             "tracking": {
-                "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "tracking_uri": tracking,
                 "experiment": "incremental-test",
                 "registered_model": f"it-{method.replace('_', '-')}",
                 "gate": [{"metric": "recall@1", "op": ">=", "value": 0.3}],
@@ -63,6 +63,7 @@ def test_tasks_register_index_resume_and_swap_the_live_app(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     http_ready: Any,
+    mlflow_db: str,
 ) -> None:
     from ray import serve
 
@@ -72,7 +73,7 @@ def test_tasks_register_index_resume_and_swap_the_live_app(
 
     tasks = [{"name": "digits0-4", "classes": "0-4"}, {"name": "digits5-9", "classes": "5-9"}]
     url = f"http://127.0.0.1:{ray_cluster.serve_port}{ROUTE}"
-    spec = spec_for("incremental_kd_mmd", tmp_path, tasks, serve_url=url)
+    spec = spec_for("incremental_kd_mmd", tmp_path, mlflow_db, tasks, serve_url=url)
 
     first = run_incremental(spec, stop_after_task=0)
     assert [task.name for task in first.tasks] == ["digits0-4"]
@@ -158,11 +159,11 @@ METHOD_TERMS = {
 
 @pytest.mark.parametrize("method", sorted(METHOD_TERMS))
 def test_each_kind_of_carry_learns_a_second_task_with_two_workers(
-    method: str, ray_cluster: Any, tmp_path: Path
+    method: str, ray_cluster: Any, tmp_path: Path, mlflow_db: str
 ) -> None:
     from retrieval.train.incremental import run_incremental
 
-    spec = spec_for(method, tmp_path, [{"classes": "0-2"}, {"classes": "3-5"}], index=False)
+    spec = spec_for(method, tmp_path, mlflow_db, [{"classes": "0-2"}, {"classes": "3-5"}], index=False)
     outcome = run_incremental(spec)
     matrix = outcome.matrix()
     assert matrix.shape == (2, 2) and np.isfinite(matrix[1]).all()

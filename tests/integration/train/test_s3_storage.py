@@ -14,10 +14,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_s3_checkpoints_survive_a_killed_worker_and_no_secret_is_recorded(
-    ray_cluster, s3_endpoint, make_job_spec, tmp_path
+    ray_cluster, s3_endpoint, make_job_spec, tmp_path, mlflow_db
 ):
     spec = make_job_spec(
         name="s3_job",
+        # 16 px inputs (resnet18 handles them); 3 epochs: a restart after epoch 0, and one more
+        # epoch than the 2 checkpoints kept, so pruning shows.
+        dataset={
+            "name": "digits",
+            "image_size": 16,
+            "split": {"mode": "class_ranges", "train_classes": "0-4", "test_classes": "5-9"},
+        },
         train={"epochs": 3, "classes_per_batch": 5, "samples_per_class": 8},
         scaling={"num_workers": 2},
         storage={
@@ -26,7 +33,7 @@ def test_s3_checkpoints_survive_a_killed_worker_and_no_secret_is_recorded(
             "max_failures": 1,
         },
         tracking={
-            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "tracking_uri": mlflow_db,
             "experiment": "s3",
             "registered_model": "s3-job",
         },
@@ -35,12 +42,15 @@ def test_s3_checkpoints_survive_a_killed_worker_and_no_secret_is_recorded(
     marker = tmp_path / "killed.txt"
     outcome = run_training(spec, fault={"epoch": 1, "rank": 1, "marker": str(marker)})
 
-    # The worker group restarted from epoch 0's checkpoint, read back from S3.
+    # The worker group restarted from epoch 0's checkpoint, read back from S3: epoch 0 ran once,
+    # the restarted group loaded epoch 0's checkpoint and ran epochs 1-2.
     assert marker.read_text().startswith("killed rank 1 at epoch 1")
     client = MlflowClient(tracking_uri=spec.tracking.tracking_uri)
     resumed_from = [int(point.value) for point in client.get_metric_history(outcome.run_id, "resumed_from_epoch")]
     assert resumed_from == [0, 1, 1]
+    assert sorted(point.step for point in client.get_metric_history(outcome.run_id, "train/loss")) == [0, 1, 2]
     assert outcome.model.version == "1"
+    assert client.get_run(outcome.run_id).info.status == "FINISHED"
 
     # The checkpoints are objects in the bucket (num_to_keep=2 of 3 epochs).
     listing = boto3.client("s3", endpoint_url=s3_endpoint.url).list_objects_v2(

@@ -22,13 +22,17 @@ EPOCHS = 3
 WEIGHTS = [0.0, 0.5, 1.0, 2.0]
 
 
-def _space_file(tmp_path: Path) -> tuple[Path, str]:
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def _space_file(tmp_path: Path, tracking: str) -> Path:
     space = {
         "name": "digits_sweep",
         "base_job": str(ROOT / "jobs" / "digits_deep_metric.yaml"),
         "overrides": {
             "train.epochs": EPOCHS,
+            # Tiny inputs and batches: what is checked is the sweep's bookkeeping, not the recall.
+            "dataset.image_size": 16,
+            "model.embedding_dim": 32,
+            "train.samples_per_class": 8,
+            "evaluation.baselines": [],
             "storage.path": str(tmp_path / "ray_results"),
             "tracking.tracking_uri": tracking,
             "tracking.experiment": "sweeps",
@@ -45,7 +49,7 @@ def _space_file(tmp_path: Path) -> tuple[Path, str]:
     }
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
-    return path, tracking
+    return path
 
 
 def _command(space: Path, address: str, summary: Path) -> list[str]:
@@ -73,8 +77,9 @@ def _terminated_in_tune_state(experiment: Path) -> set[str]:
     return {trial["trial_id"] for trial in trials if trial.get("status") == "TERMINATED"}
 
 
-def test_sweep_is_tracked_registers_the_best_and_resumes_after_the_driver_dies(ray_cluster, tmp_path, poll):
-    space, tracking = _space_file(tmp_path)
+def test_sweep_is_tracked_registers_the_best_and_resumes_after_the_driver_dies(ray_cluster, tmp_path, poll, mlflow_db):
+    tracking = mlflow_db
+    space = _space_file(tmp_path, tracking)
     summary = tmp_path / "summary.json"
     client = MlflowClient(tracking_uri=tracking)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
