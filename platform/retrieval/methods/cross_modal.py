@@ -167,6 +167,7 @@ class CrossModalMethod(ABC):
 
     name: str
     hashing: bool
+    settings: CrossModalHashingSpec | AdversarialCrossModalSpec
 
     def __init__(self, spec: JobSpec, *, context: TextContext) -> None:
         self.spec = spec
@@ -178,23 +179,45 @@ class CrossModalMethod(ABC):
         self.epoch = epoch
 
     @property
-    @abstractmethod
     def text_spec(self) -> TextEncoderSpec:
         """The text encoder's settings."""
+        return self.settings.text
 
     @property
-    @abstractmethod
     def discriminator_steps(self) -> int:
         """Steps of the modality classifiers per step of the encoders."""
+        return self.settings.discriminator_steps
 
     @property
-    @abstractmethod
     def discriminator_lr(self) -> float | None:
         """Learning rate of the modality classifiers (None: the encoders' rate)."""
+        return self.settings.discriminator_lr
 
     @abstractmethod
     def build_model(self) -> CrossModalNetwork:
         """A fresh network (backbone weights per the spec)."""
+
+    def _network(
+        self, *, common_dim: int, text_dim: int, bits: int | None, normalize: bool, num_labels: int | None
+    ) -> CrossModalNetwork:
+        """The spec's image trunk and text encoder (`text_dim` wide) into a `common_dim` space."""
+        model_spec = self.spec.model
+        return CrossModalNetwork(
+            backbone=model_spec.backbone,
+            weights=model_spec.weights,
+            pooling=model_spec.pooling,
+            gem_p=model_spec.gem_p,
+            text_encoder=build_text_encoder(
+                self.settings.text,
+                output_dim=text_dim,
+                vocabulary=self.context.vocabulary,
+                tag_dim=self.context.tag_dim,
+            ),
+            common_dim=common_dim,
+            bits=bits,
+            normalize=normalize,
+            num_labels=num_labels,
+        )
 
     @abstractmethod
     def build_discriminator(self) -> ModalityDiscriminator:
@@ -359,34 +382,14 @@ class CrossModalHashing(CrossModalMethod):
             raise TypeError(f"CrossModalHashing needs a cross_modal_hashing method spec, got {spec.method.name!r}")
         self.settings: CrossModalHashingSpec = spec.method
 
-    @property
-    def text_spec(self) -> TextEncoderSpec:
-        return self.settings.text
-
-    @property
-    def discriminator_steps(self) -> int:
-        return self.settings.discriminator_steps
-
-    @property
-    def discriminator_lr(self) -> float | None:
-        return self.settings.discriminator_lr
-
     def build_model(self) -> CrossModalNetwork:
-        model_spec = self.spec.model
-        return CrossModalNetwork(
-            backbone=model_spec.backbone,
-            weights=model_spec.weights,
-            pooling=model_spec.pooling,
-            gem_p=model_spec.gem_p,
-            text_encoder=build_text_encoder(
-                self.settings.text,
-                output_dim=self.settings.feature_dim,
-                vocabulary=self.context.vocabulary,
-                tag_dim=self.context.tag_dim,
-            ),
-            common_dim=self.settings.feature_dim,
-            bits=self.settings.bits,
+        settings = self.settings
+        return self._network(
+            common_dim=settings.feature_dim,
+            text_dim=settings.feature_dim,
+            bits=settings.bits,
             normalize=False,
+            num_labels=None,
         )
 
     def build_discriminator(self) -> ModalityDiscriminator:
@@ -471,36 +474,15 @@ class AdversarialCrossModal(CrossModalMethod):
                 "method.label_weight > 0 needs category labels, but this dataset has none (e.g. Flickr30K, COCO)"
             )
 
-    @property
-    def text_spec(self) -> TextEncoderSpec:
-        return self.settings.text
-
-    @property
-    def discriminator_steps(self) -> int:
-        return self.settings.discriminator_steps
-
-    @property
-    def discriminator_lr(self) -> float | None:
-        return self.settings.discriminator_lr
-
     def build_model(self) -> CrossModalNetwork:
-        model_spec = self.spec.model
-        return CrossModalNetwork(
-            backbone=model_spec.backbone,
-            weights=model_spec.weights,
-            pooling=model_spec.pooling,
-            gem_p=model_spec.gem_p,
-            text_encoder=build_text_encoder(
-                self.settings.text,
-                output_dim=self.settings.text.hidden_dim,
-                vocabulary=self.context.vocabulary,
-                tag_dim=self.context.tag_dim,
-            ),
-            common_dim=self.settings.embedding_dim,
+        settings = self.settings
+        return self._network(
+            common_dim=settings.embedding_dim,
+            text_dim=settings.text.hidden_dim,
             bits=None,
             normalize=True,
             # Only built when used: a parameter that never receives a gradient stalls DDP.
-            num_labels=self.context.num_labels if self.settings.label_weight > 0 else None,
+            num_labels=self.context.num_labels if settings.label_weight > 0 else None,
         )
 
     def build_discriminator(self) -> ModalityDiscriminator:

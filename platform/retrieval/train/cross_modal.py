@@ -43,7 +43,7 @@ from retrieval.methods.cross_modal import (
     build_cross_modal_method,
 )
 from retrieval.methods.package import load_model_package, save_model_package
-from retrieval.tracking.registry import RegisteredModel, register_model_package, set_alias
+from retrieval.tracking.registry import register_model_package
 from retrieval.tracking.runs import TrainingRun
 from retrieval.train.worker import (
     CHECKPOINT_SPEC,
@@ -202,7 +202,7 @@ def register_cross_modal_checkpoint(
     The version gets `candidate`, and `champion` when `promote_with_gate` and the job's gate holds.
     Returns a `retrieval.train.driver.TrainingOutcome`.
     """
-    from retrieval.train.driver import TrainingOutcome
+    from retrieval.train.driver import TrainingOutcome, apply_gate
 
     with tempfile.TemporaryDirectory() as folder:
         with checkpoint.as_directory() as checkpoint_dir:
@@ -237,16 +237,9 @@ def register_cross_modal_checkpoint(
             },
         )
 
-    gate = [str(condition) for condition in spec.tracking.gate]
-    promoted = promote_with_gate and all(condition.holds(metrics) for condition in spec.tracking.gate)
-    if promoted:
-        set_alias(tracking_uri=run.tracking_uri, name=registered.name, alias="champion", version=registered.version)
-        registered = RegisteredModel(
-            name=registered.name, version=registered.version, aliases=(*registered.aliases, "champion")
-        )
-    elif promote_with_gate:
-        logger.warning("gate %s does not hold for %s: version %s stays candidate", gate, metrics, registered.version)
-    run.set_tag("retrieval.registered_version", registered.version)
+    registered, promoted, gate = apply_gate(
+        spec, registered=registered, metrics=metrics, run=run, promote_with_gate=promote_with_gate
+    )
     return TrainingOutcome(
         metrics=metrics,
         baselines={},

@@ -283,6 +283,34 @@ def register_checkpoint(
             },
         )
 
+    registered, promoted, gate = apply_gate(
+        spec, registered=registered, metrics=metrics, run=run, promote_with_gate=promote_with_gate
+    )
+    return TrainingOutcome(
+        metrics=metrics,
+        baselines=baselines,
+        model=registered,
+        promoted=promoted,
+        gate=gate,
+        run_id=run.run_id,
+        checkpoint_path=checkpoint.path,
+        epochs_run=[int(row["epoch"]) for row in history if "epoch" in row],
+    )
+
+
+def apply_gate(
+    spec: JobSpec,
+    *,
+    registered: RegisteredModel,
+    metrics: Mapping[str, float],
+    run: TrainingRun,
+    promote_with_gate: bool,
+) -> tuple[RegisteredModel, bool, list[str]]:
+    """Make a just-registered version `champion` when `promote_with_gate` and the job's gate holds.
+
+    Returns the version (with its aliases), whether it was promoted, and the gate as text; tags
+    the run with the version.
+    """
     gate = [str(condition) for condition in spec.tracking.gate]
     promoted = promote_with_gate and all(condition.holds(metrics) for condition in spec.tracking.gate)
     if promoted:
@@ -294,16 +322,7 @@ def register_checkpoint(
     elif promote_with_gate:
         logger.warning("gate %s does not hold for %s: version %s stays candidate", gate, metrics, registered.version)
     run.set_tag("retrieval.registered_version", registered.version)
-    return TrainingOutcome(
-        metrics=metrics,
-        baselines=baselines,
-        model=registered,
-        promoted=promoted,
-        gate=gate,
-        run_id=run.run_id,
-        checkpoint_path=checkpoint.path,
-        epochs_run=[int(row["epoch"]) for row in history if "epoch" in row],
-    )
+    return registered, promoted, gate
 
 
 def evaluate_with_baselines(spec: JobSpec, package_dir: Path) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
