@@ -426,7 +426,7 @@ class CrossModalHashing(CrossModalMethod):
         return terms
 
     def score(self, query: EncodedSplit, retrieval: EncodedSplit) -> dict[str, float]:
-        query_labels, retrieval_labels = _relevance_labels(query), _relevance_labels(retrieval)
+        query_labels, retrieval_labels = relevance_labels(query), relevance_labels(retrieval)
         # A cut-off beyond the retrieval set counts the whole set, under the name the spec asked for.
         gallery = min(len(retrieval.images), len(retrieval.texts))
         top_n = self.spec.evaluation.map_top_n
@@ -603,7 +603,7 @@ def _or(value: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
     return default if value is None else value
 
 
-def _relevance_labels(split: EncodedSplit) -> np.ndarray:
+def relevance_labels(split: EncodedSplit) -> np.ndarray:
     """Multi-hot labels for relevance; a dataset without categories: each image is its own class."""
     if split.image_labels is not None:
         return split.image_labels

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -26,8 +25,8 @@ import yaml
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from retrieval.config import JobSpec
-from retrieval.data.cross_modal import cross_modal_datasets_from_spec
-from retrieval.evaluation.cross_modal import hamming_pr_curve, precision_at_n
+from retrieval.data.cross_modal import CrossModalSplits, cross_modal_datasets_from_spec
+from retrieval.evaluation.cross_modal import hamming_pr_curve, pack_codes, precision_at_n
 from retrieval.evaluation.cross_modal_plots import (
     discriminator_accuracy_figure,
     pr_curve_figure,
@@ -41,6 +40,7 @@ from retrieval.methods.cross_modal import (
     TextContext,
     alternating_step,
     build_cross_modal_method,
+    relevance_labels,
 )
 from retrieval.methods.package import load_model_package, save_model_package
 from retrieval.tracking.registry import register_model_package
@@ -138,7 +138,7 @@ def cross_modal_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = _mean_across_workers(sums, steps, device=device, world_size=world_size)
         metrics.update(epoch=epoch, lr=generator_scheduler.get_last_lr()[0], resumed_from_epoch=start_epoch)
         if rank == 0:
-            metrics.update(score_model(method, bare_model, spec=spec, device=device))
+            metrics.update(score_model(method, bare_model, spec=spec, splits=splits, device=device))
             if run is not None:
                 run.log_metrics({key: value for key, value in metrics.items() if key != "epoch"}, step=epoch)
             with tempfile.TemporaryDirectory() as folder:
@@ -171,17 +171,28 @@ def method_for(spec: JobSpec, train_split: Any) -> CrossModalMethod:
 
 
 def score_model(
-    method: CrossModalMethod, model: torch.nn.Module, *, spec: JobSpec, device: torch.device | str = "cpu"
+    method: CrossModalMethod,
+    model: torch.nn.Module,
+    *,
+    spec: JobSpec,
+    splits: CrossModalSplits | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """The method's metrics of `model` on the job's query and retrieval splits."""
-    query, retrieval = encode_evaluation_splits(method, model, spec=spec, device=device)
+    """The method's metrics of `model` on the job's query and retrieval splits (read from the spec if not given)."""
+    query, retrieval = encode_evaluation_splits(method, model, spec=spec, splits=splits, device=device)
     return method.score(query, retrieval)
 
 
 def encode_evaluation_splits(
-    method: CrossModalMethod, model: torch.nn.Module, *, spec: JobSpec, device: torch.device | str = "cpu"
+    method: CrossModalMethod,
+    model: torch.nn.Module,
+    *,
+    spec: JobSpec,
+    splits: CrossModalSplits | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[EncodedSplit, EncodedSplit]:
-    splits = cross_modal_datasets_from_spec(spec.dataset)
+    # A worker passes the splits it already holds: a caption JSON is not parsed again every epoch.
+    splits = splits or cross_modal_datasets_from_spec(spec.dataset)
     batch_size = spec.train.embed_batch_size
     query = method.encode_split(model, splits.query, batch_size=batch_size, device=device)
     retrieval = method.encode_split(model, splits.retrieval, batch_size=batch_size, device=device)
@@ -221,7 +232,9 @@ def register_cross_modal_checkpoint(
         metrics = method.score(query, retrieval)
         run.log_metrics({f"test/{key}": value for key, value in metrics.items()})
         run.log_dict({"trained": metrics}, "evaluation/results.json")
-        log_cross_modal_figures(run, method=method, spec=spec, query=query, retrieval=retrieval, history=history)
+        log_cross_modal_figures(
+            run, method=method, spec=spec, metrics=metrics, query=query, retrieval=retrieval, history=history
+        )
 
         registered = register_model_package(
             package_dir,
@@ -257,12 +270,12 @@ def log_cross_modal_figures(
     *,
     method: CrossModalMethod,
     spec: JobSpec,
+    metrics: Mapping[str, float],
     query: EncodedSplit,
     retrieval: EncodedSplit,
     history: Sequence[Mapping[str, Any]],
 ) -> None:
     """The results table, training curves, the discriminator's accuracy and (hashing) PR and P@N curves."""
-    metrics = method.score(query, retrieval)
     columns = sorted(metrics)
     run.client.log_text(
         run.run_id,
@@ -284,12 +297,7 @@ def log_cross_modal_figures(
         plt.close(figure)
     if not method.hashing:
         return
-    query_labels = query.image_labels if query.image_labels is not None else np.eye(len(query.images), dtype=np.float32)
-    retrieval_labels = (
-        retrieval.image_labels
-        if retrieval.image_labels is not None
-        else np.eye(len(retrieval.images), dtype=np.float32)
-    )
+    query_labels, retrieval_labels = relevance_labels(query), relevance_labels(retrieval)
     directions = {
         "i2t": (query.images, query_labels, retrieval.texts, retrieval_labels[retrieval.owner]),
         "t2i": (query.texts, query_labels[query.owner], retrieval.images, retrieval_labels),
@@ -297,10 +305,12 @@ def log_cross_modal_figures(
     bits = query.images.shape[1]
     pr_curves, p_at_n = {}, {}
     for direction, (queries, labels_q, gallery, labels_r) in directions.items():
-        pr_curves[f"{direction} {bits} bits"] = hamming_pr_curve(_packed(queries), labels_q, _packed(gallery), labels_r)
-        p_at_n[f"{direction} {bits} bits"] = precision_at_n(
-            _packed(queries), labels_q, _packed(gallery), labels_r, ns=spec.evaluation.precision_ns
-        )
+        packed_queries, packed_gallery = pack_codes(queries), pack_codes(gallery)
+        name = f"{direction} {bits} bits"
+        pr_curves[name] = hamming_pr_curve(packed_queries, labels_q, packed_gallery, labels_r)
+        # A cut-off beyond the gallery counts the whole gallery, as in the method's own scores.
+        ns = sorted({min(n, len(gallery)) for n in spec.evaluation.precision_ns})
+        p_at_n[name] = precision_at_n(packed_queries, labels_q, packed_gallery, labels_r, ns=ns)
     run.log_dict(
         {
             "pr_curves": {
@@ -317,9 +327,3 @@ def log_cross_modal_figures(
     figure = precision_at_n_figure(p_at_n, title=f"{spec.name}: precision@N")
     run.log_figure(figure, "evaluation/precision_at_n.png")
     plt.close(figure)
-
-
-def _packed(codes: np.ndarray) -> np.ndarray:
-    from retrieval.evaluation.cross_modal import pack_codes
-
-    return pack_codes(codes)

@@ -123,10 +123,9 @@ def test_adversarial_total_includes_the_label_term_when_weighted() -> None:
 
 
 def test_label_weight_needs_labels() -> None:
-    spec = job(ADVERSARIAL, label_weight=0.5)
-    context = TextContext(vocabulary=Vocabulary.build(["a b"]), tag_dim=None, num_labels=None)
+    # A caption dataset without categories: its text context has no labels to classify.
     with pytest.raises(ConfigError, match="label_weight"):
-        method_for(spec, _caption_only_dataset()).__class__(spec, context=context)
+        method_for(job(ADVERSARIAL, label_weight=0.5), _caption_only_dataset())
 
 
 def test_bow_encoder_refuses_a_dataset_without_tags() -> None:
