@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo demo-once test lint install clean
+.PHONY: demo demo-once test lint install clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,17 @@ demo: $(STAMP)
 demo-once: $(STAMP)
 	$(BIN)/retrieval demo --once --summary demo-summary.json
 
+# The search page's browser test drives Debian's chromium through its chromedriver.
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver
+$(BROWSER):
+	@command -v apt-get >/dev/null || { echo "install chromium and chromium-driver for the browser test"; exit 1; }
+	apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null || \
+	  { apt-get update >/dev/null && apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null; }
+
+browser: $(BROWSER)
+
 ## Lint, type-check and run the whole test suite (what CI runs).
-test: $(STAMP)
+test: $(STAMP) $(BROWSER)
 	$(BIN)/ruff check platform tests
 	$(BIN)/mypy
 	$(BIN)/pytest

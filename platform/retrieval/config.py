@@ -651,6 +651,19 @@ class IndexSpec(StrictModel):
         description="cross-modal models: index the retrieval set's images or its texts (captions); queries of "
         "either modality search it",
     )
+    train_sample: int = Field(
+        100_000, ge=1, description="at most this many vectors of a shard train an index that needs it (IVF, PQ)"
+    )
+    add_batch_size: int = Field(
+        65_536, ge=1, description="vectors added to Faiss per call while streaming the gallery in"
+    )
+    nprobe: int | None = Field(None, ge=1, description="IVF indices: inverted lists visited per query by default")
+    ef_search: int | None = Field(None, ge=1, description="HNSW indices: search breadth per query by default")
+    thumbnail_px: int = Field(
+        64,
+        ge=0,
+        description="image galleries: store a PNG thumbnail of this size per item for the search page (0: none)",
+    )
 
     @field_validator("endpoint_url")
     @classmethod
@@ -803,6 +816,25 @@ class ServingSpec(StrictModel):
     )
     admin_token_env: str = Field("RETRIEVAL_ADMIN_TOKEN", min_length=1, description="env var holding the admin token")
     swap_timeout_s: float = Field(120.0, gt=0, description="how long a swap waits for every replica to load")
+    batching: bool = Field(True, description="batch concurrent queries at the router, the shards and the embedder")
+    max_batch_size: int = Field(32, ge=1, description="most queries in one batch (router, shards, embedder)")
+    batch_wait_timeout_s: float = Field(
+        0.002, ge=0.0, description="how long a batch waits for more queries before it goes out"
+    )
+    shard_timeout_s: float = Field(5.0, gt=0, description="per-request deadline for every shard's answer")
+    on_shard_timeout: Literal["partial", "error"] = Field(
+        "partial",
+        description="a shard past the deadline: answer from the others with partial: true, or fail the request (504)",
+    )
+    max_query_vectors: int = Field(64, ge=1, description="most vectors in one POST /search/vectors request")
+    query_token_env: str | None = Field(
+        None, min_length=1, description="env var holding a bearer token the query endpoints require (None: open)"
+    )
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS ('*' for any)")
+    mmap_shards: bool = Field(False, description="memory-map shard files (faiss IO_FLAG_MMAP) instead of reading them")
+    health_check_period_s: float = Field(
+        2.0, gt=0, description="how often Serve checks a replica; a dead one is replaced after the next check"
+    )
 
     @field_validator("endpoint_url")
     @classmethod
