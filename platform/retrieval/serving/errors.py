@@ -43,3 +43,15 @@ class SwapFailedError(RetrievalError):
 
 class MemoryBudgetError(RetrievalError):
     """A replica was asked to load a shard that would not fit in its memory budget."""
+
+
+class ShardTimeoutError(RetrievalError):
+    """A shard did not answer within the request's deadline and the spec asks for an error (504)."""
+
+
+class ShardUnavailableError(RetrievalError):
+    """A shard has no live replica to answer (it died or is restarting); retry later (503)."""
+
+
+class UnauthorizedError(RetrievalError):
+    """A request lacks the bearer token the endpoint requires, or gives a wrong one (401)."""
