@@ -181,7 +181,8 @@ def build_search(spec: SweepSpec) -> SearchAlgorithm | Searcher:
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=spec.search.seed)
-    return BasicVariantGenerator(random_state=spec.search.seed)
+    # Tune ignores TuneConfig.max_concurrent_trials when given a BasicVariantGenerator: the limit goes here.
+    return BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=spec.max_concurrent_trials)
 
 
 def run_sweep(sweep_file: str | Path, *, overrides: Sequence[str] = ()) -> SweepOutcome:
