@@ -485,6 +485,14 @@ def build_index_from_model(
             metric=spec.index.metric,
             batch_size=spec.train.embed_batch_size,
             modality="text" if (modality or spec.index.modality) == "text" else "image",
+            train_sample=spec.index.train_sample,
+            add_batch_size=spec.index.add_batch_size,
+            search_defaults={
+                name: value
+                for name, value in (("nprobe", spec.index.nprobe), ("ef_search", spec.index.ef_search))
+                if value is not None
+            },
+            thumbnail_px=spec.index.thumbnail_px,
         )
 
     if not is_s3_uri(out_root):

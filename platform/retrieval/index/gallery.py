@@ -5,16 +5,21 @@ index the retrieval split of their image-text dataset, either its images (one it
 or its texts (one item per caption), as `IndexSpec.modality` says; queries of either modality
 then search it. A hashing model's ±1 codes are packed to bits and written as a binary index
 searched by Hamming distance; a real-valued one's embeddings as a float index.
+
+Image galleries also store a small PNG thumbnail of each item's raw image (before the model's
+transform) in the items files, for the search page; text galleries have none.
 """
 
 from __future__ import annotations
 
+import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
+from PIL import Image
 
 from retrieval.data.base import ImageDataset, concatenate_datasets
 from retrieval.data.cross_modal import CrossModalDataset, cross_modal_datasets_from_spec
@@ -46,6 +51,44 @@ def gallery_dataset(package: ModelPackage, gallery: GalleryName) -> ImageDataset
     return concatenate_datasets([splits.train.with_transform(transform), splits.test])
 
 
+class RawImages(Protocol):
+    """A dataset that gives each item's raw, untransformed image (`ImageDataset`, `CrossModalDataset`)."""
+
+    def __len__(self) -> int: ...
+
+    def load_image(self, index: int) -> Image.Image: ...
+
+
+def thumbnail_png(image: Image.Image, *, size_px: int) -> bytes:
+    """A PNG of ``image`` resized (aspect kept) so that its longer side is ``size_px`` pixels.
+
+    Small images (digits are 8 x 8) are enlarged with nearest-neighbour sampling so their pixels
+    stay sharp; larger ones are reduced with Lanczos filtering.
+
+    Raises:
+        ValueError: ``size_px`` < 1.
+    """
+    if size_px < 1:
+        raise ValueError(f"size_px must be >= 1, got {size_px}")
+    width, height = image.size
+    scale = size_px / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if image.mode not in ("L", "LA", "RGB", "RGBA"):
+        image = image.convert("RGB")
+    resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS
+    buffer = io.BytesIO()
+    image.resize(size, resample).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def gallery_thumbnails(dataset: RawImages, *, size_px: int) -> list[bytes | None] | None:
+    """One PNG thumbnail per item of ``dataset`` (from its raw images), or None when ``size_px`` is 0."""
+    if size_px == 0:
+        return None
+    logger.info("making %d gallery thumbnails of %d px", len(dataset), size_px)
+    return [thumbnail_png(dataset.load_image(position), size_px=size_px) for position in range(len(dataset))]
+
+
 def build_gallery_index(
     package: ModelPackage,
     *,
@@ -57,6 +100,10 @@ def build_gallery_index(
     metric: Literal["ip", "l2"],
     batch_size: int = 256,
     modality: Modality = "image",
+    train_sample: int = 100_000,
+    add_batch_size: int = 65_536,
+    search_defaults: Mapping[str, int] | None = None,
+    thumbnail_px: int = 64,
 ) -> Path:
     """Embed the gallery with `package` and write a new index version; returns its manifest path.
 
@@ -66,6 +113,11 @@ def build_gallery_index(
     For a cross-modal package see `build_cross_modal_index` (``gallery`` "test" is the
     retrieval split; ``modality`` picks images or texts; a hashing model gets a hamming index
     whatever ``metric`` says). An image-only package indexes images only.
+
+    Args:
+        train_sample, add_batch_size, search_defaults: passed to `build_shards`.
+        thumbnail_px: image galleries store a PNG thumbnail per item whose longer side is this
+            many pixels, made from the raw image (before the model's transform); 0 stores none.
 
     Raises:
         ConfigError: ``modality`` "text" for an image-only model, or a gallery a cross-modal
@@ -82,6 +134,10 @@ def build_gallery_index(
             metric=metric,
             batch_size=batch_size,
             modality=modality,
+            train_sample=train_sample,
+            add_batch_size=add_batch_size,
+            search_defaults=search_defaults,
+            thumbnail_px=thumbnail_px,
         )
     if modality != "image":
         raise ConfigError(
@@ -107,6 +163,10 @@ def build_gallery_index(
         factory=factory,
         metric=metric,
         model=model,
+        train_sample=train_sample,
+        add_batch_size=add_batch_size,
+        search_defaults=search_defaults,
+        thumbnails=gallery_thumbnails(dataset, size_px=thumbnail_px),
         gallery={
             "dataset": spec.dataset.model_dump(mode="json"),
             "split": gallery,
@@ -216,13 +276,18 @@ def build_cross_modal_index(
     metric: Literal["ip", "l2"],
     batch_size: int = 256,
     modality: Modality = "image",
+    train_sample: int = 100_000,
+    add_batch_size: int = 65_536,
+    search_defaults: Mapping[str, int] | None = None,
+    thumbnail_px: int = 64,
 ) -> Path:
     """Embed a cross-modal gallery (images or captions) and write a new index version.
 
     Item ids are positions in the image list, or in the flattened caption list (`texts()`
     order) for ``modality`` "text". A hashing model (``package.code_bits``) writes a binary
     index of its packed codes (metric "hamming", ``factory`` "Flat" meaning "BFlat"); a
-    real-valued one a float index with ``metric``.
+    real-valued one a float index with ``metric``. A gallery of images stores a thumbnail of
+    each (``thumbnail_px``, 0 for none); a gallery of texts none.
 
     Returns:
         The path of the new version's ``manifest.json``.
@@ -243,6 +308,10 @@ def build_cross_modal_index(
         metric=index_metric,
         model=model,
         modality=modality,
+        train_sample=train_sample,
+        add_batch_size=add_batch_size,
+        search_defaults=search_defaults,
+        thumbnails=gallery_thumbnails(dataset, size_px=thumbnail_px) if modality == "image" else None,
         gallery={
             "dataset": spec.dataset.model_dump(mode="json"),
             "split": "retrieval" if gallery == "test" else gallery,

@@ -6,7 +6,7 @@ naming the active one::
     <root>/CURRENT                        "20250101T120000123456Z-3fa9c1"
     <root>/<version>/manifest.json        IndexManifest as JSON
     <root>/<version>/shard-000.faiss      one Faiss index per shard
-    <root>/<version>/shard-000.items.jsonl   per-vector metadata, one JSON object a line
+    <root>/<version>/shard-000.items.parquet per-vector metadata (and thumbnails), by id
 
 The manifest is the record that makes an index reproducible (ARCHITECTURE invariant 3):
 it names the model version that embedded the gallery, the Faiss factory string, the
@@ -15,8 +15,11 @@ gallery it was built from, and the sha256 of every shard file.
 Two kinds of index share this layout: float indices (metric ``"ip"`` or ``"l2"``, ``dim`` the
 embedding size) and binary ones (metric ``"hamming"``: hash codes packed 8 bits a byte in Faiss
 binary indices, ``dim`` and ``bits`` the code length in bits). ``modality`` says what the
-gallery items are (images, or texts of a cross-modal dataset). Manifests written before
-``bits`` and ``modality`` existed read as float image indices.
+gallery items are (images, or texts of a cross-modal dataset). ``search_defaults`` holds the
+search settings of requests that give none (``{"nprobe": 16}`` for IVF, ``{"ef_search": 64}``
+for HNSW) and ``thumbnails`` whether the items files carry PNG thumbnails. Manifests written
+before these fields existed read as float image indices without defaults or thumbnails, and
+their ``shard-000.items.jsonl`` files (one JSON object a line) still load.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from retrieval.errors import IndexIntegrityError
 
@@ -44,6 +47,8 @@ _VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 IndexMetric = Literal["ip", "l2", "hamming"]
 Modality = Literal["image", "text"]
+# The settings a manifest may default (see `retrieval.index.search_params.SearchParams`).
+SEARCH_DEFAULT_KEYS = ("nprobe", "ef_search")
 
 
 class ModelRef(BaseModel):
@@ -89,6 +94,8 @@ class IndexManifest(BaseModel):
     gallery: dict[str, Any]
     bits: int | None = None
     modality: Modality = "image"
+    search_defaults: dict[str, int] = Field(default_factory=dict)
+    thumbnails: bool = False
 
     @property
     def is_binary(self) -> bool:
@@ -110,6 +117,12 @@ class IndexManifest(BaseModel):
                 )
         elif self.bits is not None:
             raise ValueError(f"bits applies to a hamming index only, but metric is {self.metric!r}")
+        unknown = sorted(set(self.search_defaults) - set(SEARCH_DEFAULT_KEYS))
+        if unknown:
+            raise ValueError(f"search_defaults keys must be among {list(SEARCH_DEFAULT_KEYS)}, got {unknown}")
+        below = {key: value for key, value in self.search_defaults.items() if value < 1}
+        if below:
+            raise ValueError(f"search_defaults values must be >= 1, got {below}")
         numbers = [info.shard for info in self.shards]
         if numbers != list(range(len(self.shards))):
             raise ValueError(f"shards must be numbered 0..{len(self.shards) - 1} in order, got {numbers}")

@@ -69,36 +69,70 @@ class SearchParams:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise BadRequestError(f"unknown search parameters {unknown}; known: nprobe, ef_search")
-        values = {known[name]: value for name, value in data.items()}
+        values: dict[str, Any] = {}
+        for name, value in data.items():
+            if known[name] in values:
+                raise BadRequestError(f"search parameter {known[name]} is given twice (as ef_search and efSearch)")
+            values[known[name]] = value
         return cls(**values)
 
 
-def _hnsw_of(index: Any) -> Any | None:
-    """The `IndexHNSW` inside ``index`` (through an IDMap wrapper), or None."""
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
-    return inner if isinstance(inner, faiss.IndexHNSW) else None
+def _unwrapped(index: Any) -> Any:
+    """The index inside an id map (float or binary), downcast to its concrete type; others as given."""
+    if isinstance(index, faiss.IndexBinaryIDMap | faiss.IndexBinaryIDMap2):
+        return faiss.downcast_IndexBinary(index.index)
+    if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+        return faiss.downcast_index(index.index)
+    return index
 
 
-def _ivf_of(index: Any) -> Any | None:
-    """The IVF index inside ``index`` (float or binary, through an IDMap wrapper), or None."""
-    if isinstance(index, faiss.IndexBinaryIDMap2):
-        inner = faiss.downcast_IndexBinary(index.index)
+def hnsw_of(index: Any) -> Any | None:
+    """The HNSW graph index inside ``index`` (`IndexHNSW` or `IndexBinaryHNSW`, through an id map), or None."""
+    inner = _unwrapped(index)
+    return inner if isinstance(inner, faiss.IndexHNSW | faiss.IndexBinaryHNSW) else None
+
+
+def ivf_of(index: Any) -> Any | None:
+    """The IVF index inside ``index`` (float or binary, through an id map), or None."""
+    inner = _unwrapped(index)
+    if isinstance(inner, faiss.IndexBinary):
         return inner if isinstance(inner, faiss.IndexBinaryIVF) else None
-    if isinstance(index, faiss.IndexBinary):
-        return index if isinstance(index, faiss.IndexBinaryIVF) else None
     try:
-        return faiss.extract_index_ivf(index)
+        return faiss.extract_index_ivf(inner)
     except RuntimeError:
         return None
 
 
-def faiss_search_parameters(index: Any, params: SearchParams, *, factory: str) -> Any | None:
+@dataclass(frozen=True)
+class IndexKnobs:
+    """Which per-search settings an index has: looked up once per index, since finding the IVF or
+    HNSW part inside the wrappers costs more than a small search.
+
+    Attributes:
+        nlist: the IVF index's number of inverted lists (the largest ``nprobe``); None when not IVF.
+        hnsw: whether the index is an HNSW graph (takes ``ef_search``).
+    """
+
+    nlist: int | None
+    hnsw: bool
+
+
+def index_knobs(index: Any) -> IndexKnobs:
+    """The settings ``index`` (float or binary, possibly inside an id map) takes per search."""
+    ivf = ivf_of(index)
+    return IndexKnobs(nlist=None if ivf is None else int(ivf.nlist), hnsw=hnsw_of(index) is not None)
+
+
+def faiss_search_parameters(
+    index: Any, params: SearchParams, *, factory: str, knobs: IndexKnobs | None = None
+) -> Any | None:
     """The `faiss.SearchParameters` for one search of ``index`` with ``params``, or None for the defaults.
 
     Args:
         index: a shard's Faiss index (float or binary, usually inside an IDMap2).
         params: the request's settings.
         factory: the index's factory string, named in errors.
+        knobs: ``index_knobs(index)`` computed once by the caller (default: looked up now).
 
     Raises:
         BadRequestError: a setting the index does not have (``nprobe`` on a non-IVF index,
@@ -106,16 +140,22 @@ def faiss_search_parameters(index: Any, params: SearchParams, *, factory: str) -
     """
     if params.is_default:
         return None
-    ivf = _ivf_of(index)
-    hnsw = _hnsw_of(index)
-    if params.nprobe is not None and ivf is None:
+    knobs = knobs if knobs is not None else index_knobs(index)
+    if params.nprobe is not None and knobs.nlist is None:
         raise BadRequestError(f"nprobe applies to IVF indices; this index is {factory!r}")
-    if params.ef_search is not None and hnsw is None:
+    if params.ef_search is not None and not knobs.hnsw:
         raise BadRequestError(f"ef_search applies to HNSW indices; this index is {factory!r}")
-    if ivf is not None and params.nprobe is not None:
-        if params.nprobe > ivf.nlist:
-            raise BadRequestError(f"nprobe must be between 1 and {ivf.nlist} (the index's lists), got {params.nprobe}")
-        return faiss.SearchParametersIVF(nprobe=params.nprobe)
-    if hnsw is not None and params.ef_search is not None:
-        return faiss.SearchParametersHNSW(efSearch=params.ef_search)
+    if knobs.nlist is not None and params.nprobe is not None:
+        if params.nprobe > knobs.nlist:
+            raise BadRequestError(
+                f"nprobe must be between 1 and {knobs.nlist} (the index's lists), got {params.nprobe}"
+            )
+        ivf_params = faiss.SearchParametersIVF()
+        ivf_params.nprobe = params.nprobe
+        return ivf_params
+    if knobs.hnsw and params.ef_search is not None:
+        # faiss's bundled type stubs lack SearchParametersHNSW, which the module has.
+        hnsw_params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
+        hnsw_params.efSearch = params.ef_search
+        return hnsw_params
     return None

@@ -8,27 +8,37 @@ Float shards hold float32 vectors (metric ``"ip"`` or ``"l2"``); binary shards (
 ``"hamming"``) hold hash codes packed 8 bits a byte (``uint8 [N, bits / 8]``, the layout of
 `retrieval.evaluation.cross_modal.pack_codes`) in Faiss binary indices and are searched with
 packed queries by Hamming distance. Both kinds share the items files, checksums and manifest.
+
+Index types come from the Faiss factory string (``Flat``, ``IVF{n},Flat``, ``IVF{n},PQ{m}``,
+``HNSW{M}``; binary ``BFlat``, ``BIVF{n}``, ``BHNSW{M}``). Training uses a seeded sample of each
+shard; vectors are streamed in batches, so a memory-mapped gallery (``np.load(mmap_mode="r")``)
+is never copied whole. Search settings (``nprobe``, ``efSearch``) travel with each call as Faiss
+`SearchParameters` (see `retrieval.index.search_params`), with the manifest's defaults for the
+settings a request leaves out. Item metadata lives in a Parquet file per shard
+(`retrieval.index.metadata`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
+from tqdm import tqdm
 
-from retrieval.errors import IndexIntegrityError
+from retrieval.errors import BadRequestError, IndexIntegrityError
 from retrieval.index.manifest import (
     IndexManifest,
     IndexMetric,
@@ -39,6 +49,8 @@ from retrieval.index.manifest import (
     version_name_is_valid,
     write_manifest,
 )
+from retrieval.index.metadata import ItemStore, write_items_parquet
+from retrieval.index.search_params import IndexKnobs, SearchParams, faiss_search_parameters, index_knobs, ivf_of
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +58,12 @@ _FAISS_METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 _HASH_CHUNK_BYTES = 1 << 20
 # Faiss pads a short binary result row with an arbitrary distance; shown like an l2 row's padding.
 _BINARY_PADDING = np.finfo(np.float32).max
+# Rows converted (and finite-checked) at once while validating a gallery that may be memory-mapped.
+_CHECK_CHUNK_ROWS = 65_536
+# Read flags for memory-mapped shards: IO_FLAG_MMAP_IFC (faiss >= 1.10) maps flat codes, HNSW
+# storage and inverted lists; IO_FLAG_MMAP maps only the inverted lists of IVF indices.
+_MMAP_FLAGS = [flag for flag in (getattr(faiss, "IO_FLAG_MMAP_IFC", None), faiss.IO_FLAG_MMAP) if flag is not None]
+_mmap_fallback_logged: set[str] = set()
 
 
 def faiss_metric(metric: str) -> int:
@@ -101,19 +119,42 @@ def new_index_version() -> str:
     return f"{stamp}-{secrets.token_hex(3)}"
 
 
+def _batch(vectors: np.ndarray, rows: np.ndarray, *, binary: bool) -> np.ndarray:
+    """Rows ``rows`` of ``vectors`` as the contiguous array Faiss takes: ``[B, D]`` float32, or uint8 codes."""
+    return np.ascontiguousarray(vectors[rows], dtype=np.uint8 if binary else np.float32)
+
+
+def _check_finite(vectors: np.ndarray) -> None:
+    """Refuse NaN / inf (also values that overflow float32), converting a chunk of rows at a time."""
+    total = 0
+    first: int | None = None
+    for start in range(0, vectors.shape[0], _CHECK_CHUNK_ROWS):
+        # A float64 value beyond float32's range becomes inf here, which is what this reports.
+        with np.errstate(over="ignore"):
+            chunk = np.asarray(vectors[start : start + _CHECK_CHUNK_ROWS], dtype=np.float32)
+        bad_rows = np.flatnonzero(~np.isfinite(chunk).all(axis=1))
+        if bad_rows.size and first is None:
+            first = start + int(bad_rows[0])
+        total += bad_rows.size
+    if first is not None:
+        raise ValueError(f"vectors hold non-finite values (NaN or inf) in {total} rows, first at row {first}")
+
+
 def _validate_inputs(
     *,
-    vectors: np.ndarray,
-    ids: np.ndarray,
+    vectors: Any,
+    ids: Any,
     items: Sequence[Mapping[str, Any]],
     num_shards: int,
     index_version: str | None,
     train_sample: int,
     add_batch_size: int,
     metric: str,
+    thumbnails: Sequence[bytes | None] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     if metric != "hamming":
         faiss_metric(metric)
+    # No copy of an ndarray: a np.memmap stays a view of its file, read a batch at a time below.
     vectors = np.asarray(vectors)
     ids = np.asarray(ids)
     if vectors.ndim != 2:
@@ -123,6 +164,8 @@ def _validate_inputs(
             f"a hamming index takes codes packed 8 bits a byte (uint8 [N, bits / 8], see pack_codes), "
             f"got dtype {vectors.dtype}"
         )
+    if not (np.issubdtype(vectors.dtype, np.floating) or np.issubdtype(vectors.dtype, np.integer)):
+        raise ValueError(f"vectors must hold numbers, got dtype {vectors.dtype}")
     count, dim = vectors.shape
     if count == 0 or dim == 0:
         raise ValueError(f"vectors must be non-empty, got shape {vectors.shape}")
@@ -132,6 +175,8 @@ def _validate_inputs(
         raise ValueError(f"ids must be integers, got dtype {ids.dtype}")
     if len(items) != count:
         raise ValueError(f"items must hold one mapping per vector: {count} vectors but {len(items)} items")
+    if thumbnails is not None and len(thumbnails) != count:
+        raise ValueError(f"thumbnails must hold one entry per vector: {count} vectors but {len(thumbnails)}")
     if not 1 <= num_shards <= count:
         raise ValueError(f"num_shards must be between 1 and the number of vectors ({count}), got {num_shards}")
     if train_sample < 1:
@@ -150,15 +195,54 @@ def _validate_inputs(
     duplicated = unique_ids[counts > 1]
     if duplicated.size:
         raise ValueError(f"ids must be unique; {duplicated.size} repeat, e.g. {duplicated[:5].tolist()}")
-    if metric == "hamming":
-        return np.ascontiguousarray(vectors), ids.astype(np.int64)
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    bad_rows = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
-    if bad_rows.size:
-        raise ValueError(
-            f"vectors hold non-finite values (NaN or inf) in {bad_rows.size} rows, first at row {int(bad_rows[0])}"
-        )
+    if metric != "hamming" and np.issubdtype(vectors.dtype, np.floating):
+        _check_finite(vectors)
     return vectors, ids.astype(np.int64)
+
+
+def _validated_search_defaults(
+    index: Any, *, factory: str, search_defaults: Mapping[str, int] | None
+) -> dict[str, int]:
+    """The manifest's ``search_defaults``, checked against an (empty) index of ``factory``.
+
+    Raises:
+        ValueError: an unknown key, a value below 1, or a setting the index type does not have.
+    """
+    if not search_defaults:
+        return {}
+    try:
+        params = SearchParams.from_mapping(search_defaults)
+        faiss_search_parameters(index, params, factory=factory)
+    except BadRequestError as error:
+        raise ValueError(f"search_defaults {dict(search_defaults)} do not fit factory {factory!r}: {error}") from error
+    return params.as_dict()
+
+
+def _train(
+    index: Any, vectors: np.ndarray, positions: np.ndarray, *, shard: int, factory: str, train_sample: int
+) -> None:
+    """Train ``index`` on a seeded sample of at most ``train_sample`` of the shard's rows ``positions``.
+
+    Raises:
+        ValueError: fewer training vectors than the index needs (an IVF's lists, a PQ's centroids).
+    """
+    rng = np.random.default_rng(shard)
+    take = min(train_sample, len(positions))
+    ivf = ivf_of(index)
+    if ivf is not None and take < ivf.nlist:
+        limit = f" (train_sample {train_sample})" if train_sample < len(positions) else ""
+        raise ValueError(
+            f"factory {factory!r} needs at least {ivf.nlist} training vectors (one per inverted list), but shard "
+            f"{shard} trains on {take}{limit}: use fewer lists, fewer shards or more vectors"
+        )
+    rows = positions[np.sort(rng.choice(len(positions), size=take, replace=False))]
+    binary = isinstance(index, faiss.IndexBinary)
+    try:
+        index.train(_batch(vectors, rows, binary=binary))
+    except RuntimeError as error:
+        raise ValueError(
+            f"faiss cannot train factory {factory!r} on {take} vectors of shard {shard}: {error}"
+        ) from error
 
 
 def _new_shard_index(*, dim: int, factory: str, metric: str) -> faiss.Index:
@@ -205,22 +289,10 @@ def _new_index(*, dim: int, factory: str, metric: str) -> Any:
     return _new_shard_index(dim=dim, factory=factory, metric=metric)
 
 
-def _write_items(path: Path, ids: np.ndarray, items: Sequence[Mapping[str, Any]]) -> None:
-    with path.open("w", encoding="utf-8") as stream:
-        for item_id, item in zip(ids.tolist(), items, strict=True):
-            if "id" in item and item["id"] != item_id:
-                raise ValueError(f"item for id {item_id} carries a different 'id' field: {item['id']!r}")
-            try:
-                line = json.dumps({**item, "id": item_id}, sort_keys=True)
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"item for id {item_id} is not JSON-serialisable: {error}") from error
-            stream.write(line + "\n")
-
-
 def build_shards(
     *,
-    vectors: np.ndarray,
-    ids: np.ndarray,
+    vectors: Any,
+    ids: Any,
     items: Sequence[Mapping[str, Any]],
     out_root: str | Path,
     num_shards: int,
@@ -232,6 +304,8 @@ def build_shards(
     train_sample: int = 100_000,
     add_batch_size: int = 65_536,
     modality: Modality = "image",
+    search_defaults: Mapping[str, int] | None = None,
+    thumbnails: Sequence[bytes | None] | None = None,
 ) -> Path:
     """Write a new version of a sharded index under ``out_root`` and make it current.
 
@@ -240,31 +314,41 @@ def build_shards(
     sees a half-written version and earlier versions stay intact.
 
     Args:
-        vectors: gallery embeddings ``[N, D]``, float32 (converted if needed), all finite; for
-            metric ``"hamming"`` packed hash codes ``uint8 [N, bits / 8]`` (see `pack_codes`).
+        vectors: gallery embeddings ``[N, D]``, any array-like of numbers, all finite, converted to
+            float32 a batch at a time (a ``np.memmap`` / ``np.load(mmap_mode="r")`` array is read
+            from disk batch by batch, never copied whole); for metric ``"hamming"`` packed hash
+            codes ``uint8 [N, bits / 8]`` (see `pack_codes`).
         ids: gallery ids ``[N]``, unique non-negative integers.
         items: per-vector metadata (``N`` JSON-serialisable mappings, e.g.
-            ``{"label": "7", "source": "digits:12"}``), stored per shard beside the index.
+            ``{"label": "7", "source": "digits:12"}``), stored per shard beside the index in a
+            Parquet file (see `retrieval.index.metadata`).
         out_root: the index root directory (created if missing).
         num_shards: number of shards, between 1 and ``N``; shard ``s`` holds the ``s``-th
             contiguous range of the sorted ids.
-        factory: Faiss factory string (e.g. ``"Flat"``, ``"IVF4,Flat"``, ``"HNSW32"``); for
-            ``"hamming"`` a binary one (``"Flat"`` = ``"BFlat"``, ``"BHNSW32"``, ``"BIVF16"``).
+        factory: Faiss factory string (``"Flat"``, ``"IVF{n},Flat"``, ``"IVF{n},PQ{m}"``,
+            ``"HNSW{M}"``); for ``"hamming"`` a binary one (``"Flat"`` = ``"BFlat"``,
+            ``"BHNSW32"``, ``"BIVF16"``).
         metric: ``"ip"`` (inner product, higher is better), ``"l2"`` (lower is better) or
             ``"hamming"`` (Hamming distance between packed codes, lower is better).
         model: the model version that produced ``vectors``.
         gallery: a free description of what was indexed (dataset, split, count).
         index_version: the version name; default a sortable UTC timestamp + random suffix.
-        train_sample: at most this many vectors of a shard train an index that needs it.
-        add_batch_size: vectors added to Faiss per call (bounds peak memory).
+        train_sample: at most this many vectors of a shard (a seeded sample) train an index that
+            needs it (IVF, PQ).
+        add_batch_size: vectors converted and added to Faiss per call (bounds peak memory).
         modality: what the gallery items are (``"image"``, or ``"text"`` for captions), recorded
             in the manifest for clients.
+        search_defaults: the search settings a request that leaves them out gets,
+            ``{"nprobe": n}`` (IVF) or ``{"ef_search": n}`` (HNSW); checked against ``factory``.
+        thumbnails: one PNG (bytes, or None) per vector for the search page, stored in the items
+            files; None stores none (``manifest.thumbnails`` says which).
 
     Returns:
         The path of the written ``manifest.json``.
 
     Raises:
-        ValueError: inconsistent or invalid inputs, or ``index_version`` already exists.
+        ValueError: inconsistent or invalid inputs, ``search_defaults`` that ``factory`` does
+            not have, too few vectors to train ``factory``, or ``index_version`` already exists.
     """
     vectors, ids = _validate_inputs(
         vectors=vectors,
@@ -275,11 +359,15 @@ def build_shards(
         train_sample=train_sample,
         add_batch_size=add_batch_size,
         metric=metric,
+        thumbnails=thumbnails,
     )
     binary = metric == "hamming"
     count = vectors.shape[0]
     # A binary index's dimension is in bits, 8 per byte of a packed code.
     dim = vectors.shape[1] * 8 if binary else vectors.shape[1]
+    defaults = _validated_search_defaults(
+        _new_index(dim=dim, factory=factory, metric=metric), factory=factory, search_defaults=search_defaults
+    )
     root = Path(out_root)
     root.mkdir(parents=True, exist_ok=True)
     version = index_version or new_index_version()
@@ -292,25 +380,33 @@ def build_shards(
     try:
         shard_infos: list[ShardInfo] = []
         for shard, positions in enumerate(np.array_split(order, num_shards)):
-            shard_vectors = vectors[positions]
             shard_ids = ids[positions]
             index = _new_index(dim=dim, factory=factory, metric=metric)
             if not index.is_trained:
-                rng = np.random.default_rng(shard)
-                take = min(train_sample, len(positions))
-                sample = shard_vectors[np.sort(rng.choice(len(positions), size=take, replace=False))]
-                index.train(sample)
-            for start in range(0, len(positions), add_batch_size):
-                stop = start + add_batch_size
-                index.add_with_ids(shard_vectors[start:stop], shard_ids[start:stop])
+                _train(index, vectors, positions, shard=shard, factory=factory, train_sample=train_sample)
+            # disable=None hides the bar when stderr is not a terminal (logs, CI).
+            with tqdm(
+                total=len(positions), desc=f"shard {shard + 1}/{num_shards}", unit="vec", file=sys.stderr, disable=None
+            ) as progress:
+                for start in range(0, len(positions), add_batch_size):
+                    rows = positions[start : start + add_batch_size]
+                    index.add_with_ids(_batch(vectors, rows, binary=binary), shard_ids[start : start + add_batch_size])
+                    progress.update(len(rows))
 
             index_name = f"shard-{shard:03d}.faiss"
-            items_name = f"shard-{shard:03d}.items.jsonl"
+            items_name = f"shard-{shard:03d}.items.parquet"
             if binary:
                 faiss.write_index_binary(index, str(staging / index_name))
             else:
                 faiss.write_index(index, str(staging / index_name))
-            _write_items(staging / items_name, shard_ids, [items[position] for position in positions.tolist()])
+            del index
+            position_list = positions.tolist()
+            write_items_parquet(
+                staging / items_name,
+                shard_ids,
+                [items[position] for position in position_list],
+                None if thumbnails is None else [thumbnails[position] for position in position_list],
+            )
             shard_infos.append(
                 ShardInfo(
                     shard=shard,
@@ -324,13 +420,14 @@ def build_shards(
                 )
             )
             logger.info(
-                "index %s: shard %d/%d written (%d vectors, ids %d..%d)",
+                "index %s: shard %d/%d written (%d vectors, ids %d..%d, factory %s)",
                 version,
                 shard + 1,
                 num_shards,
                 len(positions),
                 shard_ids[0],
                 shard_ids[-1],
+                factory,
             )
 
         manifest = IndexManifest(
@@ -345,6 +442,8 @@ def build_shards(
             gallery=dict(gallery),
             bits=dim if binary else None,
             modality=modality,
+            search_defaults=defaults,
+            thumbnails=thumbnails is not None,
         )
         write_manifest(manifest, staging)
         os.rename(staging, version_dir)
@@ -362,37 +461,66 @@ class LoadedShard:
 
     Attributes:
         index: the Faiss index (a binary one for metric ``"hamming"``); it answers with global
-            gallery ids.
-        items: per-id metadata, each dict including its ``"id"``.
+            gallery ids. Shared by concurrent searches: nothing here ever changes its settings.
+        items: per-id metadata (`ItemStore`: ``items.get(id)`` / ``items.get_many(ids)`` give
+            dicts including their ``"id"``; ``id in items``; ``items.thumbnail(id)``).
         info: the shard's manifest entry.
         metric: the index's metric (from the manifest).
+        factory: the index's Faiss factory string (from the manifest), named in errors.
+        search_defaults: the manifest's search settings for requests that leave them out.
+        mmap: whether the index was read memory-mapped.
     """
 
     index: Any
-    items: dict[int, dict[str, Any]]
+    items: ItemStore
     info: ShardInfo
     metric: IndexMetric = "ip"
+    factory: str = "Flat"
+    search_defaults: Mapping[str, int] = field(default_factory=dict)
+    mmap: bool = False
 
     @property
     def is_binary(self) -> bool:
         """Whether the shard holds packed hash codes searched by Hamming distance."""
         return self.metric == "hamming"
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def faiss_params(self, params: SearchParams | None = None) -> Any | None:
+        """The `faiss.SearchParameters` of one search: ``params`` over the manifest's defaults (None: defaults).
+
+        Raises:
+            BadRequestError: a setting this index type does not have, or out of range.
+        """
+        merged = (params or SearchParams()).with_defaults(self.search_defaults)
+        return faiss_search_parameters(self.index, merged, factory=self.factory, knobs=self.knobs)
+
+    @cached_property
+    def knobs(self) -> IndexKnobs:
+        """The per-search settings this index takes (``nprobe`` range, ``ef_search``), looked up once."""
+        return index_knobs(self.index)
+
+    def search(self, queries: np.ndarray, k: int, params: SearchParams | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Search the shard.
 
         Args:
             queries: ``[Q, D]`` float query vectors; for a binary shard packed codes
                 ``uint8 [Q, bits / 8]`` (see `pack_codes`).
             k: neighbours per query, >= 1.
+            params: this call's search settings (``nprobe`` for IVF, ``ef_search`` for HNSW);
+                unset ones come from the manifest's ``search_defaults``. They go to Faiss with
+                this call only, so concurrent calls with other settings are unaffected.
 
         Returns:
             Scores ``[Q, k]`` float32 (Hamming distances, whole numbers, for a binary shard) and
             ids ``[Q, k]`` int64; ids are ``-1`` past the shard's size (Faiss padding), with
             score ``float32 max`` in a binary shard.
+
+        Raises:
+            ValueError: ``k`` < 1 or queries of the wrong shape / dtype.
+            BadRequestError: ``params`` the index type does not have (the message names it).
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        faiss_params = self.faiss_params(params)
         if self.is_binary:
             code_bytes = self.index.d // 8
             queries = np.asarray(queries)
@@ -401,14 +529,14 @@ class LoadedShard:
                     f"queries of a {self.index.d}-bit binary shard must be packed codes uint8 [Q, {code_bytes}], "
                     f"got {queries.dtype} {queries.shape}"
                 )
-            distances, ids = self.index.search(np.ascontiguousarray(queries), k)
+            distances, ids = self.index.search(np.ascontiguousarray(queries), k, params=faiss_params)
             scores = distances.astype(np.float32)
             scores[ids < 0] = _BINARY_PADDING
             return scores, ids.astype(np.int64)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.index.d:
             raise ValueError(f"queries must have shape [Q, {self.index.d}], got {queries.shape}")
-        scores, ids = self.index.search(queries, k)
+        scores, ids = self.index.search(queries, k, params=faiss_params)
         return scores, ids
 
     def vector(self, item_id: int) -> np.ndarray:
@@ -437,35 +565,48 @@ def _verified_path(version_dir: Path, name: str, expected_sha256: str) -> Path:
     return path
 
 
-def _read_items(path: Path) -> dict[int, dict[str, Any]]:
-    items: dict[int, dict[str, Any]] = {}
-    with path.open(encoding="utf-8") as stream:
-        for line_number, line in enumerate(stream, start=1):
+def _read_index(path: Path, *, binary: bool, mmap: bool, factory: str) -> tuple[Any, bool]:
+    """Read a Faiss index file, memory-mapped when asked and the type allows; returns it and whether it is mapped.
+
+    Raises:
+        RuntimeError: faiss cannot read the file at all.
+    """
+    read = faiss.read_index_binary if binary else faiss.read_index
+    if mmap:
+        errors = []
+        for flag in _MMAP_FLAGS:
             try:
-                item = json.loads(line)
-                item_id = int(item["id"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                raise IndexIntegrityError(f"{path}:{line_number}: not an item with an 'id': {error}") from error
-            items[item_id] = item
-    return items
+                return read(str(path), flag), True
+            except RuntimeError as error:
+                errors.append(str(error).strip().splitlines()[-1])
+        kind = f"{'binary ' if binary else ''}{factory}"
+        if kind not in _mmap_fallback_logged:
+            _mmap_fallback_logged.add(kind)
+            logger.warning("faiss cannot memory-map a %s index (%s); reading it into memory", kind, "; ".join(errors))
+    return read(str(path)), False
 
 
-def load_shard(*, manifest: IndexManifest, version_dir: Path, shard: int, verify: bool = True) -> LoadedShard:
+def load_shard(
+    *, manifest: IndexManifest, version_dir: Path, shard: int, verify: bool = True, mmap: bool = False
+) -> LoadedShard:
     """Load one shard of an index version, refusing it if its files do not match the manifest.
 
     Args:
         manifest: the version's manifest (from `read_manifest`).
         version_dir: the directory holding the shard files.
         shard: the shard number.
-        verify: check both files' sha256 against the manifest before reading them.
+        verify: check both files' sha256 against the manifest before reading them (in chunks).
+        mmap: memory-map the index file (Faiss ``IO_FLAG_MMAP_IFC`` / ``IO_FLAG_MMAP``) instead
+            of reading it into memory: pages come from the file on demand and are shared
+            between processes. An index type faiss cannot map is read normally (logged once).
 
     Returns:
         The loaded shard.
 
     Raises:
         IndexIntegrityError: the shard is not in the manifest, a file is missing, a checksum
-            differs (the message names the file, the expected and the actual sha256), or
-            the contents disagree with the manifest.
+            differs (the message names the file, the expected and the actual sha256), a file
+            cannot be read (corrupt or truncated), or the contents disagree with the manifest.
     """
     matching = [info for info in manifest.shards if info.shard == shard]
     if not matching:
@@ -482,14 +623,28 @@ def load_shard(*, manifest: IndexManifest, version_dir: Path, shard: int, verify
         index_path = version_dir / info.file
         items_path = version_dir / info.items_file
     try:
-        index = faiss.read_index_binary(str(index_path)) if manifest.is_binary else faiss.read_index(str(index_path))
+        index, mapped = _read_index(index_path, binary=manifest.is_binary, mmap=mmap, factory=manifest.factory)
     except RuntimeError as error:
         raise IndexIntegrityError(f"{index_path}: faiss cannot read the shard: {error}") from error
-    items = _read_items(items_path)
+    items = ItemStore.open(items_path)
     if index.ntotal != info.count or len(items) != info.count or index.d != manifest.dim:
         raise IndexIntegrityError(
             f"{index_path}: manifest expects {info.count} vectors of dim {manifest.dim}, the shard holds "
             f"{index.ntotal} vectors of dim {index.d} and {items_path.name} holds {len(items)} items"
         )
-    logger.info("index %s: loaded shard %d (%d vectors)", manifest.index_version, shard, info.count)
-    return LoadedShard(index=index, items=items, info=info, metric=manifest.metric)
+    logger.info(
+        "index %s: loaded shard %d (%d vectors%s)",
+        manifest.index_version,
+        shard,
+        info.count,
+        ", memory-mapped" if mapped else "",
+    )
+    return LoadedShard(
+        index=index,
+        items=items,
+        info=info,
+        metric=manifest.metric,
+        factory=manifest.factory,
+        search_defaults=dict(manifest.search_defaults),
+        mmap=mapped,
+    )

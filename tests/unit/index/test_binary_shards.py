@@ -6,6 +6,7 @@ number of differing signs, then by ascending id, in plain Python.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from retrieval.data.base import ArrayImageLoader, ImageDataset
 from retrieval.data.cross_modal import CrossModalDataset, CrossModalSplits
 from retrieval.errors import ConfigError, IndexIntegrityError
 from retrieval.evaluation.cross_modal import pack_codes
@@ -322,3 +324,108 @@ def test_text_gallery_of_an_image_only_model_is_refused(tmp_path: Path) -> None:
             modality="text",
         )  # fmt: skip
     assert not (tmp_path / "index").exists()
+
+
+# --------------------------------------------------------------------------- thumbnails of image galleries
+
+
+def raw_digit(position: int) -> np.ndarray:
+    """A distinct 8 x 6 grayscale image: rows count up, offset by the item's position."""
+    return ((np.arange(48).reshape(8, 6) * 5 + position * 7) % 256).astype(np.uint8)
+
+
+@pytest.fixture
+def digits_gallery(monkeypatch: pytest.MonkeyPatch) -> ImageDataset:
+    dataset = ImageDataset(
+        loaders=[ArrayImageLoader(pixels=raw_digit(position)) for position in range(5)],
+        labels=np.array([0, 1, 0, 1, 1]),
+        class_names=["zero", "one"],
+        sources=[f"digits:{position}" for position in range(5)],
+        # The model's transform must not reach the thumbnails: it would turn every image black.
+        transform=lambda image: Image.new("L", (4, 4)),  # type: ignore[arg-type,return-value]
+    )
+    monkeypatch.setattr(gallery_module, "gallery_dataset", lambda package, gallery: dataset)
+    monkeypatch.setattr(
+        gallery_module,
+        "embed_dataset",
+        lambda embed, data, *, batch_size, device: np.eye(len(data), 4, dtype=np.float32),
+    )
+    return dataset
+
+
+def image_package() -> SimpleNamespace:
+    return SimpleNamespace(
+        is_cross_modal=False,
+        method=None,
+        model=None,
+        device="cpu",
+        spec=SimpleNamespace(name="digits-job", dataset=SimpleNamespace(model_dump=lambda mode: {"name": "digits"})),
+    )
+
+
+def thumbnails_of(path: Path) -> dict[int, bytes | None]:
+    manifest, version_dir = read_manifest(path)
+    found: dict[int, bytes | None] = {}
+    for info in manifest.shards:
+        shard = load_shard(manifest=manifest, version_dir=version_dir, shard=info.shard)
+        found.update({item_id: shard.items.thumbnail(item_id) for item_id in shard.items})
+    return found
+
+
+@pytest.mark.usefixtures("digits_gallery")
+def test_image_gallery_stores_thumbnails_of_the_raw_images(tmp_path: Path) -> None:
+    path = gallery_module.build_gallery_index(
+        image_package(),  # type: ignore[arg-type]
+        model=MODEL, out_root=tmp_path / "index", gallery="test", num_shards=2, factory="Flat", metric="ip",
+        thumbnail_px=32,
+    )  # fmt: skip
+    manifest, _ = read_manifest(path)
+    assert manifest.thumbnails is True
+    thumbnails = thumbnails_of(path)
+    assert sorted(thumbnails) == [0, 1, 2, 3, 4]
+    for position, png in thumbnails.items():
+        assert png is not None and png.startswith(b"\x89PNG")
+        with Image.open(io.BytesIO(png)) as image:
+            # 8 x 6 (rows x columns) enlarged 4 times: the longer side is 32; each pixel a 4 x 4 block.
+            assert image.size == (24, 32)
+            np.testing.assert_array_equal(np.asarray(image), np.kron(raw_digit(position), np.ones((4, 4), np.uint8)))
+
+
+@pytest.mark.usefixtures("digits_gallery")
+def test_thumbnail_px_zero_stores_none(tmp_path: Path) -> None:
+    path = gallery_module.build_gallery_index(
+        image_package(),  # type: ignore[arg-type]
+        model=MODEL, out_root=tmp_path / "index", gallery="test", num_shards=1, factory="Flat", metric="ip",
+        thumbnail_px=0,
+    )  # fmt: skip
+    manifest, version_dir = read_manifest(path)
+    assert manifest.thumbnails is False
+    assert not load_shard(manifest=manifest, version_dir=version_dir, shard=0).items.has_thumbnails
+
+
+def test_large_images_shrink_to_the_thumbnail_size() -> None:
+    image = Image.new("RGB", (300, 120), (200, 10, 10))
+    with Image.open(io.BytesIO(gallery_module.thumbnail_png(image, size_px=64))) as thumbnail:
+        assert thumbnail.size == (64, 26) and thumbnail.getpixel((30, 10)) == (200, 10, 10)
+
+
+@pytest.mark.usefixtures("pairs_gallery")
+def test_cross_modal_image_gallery_has_thumbnails_and_text_gallery_none(tmp_path: Path) -> None:
+    package = FakeCrossModalPackage(code_bits=BITS)
+    images = build_cross_modal_index(
+        package,  # type: ignore[arg-type]
+        model=MODEL, out_root=tmp_path / "images", gallery="test", num_shards=1, factory="Flat", metric="ip",
+        thumbnail_px=16,
+    )  # fmt: skip
+    assert read_manifest(images)[0].thumbnails is True
+    for position, png in thumbnails_of(images).items():
+        assert png is not None
+        with Image.open(io.BytesIO(png)) as thumbnail:
+            assert thumbnail.size == (16, 16) and thumbnail.convert("RGB").getpixel((3, 3)) == (position, 0, 0)
+    texts = build_cross_modal_index(
+        package,  # type: ignore[arg-type]
+        model=MODEL, out_root=tmp_path / "texts", gallery="test", num_shards=1, factory="Flat", metric="ip",
+        modality="text",
+    )  # fmt: skip
+    assert read_manifest(texts)[0].thumbnails is False
+    assert set(thumbnails_of(texts).values()) == {None}

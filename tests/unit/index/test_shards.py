@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import faiss
@@ -11,6 +12,10 @@ import pytest
 
 from retrieval.errors import IndexIntegrityError
 from retrieval.index import ModelRef, build_shards, load_shard, merge_topk, read_manifest
+from retrieval.index import shards as shards_module
+from retrieval.index.metadata import ItemStore
+from retrieval.index.search_params import SearchParams
+from retrieval.index.shards import _validate_inputs, file_sha256
 
 MODEL = ModelRef(name="digits-deep-metric", version="3", uri="models:/digits-deep-metric/3", run_id="abc123")
 GALLERY = {"dataset": "synthetic", "split": "test"}
@@ -151,7 +156,9 @@ def test_corrupt_items_file_and_missing_shard_are_refused(tmp_path: Path) -> Non
     build(tmp_path, vectors, ids, index_version="v1")
     manifest, version_dir = read_manifest(tmp_path / "index")
     items_file = version_dir / manifest.shards[0].items_file
-    items_file.write_text(items_file.read_text().replace('"label"', '"lable"', 1))
+    content = bytearray(items_file.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    items_file.write_bytes(bytes(content))
     with pytest.raises(IndexIntegrityError, match="sha256 mismatch"):
         load_shard(manifest=manifest, version_dir=version_dir, shard=0)
 
@@ -272,3 +279,160 @@ def test_read_manifest_errors_name_the_path_and_problem(tmp_path: Path) -> None:
     manifest_path.write_text("{not json")
     with pytest.raises(IndexIntegrityError, match=f"{manifest_path}: cannot read the manifest as JSON"):
         read_manifest(root)
+
+
+# --------------------------------------------------------------------------- index types, streaming, mmap, items
+
+
+def test_ivf_with_fewer_training_vectors_than_lists_names_factory_and_counts(tmp_path: Path) -> None:
+    vectors = np.random.default_rng(8).standard_normal((60, 4)).astype(np.float32)
+    with pytest.raises(
+        ValueError, match=r"factory 'IVF32,Flat' needs at least 32 training vectors .* shard 0 trains on 30"
+    ):
+        build(tmp_path, vectors, np.arange(60), factory="IVF32,Flat")
+    with pytest.raises(ValueError, match=r"needs at least 16 training vectors .* trains on 10 \(train_sample 10\)"):
+        build(tmp_path, vectors, np.arange(60), factory="IVF16,Flat", train_sample=10)
+    assert sorted(path.name for path in (tmp_path / "index").iterdir()) == []
+
+
+@pytest.mark.parametrize(("factory", "widest"), [("IVF8,Flat", {"nprobe": 8}), ("HNSW8", {"ef_search": 64})])
+def test_index_types_find_each_stored_vector_and_keep_ids(tmp_path: Path, factory: str, widest: dict[str, int]) -> None:
+    rng = np.random.default_rng(9)
+    vectors = rng.standard_normal((300, 8)).astype(np.float32)
+    ids = rng.permutation(300).astype(np.int64) * 5
+    # A batch size that does not divide the shards: the last batch of each is short.
+    build(tmp_path, vectors, ids, factory=factory, metric="l2", num_shards=2, add_batch_size=37)
+    manifest, version_dir = read_manifest(tmp_path / "index")
+    assert manifest.factory == factory and manifest.search_defaults == {} and manifest.thumbnails is False
+    for info in manifest.shards:
+        shard = load_shard(manifest=manifest, version_dir=version_dir, shard=info.shard)
+        assert shard.index.ntotal == info.count
+        members = np.array(sorted(shard.items))
+        rows = np.array([int(np.flatnonzero(ids == member)[0]) for member in members])
+        distances, found = shard.search(vectors[rows], 1, SearchParams.from_mapping(widest))
+        np.testing.assert_array_equal(found[:, 0], members)
+        np.testing.assert_array_equal(distances[:, 0], 0.0)
+
+
+def test_memory_mapped_gallery_streams_without_a_full_copy(tmp_path: Path) -> None:
+    rng = np.random.default_rng(10)
+    vectors = rng.standard_normal((500, 6))  # float64 on disk: converted to float32 a batch at a time
+    np.save(tmp_path / "gallery.npy", vectors)
+    mapped = np.load(tmp_path / "gallery.npy", mmap_mode="r")
+    ids = np.arange(500, dtype=np.int64)
+
+    checked, _ = _validate_inputs(
+        vectors=mapped, ids=ids, items=[{}] * 500, num_shards=2, index_version=None, train_sample=10,
+        add_batch_size=64, metric="l2", thumbnails=None,
+    )  # fmt: skip
+    assert np.shares_memory(checked, mapped)
+
+    build(tmp_path, mapped, ids, metric="l2", add_batch_size=64, index_version="mapped")
+    build(tmp_path, vectors.astype(np.float32), ids, metric="l2", index_version="plain")
+    queries = rng.standard_normal((7, 6)).astype(np.float32)
+    mapped_result = sharded_search(tmp_path / "index" / "mapped", queries, 5)
+    plain_result = sharded_search(tmp_path / "index" / "plain", queries, 5)
+    np.testing.assert_array_equal(mapped_result[1], plain_result[1])
+    np.testing.assert_array_equal(mapped_result[0], plain_result[0])
+
+
+def test_non_finite_rows_are_found_chunk_by_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shards_module, "_CHECK_CHUNK_ROWS", 4)
+    vectors = np.ones((20, 3))
+    vectors[9, 1] = np.inf
+    vectors[17, 0] = 1e300  # finite in float64, inf in float32
+    with pytest.raises(ValueError, match=r"non-finite values \(NaN or inf\) in 2 rows, first at row 9"):
+        build(tmp_path, vectors, np.arange(20))
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat", "HNSW8"])
+def test_memory_mapped_shard_answers_like_a_loaded_one(tmp_path: Path, factory: str) -> None:
+    rng = np.random.default_rng(11)
+    vectors = rng.standard_normal((400, 8)).astype(np.float32)
+    build(tmp_path, vectors, np.arange(400), factory=factory, metric="l2")
+    manifest, version_dir = read_manifest(tmp_path / "index")
+    queries = rng.standard_normal((20, 8)).astype(np.float32)
+    for info in manifest.shards:
+        loaded = load_shard(manifest=manifest, version_dir=version_dir, shard=info.shard)
+        mapped = load_shard(manifest=manifest, version_dir=version_dir, shard=info.shard, mmap=True)
+        assert mapped.mmap and not loaded.mmap
+        for first, second in zip(loaded.search(queries, 6), mapped.search(queries, 6), strict=True):
+            np.testing.assert_array_equal(first, second)
+        member = next(iter(mapped.items))
+        np.testing.assert_array_equal(mapped.vector(member), vectors[member])
+
+
+def test_binary_shard_loads_memory_mapped(tmp_path: Path) -> None:
+    codes = np.random.default_rng(12).integers(0, 256, size=(50, 4)).astype(np.uint8)
+    build(tmp_path, codes, np.arange(50), metric="hamming", items=[{}] * 50)
+    manifest, version_dir = read_manifest(tmp_path / "index")
+    loaded = load_shard(manifest=manifest, version_dir=version_dir, shard=1)
+    mapped = load_shard(manifest=manifest, version_dir=version_dir, shard=1, mmap=True)
+    assert mapped.mmap
+    for first, second in zip(loaded.search(codes[:5], 4), mapped.search(codes[:5], 4), strict=True):
+        np.testing.assert_array_equal(first, second)
+
+
+def test_items_are_parquet_with_thumbnails_and_corrupt_parquet_is_refused(tmp_path: Path) -> None:
+    vectors, ids = integer_gallery(count=12, dim=3, seed=13)
+    thumbnails = [f"png-{item_id}".encode() if item_id % 2 else None for item_id in ids.tolist()]
+    build(tmp_path, vectors, ids, thumbnails=thumbnails, index_version="v1")
+    manifest, version_dir = read_manifest(tmp_path / "index")
+    assert manifest.thumbnails is True
+    assert [info.items_file for info in manifest.shards] == ["shard-000.items.parquet", "shard-001.items.parquet"]
+    thumbnail_of = dict(zip(ids.tolist(), thumbnails, strict=True))
+    for info in manifest.shards:
+        shard = load_shard(manifest=manifest, version_dir=version_dir, shard=info.shard)
+        assert shard.items.has_thumbnails
+        for item_id in shard.items:
+            assert shard.items.thumbnail(item_id) == thumbnail_of[item_id]
+            assert "thumbnail" not in shard.items[item_id]
+
+    items_path = version_dir / manifest.shards[0].items_file
+    items_path.write_bytes(items_path.read_bytes()[:-20])
+    with pytest.raises(IndexIntegrityError, match=f"{items_path}: cannot read the items file as Parquet"):
+        load_shard(manifest=manifest, version_dir=version_dir, shard=0, verify=False)
+
+
+def test_index_written_before_parquet_and_search_defaults_still_loads(tmp_path: Path) -> None:
+    """An older version: JSONL items and a manifest without search_defaults / thumbnails."""
+    vectors, ids = integer_gallery(count=20, dim=4, seed=14)
+    manifest_path = build(tmp_path, vectors, ids, index_version="old")
+    version_dir = manifest_path.parent
+    raw = json.loads(manifest_path.read_text())
+    del raw["search_defaults"], raw["thumbnails"]
+    for entry in raw["shards"]:
+        legacy = entry["items_file"].replace(".parquet", ".jsonl")
+        store = ItemStore.open(version_dir / entry["items_file"])
+        lines = [json.dumps(store[item_id], sort_keys=True) for item_id in store]
+        (version_dir / legacy).write_text("".join(line + "\n" for line in lines))
+        (version_dir / entry["items_file"]).unlink()
+        entry["items_file"], entry["items_sha256"] = legacy, file_sha256(version_dir / legacy)
+    manifest_path.write_text(json.dumps(raw))
+
+    manifest, _ = read_manifest(tmp_path / "index")
+    assert manifest.search_defaults == {} and manifest.thumbnails is False
+    for info in manifest.shards:
+        shard = load_shard(manifest=manifest, version_dir=version_dir, shard=info.shard)
+        assert not shard.items.has_thumbnails
+        for item_id in shard.items:
+            position = int(np.flatnonzero(ids == item_id)[0])
+            assert shard.items[item_id] == {"id": item_id, **items_for(ids[position : position + 1])[0]}
+    assert sharded_search(tmp_path / "index", vectors[:3], 4)[1].shape == (3, 4)
+
+
+def test_each_shard_logs_a_line_and_no_progress_bar_off_a_terminal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    vectors, ids = integer_gallery(count=30, dim=3, seed=15)
+    with caplog.at_level(logging.INFO, logger="retrieval.index.shards"):
+        build(tmp_path, vectors, ids, num_shards=3, index_version="v1", add_batch_size=4)
+    written = [record.getMessage() for record in caplog.records if "written" in record.getMessage()]
+    assert written == [
+        f"index v1: shard {shard}/3 written (10 vectors, ids {low}..{high}, factory Flat)"
+        for shard, (low, high) in enumerate(
+            [(int(part[0]), int(part[-1])) for part in np.array_split(np.sort(ids), 3)], start=1
+        )
+    ]
+    # The progress bar goes to stderr only on a terminal; captured stderr is not one.
+    assert "vec" not in capfd.readouterr().err
