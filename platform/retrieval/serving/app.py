@@ -32,6 +32,14 @@ logger = logging.getLogger(__name__)
 # The ingress only awaits other deployments and merges a few lists: reserving a whole CPU
 # for it (Serve's default) would leave none for the shards on a small machine.
 INGRESS_NUM_CPUS = 0.0
+# The ingress is async and mostly waits on the shards: it may hold many requests at once, which
+# is what lets its router batches fill (Serve's default of 5 would cap every batch at 5).
+INGRESS_MAX_ONGOING_REQUESTS = 256
+
+
+def replica_max_ongoing_requests(spec: ServingSpec) -> int:
+    """Calls one shard or embedder replica takes at once: room for two ``@serve.batch`` batches when batching."""
+    return 2 * spec.max_batch_size if spec.batching else 8
 
 
 def build_app(
@@ -82,6 +90,8 @@ def build_app(
             name=f"Shard{info.shard}",
             num_replicas=spec.shard_replicas,
             ray_actor_options={"num_cpus": spec.shard_num_cpus},
+            health_check_period_s=spec.health_check_period_s,
+            max_ongoing_requests=replica_max_ongoing_requests(spec),
         ).bind(spec=pinned, shard=info.shard, state_name=state)
         for info in manifest.shards
     ]
@@ -89,6 +99,8 @@ def build_app(
         name="Embedder",
         num_replicas=spec.embedder_replicas,
         ray_actor_options={"num_cpus": spec.embedder_num_cpus},
+        health_check_period_s=spec.health_check_period_s,
+        max_ongoing_requests=replica_max_ongoing_requests(spec),
     ).bind(spec=pinned, state_name=state)
     logger.info(
         "serving index %s (%d shards, model %s) from %s",
@@ -101,5 +113,5 @@ def build_app(
     if ingress_env:
         ingress_options["runtime_env"] = {"env_vars": dict(ingress_env)}
     return SearchIngress.options(  # type: ignore[attr-defined]
-        ray_actor_options=ingress_options
+        ray_actor_options=ingress_options, max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS
     ).bind(spec=pinned, shards=shards, embedder=embedder, state_name=state)

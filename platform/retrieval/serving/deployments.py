@@ -20,6 +20,14 @@ replica last saw.
 
 Memory: while a swap runs each shard replica holds two versions of its own shard (see
 `retrieval.serving.swap.check_shard_memory`, which refuses a version that would not fit).
+
+Batching (``spec.batching``): the shards and the embedder gather concurrent calls with
+``@serve.batch`` (``max_batch_size`` calls, ``batch_wait_timeout_s``, from the spec) and answer
+each group of equal (version, search parameters) with ONE Faiss or model call; every deployment
+has one core method over a list of calls and two thin entry points, the plain per-call one
+(``search``, ``embed``, ``embed_text``) and the batched one (``*_batched``), which the ingress's
+handle clients choose by the spec. A replica that died or sheds load surfaces at the ingress as
+`ShardUnavailableError` (see `retrieval.serving.service` for the retry and the deadlines).
 """
 
 from __future__ import annotations
@@ -28,21 +36,30 @@ import asyncio
 import concurrent.futures
 import logging
 import uuid
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import ray
 from fastapi import FastAPI
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from retrieval.config import ServingSpec
 from retrieval.errors import IndexIntegrityError, RetrievalError
 from retrieval.index.manifest import IndexManifest, read_manifest
 from retrieval.index.object_store import local_index_path
+from retrieval.index.search_params import SearchParams
 from retrieval.index.shards import LoadedShard, load_shard
-from retrieval.serving.errors import BadIndexReferenceError, SwapFailedError, VersionNotLoadedError
+from retrieval.serving.errors import (
+    BadIndexReferenceError,
+    ShardUnavailableError,
+    SwapFailedError,
+    VersionNotLoadedError,
+)
 from retrieval.serving.http import build_http_api
 from retrieval.serving.images import decode_image
 from retrieval.serving.service import SearchService
@@ -69,6 +86,20 @@ RELEASE_DRAIN_S = 30.0
 # A replica silent for longer is taken as gone; a large shard's load blocks its polls.
 STALE_AFTER_S = 30.0
 _STATE_TIMEOUT_S = 60.0
+# How often the ingress reads Serve's status for shards left without a running replica.
+SHARD_WATCH_INTERVAL_S = 0.5
+# Errors of a handle call that mean no replica could answer it: it died (or its node is
+# unreachable), Serve sheds load, or the deployment failed to deploy. The call may succeed on
+# another replica, so the ingress retries it once before counting the shard as missing.
+_REPLICA_GONE: tuple[type[BaseException], ...] = (
+    RayActorError,
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
+# `@serve.batch` defaults; each replica applies its spec's values in its constructor.
+_DEFAULT_BATCH_SIZE = 32
+_DEFAULT_BATCH_WAIT_S = 0.002
 
 
 def new_swap_state_name() -> str:
@@ -306,6 +337,33 @@ class VersionedReplica:
         return drained
 
 
+def _search_params(params: SearchParams | Mapping[str, Any] | None) -> SearchParams:
+    return params if isinstance(params, SearchParams) else SearchParams.from_mapping(params)
+
+
+def _configure_batch(method: Any, spec: ServingSpec) -> None:
+    """Apply the spec's batch size and wait to a ``@serve.batch`` method (its decorator set defaults)."""
+    method.set_max_batch_size(spec.max_batch_size)
+    method.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
+
+
+def _raised(result: Any) -> Any:
+    """A batched call's own result, or its error raised (a batch hands errors back as values)."""
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+@dataclass(frozen=True)
+class ShardCall:
+    """One call of `ShardDeployment.search`: ``queries [q, D]``, ``k`` results each, in one version with one setting."""
+
+    queries: np.ndarray
+    k: int
+    index_version: str
+    params: SearchParams
+
+
 @serve.deployment
 class ShardDeployment(VersionedReplica):
     """Serves one shard of the index, verified against its manifest checksums on load.
@@ -325,6 +383,7 @@ class ShardDeployment(VersionedReplica):
         self._versions: dict[str, LoadedShard] = {}
         self._bytes: dict[str, int] = {}
         self._in_flight = InFlight()
+        _configure_batch(self._search_batch, spec)
         manifest, _ = read_manifest(self._local(spec.index))
         self._init_versions(initial=IndexRef.of(manifest, spec.index), state_name=state_name)
 
@@ -361,7 +420,7 @@ class ShardDeployment(VersionedReplica):
             held_bytes=sum(self._bytes.values()),
             budget_bytes=self._spec.shard_memory_bytes,
         )
-        loaded = load_shard(manifest=manifest, version_dir=version_dir, shard=self._shard)
+        loaded = load_shard(manifest=manifest, version_dir=version_dir, shard=self._shard, mmap=self._spec.mmap_shards)
         self._bytes[version] = new_bytes
         self._versions[version] = loaded
         return version
@@ -388,8 +447,14 @@ class ShardDeployment(VersionedReplica):
             )
         return loaded
 
-    def search(self, queries: np.ndarray, k: int, index_version: str) -> dict[str, Any]:
-        """Top-k of this shard for ``queries [Q, D]`` in ``index_version``.
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        index_version: str,
+        params: SearchParams | Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Top-k of this shard for ``queries [Q, D]`` in ``index_version``, with ``params`` for this call only.
 
         Returns:
             ``{"index_version", "shard", "scores" [Q, k], "ids" [Q, k] (-1 = padding),
@@ -397,13 +462,68 @@ class ShardDeployment(VersionedReplica):
 
         Raises:
             VersionNotLoadedError: this replica does not hold ``index_version``.
+            BadRequestError: a setting the index does not have (e.g. ``nprobe`` on a flat index).
         """
+        call = ShardCall(queries=queries, k=k, index_version=index_version, params=_search_params(params))
         with self._in_flight.hold(index_version):
-            loaded = self._loaded(index_version)
-            scores, ids = loaded.search(queries, k)
-            # The metadata travels with the scores, so the ingress needs no second round trip.
-            items = {item_id: loaded.items[item_id] for item_id in np.unique(ids).tolist() if item_id >= 0}
-        return {"index_version": index_version, "shard": self._shard, "scores": scores, "ids": ids, "items": items}
+            return dict(_raised(self.search_calls([call])[0]))
+
+    async def search_batched(
+        self,
+        queries: np.ndarray,
+        k: int,
+        index_version: str,
+        params: SearchParams | Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """`search`, gathered with concurrent calls into one Faiss call per (version, params) (``@serve.batch``)."""
+        call = ShardCall(queries=queries, k=k, index_version=index_version, params=_search_params(params))
+        with self._in_flight.hold(index_version):
+            return dict(_raised(await self._search_batch(call)))
+
+    @serve.batch(max_batch_size=_DEFAULT_BATCH_SIZE, batch_wait_timeout_s=_DEFAULT_BATCH_WAIT_S)
+    async def _search_batch(self, calls: list[ShardCall]) -> list[dict[str, Any] | Exception]:
+        # Off the event loop: Faiss releases the GIL, and the replica keeps gathering the next batch.
+        return await asyncio.to_thread(self.search_calls, calls)
+
+    def search_calls(self, calls: Sequence[ShardCall]) -> list[dict[str, Any] | Exception]:
+        """Answer several calls, one Faiss search per group of equal (version, params) with the group's largest k.
+
+        Returns:
+            One `search` reply per call, in order, each cut to its own k; a group's error (a
+            version not held, a setting the index does not have) in place of each of its replies.
+        """
+        groups: dict[tuple[str, tuple[int | None, int | None]], list[int]] = {}
+        for position, call in enumerate(calls):
+            groups.setdefault((call.index_version, call.params.key()), []).append(position)
+        results: list[dict[str, Any] | Exception] = [RuntimeError("unanswered")] * len(calls)
+        for (version, _), positions in groups.items():
+            members = [calls[position] for position in positions]
+            try:
+                loaded = self._loaded(version)
+                stacked = np.concatenate([call.queries for call in members])
+                fetch = max(call.k for call in members)
+                scores, ids = loaded.search(stacked, fetch, members[0].params)
+            except Exception as error:
+                for position in positions:
+                    results[position] = error
+                continue
+            row = 0
+            for position, call in zip(positions, members, strict=True):
+                rows = slice(row, row + len(call.queries))
+                row += len(call.queries)
+                results[position] = self._reply(loaded, version, scores[rows, : call.k], ids[rows, : call.k])
+        return results
+
+    def _reply(self, loaded: LoadedShard, version: str, scores: np.ndarray, ids: np.ndarray) -> dict[str, Any]:
+        # The metadata travels with the scores, so the ingress needs no second round trip.
+        items = loaded.items.get_many(ids.ravel().tolist())
+        return {
+            "index_version": version,
+            "shard": self._shard,
+            "scores": np.ascontiguousarray(scores),
+            "ids": np.ascontiguousarray(ids),
+            "items": items,
+        }
 
     def vector(self, item_id: int, index_version: str) -> np.ndarray | None:
         """The stored vector ``[D]`` of an id, or None when this shard does not hold it.
@@ -418,6 +538,20 @@ class ShardDeployment(VersionedReplica):
         """The stored metadata of an id, or None when this shard does not hold it."""
         with self._in_flight.hold(index_version):
             return self._loaded(index_version).items.get(item_id)
+
+    def thumbnail(self, item_id: int, index_version: str) -> bytes | None:
+        """The stored thumbnail (image file bytes) of an id, or None when there is none."""
+        with self._in_flight.hold(index_version):
+            return self._loaded(index_version).items.thumbnail(item_id)
+
+
+@dataclass(frozen=True)
+class EmbedCall:
+    """One call of the embedder: an encoded image or a text, for one version (None: the active one)."""
+
+    kind: Literal["image", "text"]
+    data: bytes | str
+    index_version: str | None
 
 
 @serve.deployment
@@ -435,6 +569,7 @@ class EmbedderDeployment(VersionedReplica):
         self._spec = spec
         self._models: dict[str, tuple[str, Any]] = {}
         self._in_flight = InFlight()
+        _configure_batch(self._embed_batch, spec)
         manifest, _ = read_manifest(self._local(spec.index))
         self._init_versions(initial=IndexRef.of(manifest, spec.index), state_name=state_name)
 
@@ -487,6 +622,10 @@ class EmbedderDeployment(VersionedReplica):
     def _drop_version(self, version: str) -> None:
         self._models.pop(version, None)
 
+    def loaded_versions(self) -> list[str]:
+        """The index versions this replica holds a model for."""
+        return sorted(self._models)
+
     def embed(self, image_bytes: bytes, index_version: str | None = None) -> np.ndarray:
         """The embedding ``[D]`` float32 of an encoded image.
 
@@ -498,13 +637,7 @@ class EmbedderDeployment(VersionedReplica):
             NotAnImageError: the bytes are not a readable image.
             VersionNotLoadedError: this replica holds no model for ``index_version``.
         """
-        version = index_version if index_version is not None else self._desired_active
-        with self._in_flight.hold(version):
-            held = self._models.get(version)
-            if held is None:
-                raise VersionNotLoadedError(f"the embedder holds index versions {sorted(self._models)}, not {version}")
-            image = decode_image(image_bytes)
-            return np.asarray(held[1].embed_images([image])[0], dtype=np.float32)
+        return self._embed_one(EmbedCall(kind="image", data=image_bytes, index_version=index_version))
 
     def embed_text(self, text: str, index_version: str | None = None) -> np.ndarray:
         """The embedding ``[D]`` float32 of a text (a ±1 code ``[bits]`` for a hashing model).
@@ -517,36 +650,115 @@ class EmbedderDeployment(VersionedReplica):
             BadRequestError: the model embeds images only.
             VersionNotLoadedError: this replica holds no model for ``index_version``.
         """
-        version = index_version if index_version is not None else self._desired_active
-        with self._in_flight.hold(version):
+        return self._embed_one(EmbedCall(kind="text", data=text, index_version=index_version))
+
+    async def embed_batched(self, image_bytes: bytes, index_version: str | None = None) -> np.ndarray:
+        """`embed`, gathered with concurrent calls into one model call per version (``@serve.batch``)."""
+        return await self._embed_one_batched(EmbedCall(kind="image", data=image_bytes, index_version=index_version))
+
+    async def embed_text_batched(self, text: str, index_version: str | None = None) -> np.ndarray:
+        """`embed_text`, gathered with concurrent calls into one model call per version (``@serve.batch``)."""
+        return await self._embed_one_batched(EmbedCall(kind="text", data=text, index_version=index_version))
+
+    def _version_of(self, call: EmbedCall) -> str:
+        return call.index_version if call.index_version is not None else self._desired_active
+
+    def _embed_one(self, call: EmbedCall) -> np.ndarray:
+        with self._in_flight.hold(self._version_of(call)):
+            result: np.ndarray = _raised(self.embed_calls([call])[0])
+        return result
+
+    async def _embed_one_batched(self, call: EmbedCall) -> np.ndarray:
+        with self._in_flight.hold(self._version_of(call)):
+            result: np.ndarray = _raised(await self._embed_batch(call))
+        return result
+
+    @serve.batch(max_batch_size=_DEFAULT_BATCH_SIZE, batch_wait_timeout_s=_DEFAULT_BATCH_WAIT_S)
+    async def _embed_batch(self, calls: list[EmbedCall]) -> list[np.ndarray | Exception]:
+        return await asyncio.to_thread(self.embed_calls, calls)
+
+    def embed_calls(self, calls: Sequence[EmbedCall]) -> list[np.ndarray | Exception]:
+        """Embed several calls with one model call per (kind, version).
+
+        Returns:
+            One embedding ``[D]`` float32 per call, in order; an error in place of a call's
+            embedding (an unreadable image fails alone, a version not held or a model without a
+            text encoder fails its whole group).
+        """
+        results: list[np.ndarray | Exception] = [RuntimeError("unanswered")] * len(calls)
+        groups: dict[tuple[str, str], list[int]] = {}
+        for position, call in enumerate(calls):
+            groups.setdefault((call.kind, self._version_of(call)), []).append(position)
+        for (kind, version), positions in groups.items():
             held = self._models.get(version)
             if held is None:
-                raise VersionNotLoadedError(f"the embedder holds index versions {sorted(self._models)}, not {version}")
-            return np.asarray(held[1].embed_texts([text])[0], dtype=np.float32)
+                error = VersionNotLoadedError(
+                    f"the embedder holds index versions {sorted(self._models)}, not {version}"
+                )
+                for position in positions:
+                    results[position] = error
+                continue
+            inputs: list[Any] = []
+            ready: list[int] = []
+            for position in positions:
+                data = calls[position].data
+                try:
+                    # An image call carries bytes, a text call a str (`EmbedCall`).
+                    inputs.append(decode_image(data) if isinstance(data, bytes) else data)
+                    ready.append(position)
+                except Exception as error:
+                    results[position] = error
+            if not inputs:
+                continue
+            try:
+                embedded = held[1].embed_images(inputs) if kind == "image" else held[1].embed_texts(inputs)
+            except Exception as error:
+                for position in ready:
+                    results[position] = error
+                continue
+            for position, row in zip(ready, np.asarray(embedded, dtype=np.float32), strict=True):
+                results[position] = row
+        return results
 
 
 async def _call(method: Any, *args: Any) -> Any:
     """Await a deployment call, re-raising the platform's own errors as themselves.
 
     Serve wraps a replica's exception in a `RayTaskError` whose text carries the remote
-    traceback; the HTTP layer wants the original error and its plain message.
+    traceback; the HTTP layer wants the original error and its plain message. A call no replica
+    could answer (`_REPLICA_GONE`) raises `ShardUnavailableError`; a call whose caller gave up
+    (the request's deadline) is cancelled at the replica too.
+
+    Raises:
+        ShardUnavailableError: the replica died or is unreachable, or Serve shed the call.
     """
+    response = method.remote(*args)
     try:
-        return await method.remote(*args)
+        return await response
     except RayTaskError as error:
         if isinstance(error.cause, RetrievalError):
             raise error.cause from None
         raise
+    except _REPLICA_GONE as error:
+        summary = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ShardUnavailableError(f"{type(error).__name__}: {summary}") from None
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
 
 
 class HandleShardClient:
-    """`ShardClient` over a `ShardDeployment` handle."""
+    """`ShardClient` over a `ShardDeployment` handle; ``batching`` picks the ``@serve.batch`` entry point."""
 
-    def __init__(self, handle: DeploymentHandle) -> None:
+    def __init__(self, handle: DeploymentHandle, *, batching: bool = False) -> None:
         self._handle = handle
+        self._batching = batching
 
-    async def search(self, queries: np.ndarray, k: int, index_version: str) -> dict[str, Any]:
-        return dict(await _call(self._handle.search, queries, k, index_version))
+    async def search(
+        self, queries: np.ndarray, k: int, index_version: str, params: SearchParams | None = None
+    ) -> dict[str, Any]:
+        method = self._handle.search_batched if self._batching else self._handle.search
+        return dict(await _call(method, queries, k, index_version, params))
 
     async def vector(self, item_id: int, index_version: str) -> np.ndarray | None:
         result: np.ndarray | None = await _call(self._handle.vector, item_id, index_version)
@@ -556,18 +768,31 @@ class HandleShardClient:
         result: dict[str, Any] | None = await _call(self._handle.item, item_id, index_version)
         return result
 
+    async def thumbnail(self, item_id: int, index_version: str) -> bytes | None:
+        result: bytes | None = await _call(self._handle.thumbnail, item_id, index_version)
+        return result
+
+    async def loaded_versions(self) -> list[str]:
+        return list(await _call(self._handle.loaded_versions))
+
 
 class HandleEmbedderClient:
-    """`EmbedderClient` over an `EmbedderDeployment` handle."""
+    """`EmbedderClient` over an `EmbedderDeployment` handle; ``batching`` picks the ``@serve.batch`` entry points."""
 
-    def __init__(self, handle: DeploymentHandle) -> None:
+    def __init__(self, handle: DeploymentHandle, *, batching: bool = False) -> None:
         self._handle = handle
+        self._batching = batching
 
     async def embed(self, image_bytes: bytes, index_version: str) -> np.ndarray:
-        return np.asarray(await _call(self._handle.embed, image_bytes, index_version))
+        method = self._handle.embed_batched if self._batching else self._handle.embed
+        return np.asarray(await _call(method, image_bytes, index_version))
 
     async def embed_text(self, text: str, index_version: str) -> np.ndarray:
-        return np.asarray(await _call(self._handle.embed_text, text, index_version))
+        method = self._handle.embed_text_batched if self._batching else self._handle.embed_text
+        return np.asarray(await _call(method, text, index_version))
+
+    async def loaded_versions(self) -> list[str]:
+        return list(await _call(self._handle.loaded_versions))
 
 
 @serve.deployment
@@ -601,12 +826,43 @@ class SearchIngress(VersionedReplica):
         self._service = SearchService(
             manifest=manifest,
             spec=spec,
-            shards=[HandleShardClient(handle) for handle in shards],
-            embedder=HandleEmbedderClient(embedder),
+            shards=[HandleShardClient(handle, batching=spec.batching) for handle in shards],
+            embedder=HandleEmbedderClient(embedder, batching=spec.batching),
         )
         self._in_flight = self._service.in_flight
         self._init_versions(initial=IndexRef.of(manifest, spec.index), state_name=state_name)
+        if state_name is not None:
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch_shards_forever())
         logger.info("ingress serving index %s, %d shards", self._service.index_version, len(shards))
+
+    async def _watch_shards_forever(self) -> None:
+        """Mark a shard down in the service when Serve reports it without a running replica.
+
+        Serve queues a call to a deployment that has no replica until one starts, so without
+        this a request would wait for the whole deadline; marked down, the shard's requests fail
+        fast (or answer partially) until the service's probe reaches the replacement. Only a
+        shard seen running before is marked, so replicas still starting with the app are not.
+        """
+        app_name = serve.get_replica_context().app_name
+        names = {index: f"Shard{info.shard}" for index, info in enumerate(self._service.manifest.shards)}
+        seen_running: set[int] = set()
+        while True:
+            try:
+                status = await asyncio.to_thread(serve.status)
+                deployments = status.applications[app_name].deployments
+                for index, name in names.items():
+                    states = deployments[name].replica_states if name in deployments else {}
+                    running = sum(count for state, count in states.items() if state == "RUNNING")
+                    if running:
+                        seen_running.add(index)
+                    elif index in seen_running:
+                        seen_running.discard(index)
+                        self._service.mark_shard_down(index, f"Serve reports no running replica of {name}")
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                logger.warning("cannot read Serve's status to watch the shards: %s", _describe(error))
+            await asyncio.sleep(SHARD_WATCH_INTERVAL_S)
 
     def _local(self, manifest_ref: str) -> Any:
         return local_index_path(
