@@ -1,0 +1,556 @@
+"""The HTTP API in-process: FastAPI's TestClient over a real `SearchService` with fake shards.
+
+The fake shards hold contiguous id ranges of a small random gallery and answer by a plain
+NumPy scan; the fake embedder reads a gallery id out of the uploaded image (its first pixel's
+red value), so every answer has a brute-force reference computed in a Python loop here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import re
+from collections.abc import Iterator
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from retrieval.config import ServingSpec
+from retrieval.errors import BadRequestError
+from retrieval.index.manifest import IndexManifest, ModelRef, ShardInfo
+from retrieval.index.search_params import SearchParams
+from retrieval.serving.errors import ShardUnavailableError
+from retrieval.serving.http import build_http_api, json_body_limit, upload_body_limit
+from retrieval.serving.images import decode_image
+from retrieval.serving.metrics import CONTENT_TYPE
+from retrieval.serving.service import SearchService
+
+DIM = 8
+COUNT = 40
+SHARD_SIZE = 20
+VERSION = "v-test-1"
+MODEL = ModelRef(name="digits-deep-metric", version="3", uri="models:/digits-deep-metric/3")
+TOKEN_ENV = "RETRIEVAL_TEST_QUERY_TOKEN"
+ORIGIN = "http://search.example.test"
+TEXT_QUERY = "a seven"
+
+VECTORS = np.random.default_rng(0).standard_normal((COUNT, DIM)).astype(np.float32)
+VECTORS /= np.linalg.norm(VECTORS, axis=1, keepdims=True)
+ITEMS = [{"label": str(item_id % 10), "source": f"synthetic:{item_id}"} for item_id in range(COUNT)]
+
+
+def png_of_id(item_id: int, size: int = 4) -> bytes:
+    """A PNG whose first pixel's red value is ``item_id`` (read back by `FakeEmbedder`)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color=(item_id, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+THUMBNAILS = {item_id: png_of_id(item_id, size=6) for item_id in range(COUNT) if item_id != 7}
+
+
+class FakeShard:
+    """`ShardClient` over one contiguous id range, searched by a NumPy scan."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.ids = list(range(first, last + 1))
+        self.params: list[SearchParams | None] = []
+        self.versions = [VERSION]
+        self.dead = False
+        self.hang = False
+
+    async def _ready(self) -> None:
+        if self.dead:
+            raise ShardUnavailableError("the test shard's replica is gone")
+        if self.hang:
+            await asyncio.Event().wait()
+
+    async def search(
+        self, queries: np.ndarray, k: int, index_version: str, params: SearchParams | None = None
+    ) -> dict[str, Any]:
+        await self._ready()
+        self.params.append(params)
+        scores = np.asarray(queries, dtype=np.float32) @ VECTORS[self.ids].T
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return {
+            "index_version": index_version,
+            "scores": np.take_along_axis(scores, order, axis=1),
+            "ids": np.asarray(self.ids)[order],
+            "items": {item_id: {"id": item_id, **ITEMS[item_id]} for item_id in self.ids},
+        }
+
+    async def vector(self, item_id: int, index_version: str) -> np.ndarray | None:
+        await self._ready()
+        return VECTORS[item_id] if item_id in self.ids else None
+
+    async def item(self, item_id: int, index_version: str) -> dict[str, Any] | None:
+        await self._ready()
+        return {"id": item_id, **ITEMS[item_id]} if item_id in self.ids else None
+
+    async def thumbnail(self, item_id: int, index_version: str) -> bytes | None:
+        await self._ready()
+        return THUMBNAILS.get(item_id) if item_id in self.ids else None
+
+    async def loaded_versions(self) -> list[str]:
+        await self._ready()
+        return list(self.versions)
+
+
+class FakeEmbedder:
+    """`EmbedderClient`: an image gives the vector of the id in its first pixel; one known text a fixed vector."""
+
+    async def embed(self, image_bytes: bytes, index_version: str) -> np.ndarray:
+        pixel = decode_image(image_bytes).getpixel((0, 0))
+        assert isinstance(pixel, tuple)
+        return VECTORS[pixel[0]]
+
+    async def embed_text(self, text: str, index_version: str) -> np.ndarray:
+        if text != TEXT_QUERY:
+            raise BadRequestError(f"the test model knows only the text {TEXT_QUERY!r}")
+        return VECTORS[17]
+
+    async def loaded_versions(self) -> list[str]:
+        return [VERSION]
+
+
+def manifest(*, thumbnails: bool = True, gallery: dict[str, Any] | None = None) -> IndexManifest:
+    shards = [
+        ShardInfo(
+            shard=shard,
+            file=f"shard-{shard:03d}.faiss",
+            sha256="0" * 64,
+            items_file=f"shard-{shard:03d}.items.parquet",
+            items_sha256="0" * 64,
+            count=SHARD_SIZE,
+            id_min=shard * SHARD_SIZE,
+            id_max=(shard + 1) * SHARD_SIZE - 1,
+        )
+        for shard in range(COUNT // SHARD_SIZE)
+    ]
+    return IndexManifest(
+        index_version=VERSION,
+        created_at="2026-01-01T00:00:00Z",
+        model=MODEL,
+        dim=DIM,
+        metric="ip",
+        factory="IVF4,Flat",
+        num_items=COUNT,
+        shards=shards,
+        gallery=gallery if gallery is not None else {"dataset": "synthetic"},
+        thumbnails=thumbnails,
+    )
+
+
+class Served:
+    def __init__(self, client: TestClient, shards: list[FakeShard], spec: ServingSpec) -> None:
+        self.client = client
+        self.shards = shards
+        self.spec = spec
+
+
+def serve(*, thumbnails: bool = True, gallery: dict[str, Any] | None = None, **spec_fields: Any) -> Iterator[Served]:
+    spec = ServingSpec(index="unused", max_k=20, default_k=5, max_upload_bytes=3_000, **spec_fields)
+    shards = [FakeShard(shard * SHARD_SIZE, (shard + 1) * SHARD_SIZE - 1) for shard in range(COUNT // SHARD_SIZE)]
+    service = SearchService(
+        manifest=manifest(thumbnails=thumbnails, gallery=gallery), spec=spec, shards=shards, embedder=FakeEmbedder()
+    )
+    # One event loop for the whole client, as in a server (the router's batcher lives in it).
+    with TestClient(build_http_api(service)) as client:
+        yield Served(client, shards, spec)
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    yield from serve()
+
+
+def brute_force(query: np.ndarray, k: int, exclude: int | None = None) -> list[tuple[int, float]]:
+    """Top-k ``(id, score)`` by inner product, computed one item at a time."""
+    scored = []
+    for item_id in range(COUNT):
+        if item_id != exclude:
+            scored.append((item_id, sum(float(a) * float(b) for a, b in zip(query, VECTORS[item_id], strict=True))))
+    return sorted(scored, key=lambda pair: -pair[1])[:k]
+
+
+def check_hits(hits: list[dict[str, Any]], query: np.ndarray, k: int, *, exclude: int | None = None) -> None:
+    expected = brute_force(query, k, exclude)
+    assert [hit["id"] for hit in hits] == [item_id for item_id, _ in expected]
+    np.testing.assert_allclose([hit["score"] for hit in hits], [score for _, score in expected], rtol=1e-5, atol=1e-6)
+    for hit in hits:
+        assert (hit["label"], hit["source"]) == (ITEMS[hit["id"]]["label"], ITEMS[hit["id"]]["source"])
+
+
+def assert_error(response: Any, status: int, error_type: str, *fragments: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body: dict[str, Any] = response.json()
+    assert set(body["error"]) == {"type", "message"} and body["error"]["type"] == error_type, body
+    for fragment in fragments:
+        assert fragment in body["error"]["message"], body
+    return body
+
+
+# --------------------------------------------------------------------------- search routes
+
+
+def test_vector_search_equals_brute_force_with_relative_thumbnail_links(served: Served) -> None:
+    query = np.random.default_rng(1).standard_normal(DIM).astype(np.float32)
+    response = served.client.post("/search/vector", json={"vector": query.tolist(), "k": 7})
+    assert response.status_code == 200, response.text
+    reply = response.json()
+    check_hits(reply["results"], query, 7)
+    assert reply["model"] == {"name": MODEL.name, "version": MODEL.version, "uri": MODEL.uri}
+    assert (reply["index_version"], reply["k"], reply["modality"]) == (VERSION, 7, "image")
+    assert (reply["partial"], reply["missing_shards"], reply["params"]) == (False, [], {})
+    assert [hit["thumbnail_url"] for hit in reply["results"]] == [
+        f"items/{hit['id']}/thumbnail" for hit in reply["results"]
+    ]
+
+
+def test_every_query_kind_answers_like_brute_force(served: Served) -> None:
+    client = served.client
+    check_hits(client.post("/search/id", json={"id": 23, "k": 4}).json()["results"], VECTORS[23], 4, exclude=23)
+    check_hits(client.post("/search", json={"id": 3}).json()["results"], VECTORS[3], 5, exclude=3)
+    check_hits(client.post("/search/text", json={"text": TEXT_QUERY, "k": 3}).json()["results"], VECTORS[17], 3)
+    check_hits(client.post("/search", json={"text": TEXT_QUERY}).json()["results"], VECTORS[17], 5)
+    upload = client.post("/search/image", files={"file": ("q.png", png_of_id(31), "image/png")}, data={"k": "6"})
+    check_hits(upload.json()["results"], VECTORS[31], 6)
+    encoded = base64.b64encode(png_of_id(12)).decode()
+    check_hits(client.post("/search", json={"image": encoded, "k": 2}).json()["results"], VECTORS[12], 2)
+
+
+def test_index_params_reach_every_shard_and_the_reply(served: Served) -> None:
+    query = VECTORS[5].tolist()
+    reply = served.client.post("/search/vector", json={"vector": query, "k": 3, "params": {"nprobe": 2}}).json()
+    assert reply["params"] == {"nprobe": 2}
+    upload = served.client.post(
+        "/search/image", files={"file": ("q.png", png_of_id(9), "image/png")}, data={"nprobe": "3"}
+    )
+    assert upload.status_code == 200, upload.text
+    assert upload.json()["params"] == {"nprobe": 3}
+    for shard in served.shards:
+        assert shard.params == [SearchParams(nprobe=2), SearchParams(nprobe=3)]
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "error_type", "fragment"),
+    [
+        ({"nlist": 3}, 400, "bad_request", "unknown search parameters ['nlist']"),
+        ({"nprobe": 0}, 400, "bad_request", "nprobe must be a positive integer, got 0"),
+        ({"nprobe": "many"}, 422, "validation_error", "body.params.nprobe"),
+        ({"ef_search": 2**40}, 400, "bad_request", f"ef_search must be at most {2**31 - 1}, got {2**40}"),
+        ({"efSearch": 2**31}, 400, "bad_request", f"ef_search must be at most {2**31 - 1}"),
+    ],
+)
+def test_bad_index_params_are_refused(
+    served: Served, params: dict[str, Any], status: int, error_type: str, fragment: str
+) -> None:
+    for path, body in (("/search/vector", {"vector": [0.1] * DIM}), ("/search", {"id": 1}), ("/search/id", {"id": 1})):
+        response = served.client.post(path, json={**body, "params": params})
+        assert_error(response, status, error_type, fragment)
+    form = served.client.post(
+        "/search/image", files={"file": ("q.png", png_of_id(1), "image/png")}, data={"ef_search": "-2"}
+    )
+    assert_error(form, 400, "bad_request", "ef_search must be a positive integer, got -2")
+
+
+def test_a_batch_of_vectors_answers_each_in_order(served: Served) -> None:
+    queries = np.random.default_rng(4).standard_normal((3, DIM)).astype(np.float32)
+    response = served.client.post("/search/vectors", json={"vectors": queries.tolist(), "k": 4})
+    assert response.status_code == 200, response.text
+    reply = response.json()
+    assert len(reply["results"]) == 3 and reply["k"] == 4 and reply["partial"] is False
+    for hits, query in zip(reply["results"], queries, strict=True):
+        check_hits(hits, query, 4)
+        assert all(hit["thumbnail_url"] == f"items/{hit['id']}/thumbnail" for hit in hits)
+
+
+def test_a_batch_over_the_limit_is_refused_whole(served: Served) -> None:
+    limit = served.spec.max_query_vectors
+    too_many = served.client.post("/search/vectors", json={"vectors": [[0.5] * DIM] * (limit + 1)})
+    assert_error(too_many, 413, "payload_too_large", f"{limit + 1} query vectors", f"the limit is {limit}")
+    assert_error(served.client.post("/search/vectors", json={"vectors": []}), 400, "bad_request", "empty")
+    short = served.client.post("/search/vectors", json={"vectors": [[0.5] * DIM, [0.5] * 3]})
+    assert_error(short, 400, "bad_request", "vectors[1]", "3 dimensions")
+    assert all(shard.params == [] for shard in served.shards)
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def test_an_oversize_body_is_refused_from_its_length_before_it_is_read(served: Served) -> None:
+    limit = json_body_limit(served.spec)
+    assert limit == 3_000 * 4 // 3 + 64 * 1024
+    body = b'{"vector": [' + b"0.1, " * (limit // 5) + b"0.1]}"
+    assert len(body) > limit
+    response = served.client.post("/search/vector", content=body, headers={"Content-Type": "application/json"})
+    assert_error(response, 413, "payload_too_large", f"the request body is {len(body)} bytes", f"limit is {limit}")
+    upload_limit = upload_body_limit(served.spec)
+    big = served.client.post("/search/image", files={"file": ("q.png", b"0" * (upload_limit + 1), "image/png")})
+    assert_error(big, 413, "payload_too_large", "the upload is ", "the limit is 3000 (plus 65536 bytes")
+    # A file over max_upload_bytes whose request is still under the body limit is refused after reading.
+    over = served.client.post("/search/image", files={"file": ("q.png", b"0" * 3_001, "image/png")})
+    assert_error(over, 413, "payload_too_large", "over 3000 bytes")
+
+
+def test_a_streamed_body_without_a_length_is_cut_at_the_limit(served: Served) -> None:
+    limit = json_body_limit(served.spec)
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"vector": ['
+        for _ in range(limit // 4_000 + 2):
+            yield b"0.1, " * 800
+        yield b"0.1]}"
+
+    response = served.client.post("/search/vector", content=chunks(), headers={"Content-Type": "application/json"})
+    assert "content-length" not in {key.lower() for key in response.request.headers}
+    assert_error(response, 413, "payload_too_large", f"over {limit} bytes")
+
+
+# --------------------------------------------------------------------------- items, thumbnails, version
+
+
+def test_item_and_thumbnail(served: Served) -> None:
+    item = served.client.get("/items/12")
+    assert item.json() == {
+        "model": {"name": MODEL.name, "version": MODEL.version, "uri": MODEL.uri},
+        "index_version": VERSION,
+        "item": {"id": 12, **ITEMS[12]},
+    }
+    thumbnail = served.client.get("/items/12/thumbnail")
+    assert thumbnail.status_code == 200
+    assert thumbnail.headers["content-type"] == "image/png"
+    assert thumbnail.content == THUMBNAILS[12]
+    assert Image.open(io.BytesIO(thumbnail.content)).size == (6, 6)
+    assert_error(served.client.get("/items/7/thumbnail"), 404, "not_found", "no thumbnail for id 7")
+    assert_error(served.client.get("/items/400/thumbnail"), 404, "not_found", "400")
+    assert_error(served.client.get("/items/x/thumbnail"), 422, "validation_error", "path.item_id")
+
+
+def test_an_index_without_thumbnails_links_none_and_answers_404() -> None:
+    for served in serve(thumbnails=False):
+        reply = served.client.post("/search/id", json={"id": 2, "k": 3}).json()
+        assert all("thumbnail_url" not in hit for hit in reply["results"])
+        assert_error(served.client.get("/items/2/thumbnail"), 404, "not_found", "without thumbnails")
+
+
+def test_version_says_whether_text_queries_can_be_answered() -> None:
+    for served in serve():
+        version = served.client.get("/version").json()
+        assert (version["index_version"], version["model"]["uri"], version["text_queries"]) == (
+            VERSION,
+            MODEL.uri,
+            False,
+        )
+        assert version["manifest"]["thumbnails"] is True
+    for served in serve(gallery={"dataset": "digit_pairs", "modality": "image"}):
+        assert served.client.get("/version").json()["text_queries"] is True
+
+
+# --------------------------------------------------------------------------- health, readiness, deadlines
+
+
+def test_readyz_is_200_when_every_shard_holds_the_version_else_503(served: Served) -> None:
+    ready = served.client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["ready"] is True and ready.json()["index_version"] == VERSION
+    served.shards[1].versions = ["v-other"]
+    not_ready = served.client.get("/readyz")
+    body = assert_error(not_ready, 503, "not_ready", "shards 1 not ready", VERSION)
+    assert body["ready"] is False and [shard["ready"] for shard in body["shards"]] == [True, False]
+    assert served.client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_a_dead_or_late_shard_gives_503_504_or_a_partial_answer() -> None:
+    for served in serve(on_shard_timeout="error", shard_timeout_s=0.2):
+        served.shards[1].dead = True
+        assert_error(served.client.post("/search/id", json={"id": 3}), 503, "shard_unavailable", "retry later")
+    for served in serve(on_shard_timeout="error", shard_timeout_s=0.2):
+        served.shards[0].hang = True
+        response = served.client.post("/search/vector", json={"vector": VECTORS[30].tolist()})
+        assert_error(response, 504, "shard_timeout", "shard 0 did not answer within 0.2 s")
+    for served in serve(on_shard_timeout="partial", shard_timeout_s=0.2):
+        served.shards[0].hang = True
+        reply = served.client.post("/search/vector", json={"vector": VECTORS[30].tolist(), "k": 3}).json()
+        assert (reply["partial"], reply["missing_shards"]) == (True, [0])
+        assert [hit["id"] for hit in reply["results"]] == [
+            item_id for item_id, _ in sorted(((i, float(VECTORS[30] @ VECTORS[i])) for i in range(20, 40)),
+                                             key=lambda pair: -pair[1])[:3]
+        ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                found[tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+def test_metrics_count_requests_by_route_template_and_status(served: Served) -> None:
+    client = served.client
+    for item_id in (1, 2, 3):
+        assert client.get(f"/items/{item_id}").status_code == 200
+    assert client.get("/items/999").status_code == 404
+    assert client.get("/no/such/page").status_code == 404
+    assert client.post("/search/vector", json={"vector": [0.2] * DIM}).status_code == 200
+    assert client.get("/search/vector").status_code == 405
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"] == CONTENT_TYPE
+    counts = samples(response.text, "retrieval_requests_total")
+    assert counts[(("endpoint", "/items/{item_id}"), ("status", "200"))] == 3
+    assert counts[(("endpoint", "/items/{item_id}"), ("status", "404"))] == 1
+    assert counts[(("endpoint", "unmatched"), ("status", "404"))] == 1
+    assert counts[(("endpoint", "/search/vector"), ("status", "200"))] == 1
+    assert counts[(("endpoint", "/search/vector"), ("status", "405"))] == 1
+    latency = samples(response.text, "retrieval_request_seconds_count")
+    assert latency[(("endpoint", "/items/{item_id}"),)] == 4
+    info = samples(response.text, "retrieval_index_info")
+    assert info == {(("index_version", VERSION), ("model", MODEL.uri)): 1.0}
+    again = samples(client.get("/metrics").text, "retrieval_requests_total")
+    assert again[(("endpoint", "/metrics"), ("status", "200"))] == 1
+
+
+# --------------------------------------------------------------------------- auth and CORS
+
+
+def test_query_routes_need_the_token_when_one_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TOKEN_ENV, "s3cret-token")
+    for served in serve(query_token_env=TOKEN_ENV):
+        client = served.client
+        anonymous = client.post("/search/vector", json={"vector": [0.1] * DIM})
+        assert_error(anonymous, 401, "unauthorized", "Authorization: Bearer")
+        assert anonymous.headers["www-authenticate"] == "Bearer"
+        wrong = client.get("/items/1", headers={"Authorization": "Bearer nope"})
+        assert_error(wrong, 401, "unauthorized", "the query token is not valid")
+        # Refused before the body is parsed: an anonymous caller learns nothing about the schema.
+        malformed = client.post("/search/vector", content=b"{oops", headers={"Content-Type": "application/json"})
+        assert_error(malformed, 401, "unauthorized")
+        for path in ("/version", "/items/1/thumbnail"):
+            assert_error(client.get(path), 401, "unauthorized")
+        granted = {"Authorization": "Bearer s3cret-token"}
+        assert client.post("/search/vector", json={"vector": [0.1] * DIM}, headers=granted).status_code == 200
+        assert client.get("/items/1/thumbnail", headers=granted).status_code == 200
+        assert client.get("/version", headers=granted).status_code == 200
+        for open_path in ("/healthz", "/readyz", "/metrics", "/", "/ui/app.js", "/openapi.json"):
+            assert client.get(open_path).status_code == 200, open_path
+        monkeypatch.delenv(TOKEN_ENV)
+        assert_error(client.get("/items/1", headers=granted), 403, "forbidden", f"set {TOKEN_ENV}")
+
+
+def test_without_a_query_token_the_routes_are_open(served: Served) -> None:
+    assert served.client.get("/version").status_code == 200
+    assert served.client.post("/search/id", json={"id": 1}).status_code == 200
+
+
+def test_cors_preflight_allows_the_configured_origin_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TOKEN_ENV, "s3cret-token")
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    for served in serve(cors_origins=[ORIGIN], query_token_env=TOKEN_ENV):
+        allowed = served.client.options("/search/vector", headers={"Origin": ORIGIN, **preflight})
+        assert allowed.status_code == 200, allowed.text
+        assert allowed.headers["access-control-allow-origin"] == ORIGIN
+        assert {"GET", "POST"} <= set(re.split(r",\s*", allowed.headers["access-control-allow-methods"]))
+        assert {"authorization", "content-type"} <= {
+            header.lower() for header in re.split(r",\s*", allowed.headers["access-control-allow-headers"])
+        }
+        refused = served.client.options("/search/vector", headers={"Origin": "http://evil.test", **preflight})
+        assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+        # The real request carries the header too, so the browser lets the page read the reply (even a 401).
+        denied = served.client.post("/search/id", json={"id": 1}, headers={"Origin": ORIGIN})
+        assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == ORIGIN
+    for served in serve():
+        plain = served.client.options("/search/vector", headers={"Origin": ORIGIN, **preflight})
+        assert "access-control-allow-origin" not in plain.headers
+
+
+# --------------------------------------------------------------------------- the page and the schema
+
+
+def test_the_page_and_its_files_are_served_from_the_package(served: Served) -> None:
+    page = served.client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert 'src="ui/app.js"' in page.text and 'href="ui/style.css"' in page.text
+    package = resources.files("retrieval.serving").joinpath("page")
+    for name, media_type in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        response = served.client.get(f"/ui/{name}")
+        assert response.status_code == 200 and response.headers["content-type"].startswith(media_type)
+        assert response.content == package.joinpath(name).read_bytes()
+    assert_error(served.client.get("/ui/secrets.txt"), 404, "not_found", "no page file 'secrets.txt'")
+
+
+def test_the_page_loads_nothing_from_elsewhere() -> None:
+    package = resources.files("retrieval.serving").joinpath("page")
+    for name in ("index.html", "app.js", "style.css"):
+        text = package.joinpath(name).read_text()
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, flags=re.IGNORECASE), name
+        assert "@import" not in text and 'fetch("/' not in text and "fetch('/" not in text, name
+
+
+def test_openapi_documents_bodies_statuses_and_security(monkeypatch: pytest.MonkeyPatch) -> None:
+    for served in serve():
+        schema = served.client.get("/openapi.json").json()
+        paths = schema["paths"]
+        assert set(paths) >= {
+            "/search",
+            "/search/vector",
+            "/search/vectors",
+            "/search/image",
+            "/search/id",
+            "/search/text",
+            "/items/{item_id}",
+            "/items/{item_id}/thumbnail",
+            "/healthz",
+            "/readyz",
+            "/version",
+            "/metrics",
+        }
+        assert "/" not in paths and "/ui/{name}" not in paths
+        upload = paths["/search/image"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert upload["required"] == ["file"] and set(upload["properties"]) == {"file", "k", "nprobe", "ef_search"}
+        vector = paths["/search/vector"]["post"]
+        assert set(vector["responses"]) == {"200", "400", "413", "422", "503", "504"}
+        assert vector["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/SearchReply")
+        assert vector["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorReply")
+        assert "security" not in vector
+        assert set(paths["/readyz"]["get"]["responses"]) == {"200", "503"}
+        assert "image/png" in paths["/items/{item_id}/thumbnail"]["get"]["responses"]["200"]["content"]
+    monkeypatch.setenv(TOKEN_ENV, "t")
+    for served in serve(query_token_env=TOKEN_ENV):
+        paths = served.client.get("/openapi.json").json()["paths"]
+        assert paths["/search/vector"]["post"]["security"] == [{"bearer": []}]
+        assert {"401", "403"} <= set(paths["/search/vector"]["post"]["responses"])
+        assert "security" not in paths["/healthz"]["get"]
+
+
+def test_errors_keep_one_json_shape(served: Served) -> None:
+    client = served.client
+    assert_error(client.post("/search/vector", json={"vector": [0.1] * 3}), 400, "bad_request", "3 dimensions")
+    assert_error(client.post("/search", json={"id": 1, "text": "x"}), 422, "validation_error", "exactly one")
+    assert_error(client.post("/search/text", json={"text": "unknown words"}), 400, "bad_request", "knows only")
+    not_image = client.post("/search/image", files={"file": ("q.png", b"plain text", "image/png")})
+    assert_error(not_image, 400, "not_an_image")
+    assert_error(client.post("/search/image", data={"k": "3"}), 422, "validation_error", "body.file")
+    assert_error(
+        client.post("/search/image", files={"file": ("q.png", png_of_id(1), "image/png")}, data={"k": "9" * 40}),
+        422,
+        "validation_error",
+        "body.k",
+    )
+    assert_error(client.post("/search/id", json={"id": 1000}), 404, "not_found", "no item with id 1000")
+    assert_error(client.get("/nowhere"), 404, "not_found", "/nowhere")
