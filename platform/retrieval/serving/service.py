@@ -244,6 +244,9 @@ class SearchService:
         self._metrics = metrics if metrics is not None else ServingMetrics()
         self._metrics.set_version(index_version=manifest.index_version, model=manifest.model.uri)
         self._down: dict[int, _ShardDown] = {}
+        # Per shard: calls awaiting an answer, and when one last finished (or the first started).
+        self._pending_calls = [0] * len(self._shards)
+        self._last_progress = [time.monotonic()] * len(self._shards)
         self._down_signals: dict[int, asyncio.Future[None]] = {}
         self._batcher: MicroBatcher[tuple[str, tuple[int | None, int | None]], _Query, _Answer] | None = None
         if spec.batching:
@@ -535,7 +538,10 @@ class SearchService:
             return None
         shard = self._shards[index]
         self._raise_if_down(index)
-        return await self._bounded(f"shard {index}", lambda: method(shard)(item_id, active.index_version), shard=index)
+        with self._tracked(index):
+            return await self._bounded(
+                f"shard {index}", lambda: method(shard)(item_id, active.index_version), shard=index
+            )
 
     async def _bounded(self, what: str, call: Callable[[], Awaitable[ResultT]], *, shard: int | None = None) -> ResultT:
         """``call()`` within the deadline, retried once at once when no replica could take it.
@@ -746,9 +752,10 @@ class SearchService:
         outcome: str | None = "unavailable"
         try:
             self._raise_if_down(index)
-            reply = await self._unless_down(
-                index, self._shard_attempts(index, shard, queries, k, version, params, hit_dead)
-            )
+            with self._tracked(index):
+                reply = await self._unless_down(
+                    index, self._shard_attempts(index, shard, queries, k, version, params, hit_dead)
+                )
             outcome = "ok"
             return reply
         except ShardUnavailableError:
@@ -839,6 +846,31 @@ class SearchService:
         raise VersionUnavailableError(
             f"no replica of shard {index} answered for index version {version} after {self._version_attempts} attempts"
         )
+
+    @contextmanager
+    def _tracked(self, index: int) -> Iterator[None]:
+        """Count one call to shard ``index`` in flight, for `stalled_shards`."""
+        if self._pending_calls[index] == 0:
+            self._last_progress[index] = time.monotonic()
+        self._pending_calls[index] += 1
+        try:
+            yield
+        finally:
+            self._pending_calls[index] -= 1
+            self._last_progress[index] = time.monotonic()
+
+    def stalled_shards(self, *, after_s: float) -> list[int]:
+        """Shards (manifest order) with calls in flight of which none has finished for ``after_s`` seconds.
+
+        A shard whose replicas died looks like this (Serve queues its calls); a watcher asks
+        Serve about these shards only, instead of polling Serve's status on every tick.
+        """
+        now = time.monotonic()
+        return [
+            index
+            for index, pending in enumerate(self._pending_calls)
+            if pending and now - self._last_progress[index] >= after_s
+        ]
 
     def _raise_if_down(self, index: int) -> None:
         down = self._down.get(index)

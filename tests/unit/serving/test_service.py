@@ -593,3 +593,26 @@ def test_a_call_waiting_on_a_shard_that_goes_down_gives_up_at_once(index: Index,
 
     with pytest.raises(ShardUnavailableError, match=r"shard 0 has no live replica \(Serve reports .*replacing it"):
         run(main)
+
+
+def test_only_a_shard_with_a_call_in_flight_and_no_answer_for_a_while_is_stalled(
+    index: Index, replicas: list[Any]
+) -> None:
+    served = serve(index, replicas, shard_timeout_s=10.0)
+    query = np.random.default_rng(5).standard_normal(DIM).astype(np.float32)
+
+    async def main() -> tuple[list[int], list[int], list[int], list[int]]:
+        idle = served.service.stalled_shards(after_s=0.0)
+        served.shards[1].gate = asyncio.Event()
+        search = asyncio.ensure_future(served.service.search_vector(query.tolist(), 5))
+        # Shard 0 answers at once; shard 1 holds its call until the gate opens.
+        while served.shards[1].calls == 0 or served.service.stalled_shards(after_s=0.0) != [1]:
+            await asyncio.sleep(0)
+        hanging = served.service.stalled_shards(after_s=0.0)
+        not_yet = served.service.stalled_shards(after_s=3600.0)
+        served.shards[1].gate.set()
+        await search
+        return idle, hanging, not_yet, served.service.stalled_shards(after_s=0.0)
+
+    idle, hanging, not_yet, answered = run(main)
+    assert idle == [] and hanging == [1] and not_yet == [] and answered == []
