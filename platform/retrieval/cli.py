@@ -387,7 +387,8 @@ def _serve(args: argparse.Namespace) -> int:
             name=application.get("name", "retrieval"),
             route_prefix=application.get("route_prefix", "/"),
         )
-    print(f"serving on http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)} (Ctrl-C to stop)")
+    base_url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    print(f"serving on {base_url} (search page: {base_url}/; Ctrl-C to stop)")
     try:
         while True:
             time.sleep(3600)

@@ -121,8 +121,8 @@ def run_demo(
         serve.delete(APP_NAME)
         return summary
     print(
-        f"\nserving {base_url} (POST /search/image, /search/vector, /search/id; GET /version, /healthz;"
-        f" docs at {base_url}/docs)"
+        f"\nserving {base_url} (POST /search/image, /search/vector, /search/id; GET /version, /readyz, /metrics;"
+        f" docs at {base_url}/docs)\nsearch page: {base_url}/"
     )
     print(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)")
     print("Ctrl-C to stop")
