@@ -15,6 +15,9 @@ import faiss
 
 from retrieval.errors import BadRequestError
 
+# Faiss takes both settings as C ints; a larger value would overflow inside the shard.
+MAX_SETTING = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class SearchParams:
@@ -33,6 +36,8 @@ class SearchParams:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise BadRequestError(f"{name} must be a positive integer, got {value!r}")
+            if value is not None and value > MAX_SETTING:
+                raise BadRequestError(f"{name} must be at most {MAX_SETTING}, got {value}")
 
     @property
     def is_default(self) -> bool:

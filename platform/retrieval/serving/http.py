@@ -108,7 +108,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from retrieval import __version__
 from retrieval.config import ServingSpec
 from retrieval.errors import BadRequestError, RetrievalError
-from retrieval.index.search_params import SearchParams
+from retrieval.index.search_params import MAX_SETTING, SearchParams
 from retrieval.serving.errors import (
     BadIndexReferenceError,
     ItemNotFoundError,
@@ -167,7 +167,7 @@ QUERY_ROUTES = frozenset(
 )
 _UPLOAD_ROUTES = frozenset({"/search/image"})
 # Faiss takes nprobe and efSearch as C ints.
-MAX_INDEX_SETTING = 2**31 - 1
+MAX_INDEX_SETTING = MAX_SETTING
 UNMATCHED_ENDPOINT = "unmatched"
 
 # The page's files, served from the installed package (they are package data of the wheel).
@@ -211,17 +211,12 @@ class IndexParams(BaseModel):
 
 
 def index_settings(given: dict[str, Any]) -> SearchParams:
-    """``given`` (e.g. ``{"nprobe": 8}``) as `SearchParams`, each value at most `MAX_INDEX_SETTING`.
+    """``given`` (e.g. ``{"nprobe": 8}``) as `SearchParams`.
 
     Raises:
         BadRequestError: an unknown key, or a value below 1 or above `MAX_INDEX_SETTING`.
     """
-    params = SearchParams.from_mapping(given)
-    for name, value in params.as_dict().items():
-        # Faiss takes these as C ints: a larger one fails inside the shard as an OverflowError.
-        if value > MAX_INDEX_SETTING:
-            raise BadRequestError(f"{name} must be at most {MAX_INDEX_SETTING}, got {value}")
-    return params
+    return SearchParams.from_mapping(given)
 
 
 def _search_params(params: IndexParams | None) -> SearchParams | None:

@@ -213,3 +213,9 @@ def test_concurrent_searches_with_different_nprobe_each_get_their_own(
         assert len(results[nprobe]) == rounds
         for found in results[nprobe]:
             np.testing.assert_array_equal(found, expected[nprobe])
+
+
+def test_a_setting_beyond_a_c_int_is_a_bad_request_before_it_reaches_faiss() -> None:
+    assert SearchParams(nprobe=2**31 - 1).nprobe == 2**31 - 1
+    with pytest.raises(BadRequestError, match=r"ef_search must be at most 2147483647, got 2147483648"):
+        SearchParams.from_mapping({"efSearch": 2**31})
