@@ -455,6 +455,18 @@ def build_shards(
     return version_dir / "manifest.json"
 
 
+def _faiss_search(index: Any, queries: np.ndarray, k: int, params: Any | None) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search(queries, k, params=params)``, also in a process that imported `faiss.contrib.torch_utils`.
+
+    That module (imported by pytorch-metric-learning's inference utilities) replaces every
+    index class's ``search`` with a torch-aware one that takes no ``params``, and keeps
+    Faiss's own as ``search_numpy``: call that one when it is there.
+    """
+    search = getattr(index, "search_numpy", None) or index.search
+    distances, ids = search(queries, k, params=params)
+    return distances, ids
+
+
 @dataclass
 class LoadedShard:
     """One verified shard in memory.
@@ -529,14 +541,14 @@ class LoadedShard:
                     f"queries of a {self.index.d}-bit binary shard must be packed codes uint8 [Q, {code_bytes}], "
                     f"got {queries.dtype} {queries.shape}"
                 )
-            distances, ids = self.index.search(np.ascontiguousarray(queries), k, params=faiss_params)
+            distances, ids = _faiss_search(self.index, np.ascontiguousarray(queries), k, faiss_params)
             scores = distances.astype(np.float32)
             scores[ids < 0] = _BINARY_PADDING
             return scores, ids.astype(np.int64)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.index.d:
             raise ValueError(f"queries must have shape [Q, {self.index.d}], got {queries.shape}")
-        scores, ids = self.index.search(queries, k, params=faiss_params)
+        scores, ids = _faiss_search(self.index, queries, k, faiss_params)
         return scores, ids
 
     def vector(self, item_id: int) -> np.ndarray:

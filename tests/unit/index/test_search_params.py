@@ -219,3 +219,17 @@ def test_a_setting_beyond_a_c_int_is_a_bad_request_before_it_reaches_faiss() -> 
     assert SearchParams(nprobe=2**31 - 1).nprobe == 2**31 - 1
     with pytest.raises(BadRequestError, match=r"ef_search must be at most 2147483647, got 2147483648"):
         SearchParams.from_mapping({"efSearch": 2**31})
+
+
+def test_params_still_reach_faiss_after_torch_utils_replaced_index_search(
+    tmp_path: Path, gallery: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """pytorch-metric-learning imports `faiss.contrib.torch_utils`, whose `search` takes no `params`."""
+    vectors, queries = gallery
+    shard = one_shard(tmp_path, vectors, f"IVF{NLIST},Flat")
+    one_list = shard.search(queries, 5, SearchParams(nprobe=1))
+    import faiss.contrib.torch_utils  # noqa: F401  (patches every index class, as in a process using pml)
+
+    np.testing.assert_array_equal(shard.search(queries, 5, SearchParams(nprobe=1))[1], one_list[1])
+    _, every_list = shard.search(queries, 5, SearchParams(nprobe=NLIST))
+    np.testing.assert_array_equal(every_list, brute_force_l2(vectors, queries, 5)[1])
