@@ -302,7 +302,7 @@ def test_readiness_probe_is_a_route_of_the_serving_app(overlay: str) -> None:
     probes = [container["readinessProbe"]["httpGet"] for container in _containers(service)]
     assert probes == [{"path": "/healthz", "port": 8000}]
     routes = (REPO_ROOT / "platform" / "retrieval" / "serving" / "http.py").read_text()
-    assert '@api.get("/healthz")' in routes
+    assert '@api.get("/healthz"' in routes
 
 
 @requires_kubectl
