@@ -818,11 +818,7 @@ class SearchService:
         for attempt in range(1, self._version_attempts + 1):
             while True:
                 try:
-                    # The settings go only when there are any, so a client may predate them.
-                    if params.is_default:
-                        reply = await shard.search(queries, k, version)
-                    else:
-                        reply = await shard.search(queries, k, version, params)
+                    reply = await shard.search(queries, k, version, params)
                     break
                 except ShardUnavailableError as error:
                     if dead_retries == 0:

@@ -23,6 +23,7 @@ from PIL import Image
 
 from retrieval.config import ServingSpec
 from retrieval.index import ModelRef, build_shards, read_manifest
+from retrieval.index.search_params import SearchParams
 from retrieval.serving.deployments import ShardDeployment
 from retrieval.serving.errors import NotAnImageError, VersionNotLoadedError
 from retrieval.serving.http import build_http_api
@@ -57,11 +58,13 @@ class InProcessShard:
         self.refusals_left = 0
         self.answer_as: str | None = None
 
-    async def search(self, queries: np.ndarray, k: int, index_version: str) -> dict[str, Any]:
+    async def search(
+        self, queries: np.ndarray, k: int, index_version: str, params: SearchParams | None = None
+    ) -> dict[str, Any]:
         if self.refusals_left > 0:
             self.refusals_left -= 1
             raise VersionNotLoadedError(f"test replica does not hold {index_version}")
-        reply = dict(self.replica.search(queries, k, index_version))
+        reply = dict(self.replica.search(queries, k, index_version, params))
         if self.answer_as is not None:
             reply["index_version"] = self.answer_as
         return reply

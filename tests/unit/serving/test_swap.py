@@ -23,6 +23,7 @@ from retrieval.cli import _default_serve_run, _parser
 from retrieval.config import ServingSpec
 from retrieval.errors import IndexIntegrityError, ModelNotFoundError
 from retrieval.index.manifest import IndexManifest, ModelRef, read_manifest
+from retrieval.index.search_params import SearchParams
 from retrieval.index.shards import build_shards
 from retrieval.serving.deployments import EmbedderDeployment, ShardDeployment, VersionedReplica
 from retrieval.serving.errors import (
@@ -95,12 +96,14 @@ class GatedShard:
         self.gate: asyncio.Event | None = None
         self.reached: asyncio.Event = asyncio.Event()
 
-    async def search(self, queries: np.ndarray, k: int, index_version: str) -> dict[str, Any]:
+    async def search(
+        self, queries: np.ndarray, k: int, index_version: str, params: SearchParams | None = None
+    ) -> dict[str, Any]:
         gate, self.gate = self.gate, None
         if gate is not None:
             self.reached.set()
             await gate.wait()
-        return dict(self.replica.search(queries, k, index_version))
+        return dict(self.replica.search(queries, k, index_version, params))
 
     async def vector(self, item_id: int, index_version: str) -> np.ndarray | None:
         result: np.ndarray | None = self.replica.vector(item_id, index_version)

@@ -24,6 +24,7 @@ from retrieval.config import ServingSpec
 from retrieval.errors import BadRequestError, IndexIntegrityError
 from retrieval.evaluation.cross_modal import pack_codes
 from retrieval.index.manifest import IndexManifest, ModelRef, read_manifest
+from retrieval.index.search_params import SearchParams
 from retrieval.index.shards import build_shards
 from retrieval.serving.deployments import EmbedderDeployment, ShardDeployment
 from retrieval.serving.errors import PayloadTooLargeError, VersionNotLoadedError
@@ -51,9 +52,11 @@ class InProcessShard:
         self.replica = replica
         self.queries: list[np.ndarray] = []
 
-    async def search(self, queries: np.ndarray, k: int, index_version: str) -> dict[str, Any]:
+    async def search(
+        self, queries: np.ndarray, k: int, index_version: str, params: SearchParams | None = None
+    ) -> dict[str, Any]:
         self.queries.append(queries)
-        return dict(self.replica.search(queries, k, index_version))
+        return dict(self.replica.search(queries, k, index_version, params))
 
     async def vector(self, item_id: int, index_version: str) -> np.ndarray | None:
         result: np.ndarray | None = self.replica.vector(item_id, index_version)
