@@ -167,7 +167,6 @@ QUERY_ROUTES = frozenset(
 )
 _UPLOAD_ROUTES = frozenset({"/search/image"})
 # Faiss takes nprobe and efSearch as C ints.
-MAX_INDEX_SETTING = MAX_SETTING
 UNMATCHED_ENDPOINT = "unmatched"
 
 # The page's files, served from the installed package (they are package data of the wheel).
@@ -193,30 +192,21 @@ class IndexParams(BaseModel):
     nprobe: int | None = Field(
         None,
         description="IVF indices: inverted lists visited (1..nlist)",
-        json_schema_extra={"minimum": 1, "maximum": MAX_INDEX_SETTING},
+        json_schema_extra={"minimum": 1, "maximum": MAX_SETTING},
     )
     ef_search: int | None = Field(
         None,
         description="HNSW indices: candidate list size of the graph search",
-        json_schema_extra={"minimum": 1, "maximum": MAX_INDEX_SETTING},
+        json_schema_extra={"minimum": 1, "maximum": MAX_SETTING},
     )
 
     def search_params(self) -> SearchParams:
         """The validated settings.
 
         Raises:
-            BadRequestError: an unknown key, or a value below 1 or above `MAX_INDEX_SETTING`.
+            BadRequestError: an unknown key, or a value below 1 or above `MAX_SETTING`.
         """
-        return index_settings(self.model_dump(exclude_none=True))
-
-
-def index_settings(given: dict[str, Any]) -> SearchParams:
-    """``given`` (e.g. ``{"nprobe": 8}``) as `SearchParams`.
-
-    Raises:
-        BadRequestError: an unknown key, or a value below 1 or above `MAX_INDEX_SETTING`.
-    """
-    return SearchParams.from_mapping(given)
+        return SearchParams.from_mapping(self.model_dump(exclude_none=True))
 
 
 def _search_params(params: IndexParams | None) -> SearchParams | None:
@@ -518,7 +508,7 @@ async def _read_upload(request: Request, *, max_bytes: int) -> tuple[bytes, int 
         k = _form_integer(form.get("k"), "k")
         settings = {name: _form_integer(form.get(name), name) for name in ("nprobe", "ef_search")}
     given = {name: value for name, value in settings.items() if value is not None}
-    return data, k, index_settings(given) if given else None
+    return data, k, SearchParams.from_mapping(given) if given else None
 
 
 def _bearer_refusal(request_headers: dict[str, str], *, expected: str, what: str) -> JSONResponse | None:
@@ -745,8 +735,8 @@ def build_http_api(service: SearchService, admin: SwapAdmin | None = None) -> Fa
                         "properties": {
                             "file": {"type": "string", "format": "binary", "description": "the query image"},
                             "k": {"type": "integer", "description": "results wanted (1..max_k)"},
-                            "nprobe": {"type": "integer", "minimum": 1, "maximum": MAX_INDEX_SETTING},
-                            "ef_search": {"type": "integer", "minimum": 1, "maximum": MAX_INDEX_SETTING},
+                            "nprobe": {"type": "integer", "minimum": 1, "maximum": MAX_SETTING},
+                            "ef_search": {"type": "integer", "minimum": 1, "maximum": MAX_SETTING},
                         },
                     }
                 }
