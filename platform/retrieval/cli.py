@@ -379,13 +379,14 @@ def _serve(args: argparse.Namespace) -> int:
     if not applications:
         raise RetrievalError(f"{args.config}: no 'applications' to run")
     _init_ray(args.address)
-    http = config.get("http_options") or {}
-    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": int(http.get("port", 8000))})
+    http = {"host": "127.0.0.1", "port": 8000, **(config.get("http_options") or {})}
+    serve.start(http_options=http)
     for application in applications:
         serve.run(
             build_app(application.get("args") or {}),
             name=application.get("name", "retrieval"),
             route_prefix=application.get("route_prefix", "/"),
+            logging_config=application.get("logging_config") or {"enable_access_log": False},
         )
     base_url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
     print(f"serving on {base_url} (search page: {base_url}/; Ctrl-C to stop)")

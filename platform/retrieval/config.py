@@ -804,15 +804,51 @@ class ServingSpec(StrictModel):
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint for an s3:// index")
     cache_dir: str | None = Field(None, description="cache of s3:// index shards; default $RETRIEVAL_CACHE/indices")
     tracking_uri: str | None = None
-    shard_replicas: int = Field(1, ge=1)
+    layout: Literal["auto", "local", "distributed"] = Field(
+        "auto",
+        description=(
+            "local: every ingress replica holds and searches all shards in-process (one hop per query); "
+            "distributed: one Serve deployment per shard; auto: local when two copies of the index "
+            "(a swap holds both) fit shard_memory_bytes, else distributed"
+        ),
+    )
+    embedder_layout: Literal["local", "distributed"] = Field(
+        "distributed",
+        description="local: the ingress embeds image and text queries itself; distributed: an Embedder deployment",
+    )
+    ingress_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress (each holds every local shard)")
+    ingress_num_cpus: float | None = Field(
+        None,
+        ge=0.0,
+        description="CPUs per ingress replica (None: shard_num_cpus in the local layout, 0 in the distributed)",
+    )
+    shard_replicas: int = Field(1, ge=1, description="replicas per shard deployment (distributed layout)")
     embedder_replicas: int = Field(1, ge=1)
     shard_num_cpus: float = Field(0.5, ge=0.0)
     embedder_num_cpus: float = Field(0.5, ge=0.0)
     max_k: int = Field(100, ge=1)
     default_k: int = Field(10, ge=1)
     max_upload_bytes: int = Field(10_000_000, ge=1)
+    max_image_pixels: int = Field(
+        25_000_000, ge=1, description="most pixels (width x height, read from the header) of an uploaded image"
+    )
+    image_formats: list[str] = Field(
+        default_factory=lambda: ["PNG", "JPEG", "WEBP", "GIF", "BMP"],
+        min_length=1,
+        description="image formats accepted in uploads (Pillow names); others are refused before decoding",
+    )
+    max_nprobe: int = Field(1024, ge=1, description="largest nprobe a request may ask for (IVF indices)")
+    max_ef_search: int = Field(1024, ge=1, description="largest ef_search a request may ask for (HNSW indices)")
+    body_read_timeout_s: float = Field(
+        10.0, gt=0, description="how long a request's body may take to arrive, from the first byte read (408)"
+    )
     shard_memory_bytes: int | None = Field(
-        None, ge=1, description="memory budget of one shard replica (None: the node's MemAvailable)"
+        None,
+        ge=1,
+        description=(
+            "memory budget of one replica holding shards: a shard replica, or an ingress replica in the local "
+            "layout (None: the memory still available to it, container limits included)"
+        ),
     )
     admin_token_env: str = Field("RETRIEVAL_ADMIN_TOKEN", min_length=1, description="env var holding the admin token")
     swap_timeout_s: float = Field(120.0, gt=0, description="how long a swap waits for every replica to load")
@@ -820,6 +856,14 @@ class ServingSpec(StrictModel):
     max_batch_size: int = Field(32, ge=1, description="most queries in one batch (router, shards, embedder)")
     batch_wait_timeout_s: float = Field(
         0.002, ge=0.0, description="how long a batch waits for more queries before it goes out"
+    )
+    max_concurrent_batches: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "router batches searched at once; more queries wait for the next, which grows meanwhile "
+            "(None: 1 in the local layout, whose searches share the replica's cores; no limit in the distributed)"
+        ),
     )
     shard_timeout_s: float = Field(5.0, gt=0, description="per-request deadline for every shard's answer")
     on_shard_timeout: Literal["partial", "error"] = Field(
@@ -840,6 +884,18 @@ class ServingSpec(StrictModel):
     @classmethod
     def _endpoint_without_credentials(cls, value: str | None) -> str | None:
         return StorageSpec._endpoint_without_credentials(value)
+
+    @field_validator("image_formats")
+    @classmethod
+    def _known_image_formats(cls, value: list[str]) -> list[str]:
+        from PIL import Image
+
+        Image.init()
+        names = [name.upper() for name in value]
+        unknown = sorted(set(names) - set(Image.OPEN))
+        if unknown:
+            raise ValueError(f"unknown image formats {unknown}; Pillow reads {sorted(Image.OPEN)}")
+        return names
 
     @model_validator(mode="after")
     def _default_within_max(self) -> ServingSpec:

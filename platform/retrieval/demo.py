@@ -77,6 +77,8 @@ def run_demo(
         build_app({"index": str(Path(spec.index_root).resolve()), "tracking_uri": tracking_uri}),
         name=APP_NAME,
         route_prefix="/",
+        # As serve/digits.yaml: no access-log line per request (it costs CPU on the request path).
+        logging_config={"enable_access_log": False},
     )
     base_url = f"http://127.0.0.1:{port}"
 

@@ -277,7 +277,11 @@ class ItemStore:
         Returns:
             ``{id: {"id": id, **fields}}``.
         """
-        wanted = np.unique(np.fromiter((int(item_id) for item_id in ids), dtype=np.int64))
+        wanted = np.unique(
+            ids.astype(np.int64, copy=False)
+            if isinstance(ids, np.ndarray)
+            else np.fromiter((int(item_id) for item_id in ids), dtype=np.int64)
+        )
         if wanted.size == 0 or self._ids.size == 0:
             return {}
         positions = np.searchsorted(self._ids, wanted)

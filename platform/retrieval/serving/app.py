@@ -25,15 +25,17 @@ from ray import serve
 from retrieval.config import ServingSpec
 from retrieval.index.manifest import MANIFEST_FILE, read_manifest
 from retrieval.index.object_store import is_s3_uri, local_index_path, pin_index_version
-from retrieval.serving.deployments import EmbedderDeployment, SearchIngress, ShardDeployment, new_swap_state_name
+from retrieval.serving.deployments import EmbedderDeployment, SearchIngress, ShardDeployment
+from retrieval.serving.layout import choose_layout, index_file_bytes
+from retrieval.serving.replica import new_swap_state_name
 
 logger = logging.getLogger(__name__)
 
-# The ingress only awaits other deployments and merges a few lists: reserving a whole CPU
-# for it (Serve's default) would leave none for the shards on a small machine.
-INGRESS_NUM_CPUS = 0.0
-# The ingress is async and mostly waits on the shards: it may hold many requests at once, which
-# is what lets its router batches fill (Serve's default of 5 would cap every batch at 5).
+# In the distributed layout the ingress only awaits other deployments and merges a few lists:
+# reserving a whole CPU for it (Serve's default) would leave none for the shards on a small machine.
+DISTRIBUTED_INGRESS_NUM_CPUS = 0.0
+# The ingress is async: it may hold many requests at once, which is what lets its router
+# batches fill (Serve's default of 5 would cap every batch at 5).
 INGRESS_MAX_ONGOING_REQUESTS = 256
 
 
@@ -53,6 +55,10 @@ def build_app(
     that is the version's ``s3://.../<version>/manifest.json``; each replica downloads what it
     needs into its node's cache (`retrieval.index.object_store.fetch_index`).
 
+    The layout is resolved here too (`retrieval.serving.layout.choose_layout`): ``local`` gives
+    the ingress every shard to search in-process, ``distributed`` one ``ShardN`` deployment per
+    shard. ``embedder_layout: local`` embeds queries in the ingress instead of an ``Embedder``.
+
     That version is only the first one: a rolling swap (``POST /admin/swap``) moves every
     deployment to another version through the application's swap-state actor, and replicas
     started later come up on whatever version is active then (see `retrieval.serving.swap`).
@@ -63,11 +69,11 @@ def build_app(
         ingress_env: environment variables for the ingress replicas only, e.g. the admin
             token when the app is run from Python (a Serve config sets ``runtime_env`` instead).
         state_name: the name of the swap-state actor (default a fresh one); pass one to
-            remove it with `retrieval.serving.deployments.delete_swap_state` after
-            ``serve.delete``.
+            remove it with `retrieval.serving.replica.delete_swap_state` after ``serve.delete``.
 
     Returns:
-        The application: ``Shard0..ShardN-1``, ``Embedder`` and the ``SearchIngress``.
+        The application: the ``SearchIngress``, with ``Shard0..ShardN-1`` (distributed layout)
+        and ``Embedder`` (distributed embedder) bound to it.
 
     Raises:
         ConfigError: unknown or invalid args.
@@ -82,36 +88,54 @@ def build_app(
     else:
         manifest, version_dir = read_manifest(spec.index)
         pinned_index = str((Path(version_dir) / MANIFEST_FILE).resolve())
-    pinned = spec.model_copy(update={"index": pinned_index})
+    choice = choose_layout(
+        spec,
+        index_bytes=0
+        if spec.layout != "auto"
+        else index_file_bytes(manifest, pinned_index, endpoint_url=spec.endpoint_url),
+    )
+    pinned = spec.model_copy(update={"index": pinned_index, "layout": choice.layout})
     state = state_name or new_swap_state_name()
     # mypy does not apply class decorators, so it sees the plain classes without `.options`.
-    shards = [
-        ShardDeployment.options(  # type: ignore[attr-defined]
-            name=f"Shard{info.shard}",
-            num_replicas=spec.shard_replicas,
-            ray_actor_options={"num_cpus": spec.shard_num_cpus},
+    shards = None
+    if choice.layout == "distributed":
+        shards = [
+            ShardDeployment.options(  # type: ignore[attr-defined]
+                name=f"Shard{info.shard}",
+                num_replicas=spec.shard_replicas,
+                ray_actor_options={"num_cpus": spec.shard_num_cpus},
+                health_check_period_s=spec.health_check_period_s,
+                max_ongoing_requests=replica_max_ongoing_requests(spec),
+            ).bind(spec=pinned, shard=info.shard, state_name=state)
+            for info in manifest.shards
+        ]
+    embedder = None
+    if spec.embedder_layout == "distributed":
+        embedder = EmbedderDeployment.options(  # type: ignore[attr-defined]
+            name="Embedder",
+            num_replicas=spec.embedder_replicas,
+            ray_actor_options={"num_cpus": spec.embedder_num_cpus},
             health_check_period_s=spec.health_check_period_s,
             max_ongoing_requests=replica_max_ongoing_requests(spec),
-        ).bind(spec=pinned, shard=info.shard, state_name=state)
-        for info in manifest.shards
-    ]
-    embedder = EmbedderDeployment.options(  # type: ignore[attr-defined]
-        name="Embedder",
-        num_replicas=spec.embedder_replicas,
-        ray_actor_options={"num_cpus": spec.embedder_num_cpus},
-        health_check_period_s=spec.health_check_period_s,
-        max_ongoing_requests=replica_max_ongoing_requests(spec),
-    ).bind(spec=pinned, state_name=state)
+        ).bind(spec=pinned, state_name=state)
     logger.info(
-        "serving index %s (%d shards, model %s) from %s",
+        "serving index %s (%d shards, model %s) from %s: %s layout (%s)",
         manifest.index_version,
-        len(shards),
+        len(manifest.shards),
         manifest.model.uri,
         version_dir,
+        choice.layout,
+        choice.reason,
     )
-    ingress_options: dict[str, Any] = {"num_cpus": INGRESS_NUM_CPUS}
+    ingress_cpus = spec.ingress_num_cpus
+    if ingress_cpus is None:
+        ingress_cpus = spec.shard_num_cpus if choice.layout == "local" else DISTRIBUTED_INGRESS_NUM_CPUS
+    ingress_options: dict[str, Any] = {"num_cpus": ingress_cpus}
     if ingress_env:
         ingress_options["runtime_env"] = {"env_vars": dict(ingress_env)}
     return SearchIngress.options(  # type: ignore[attr-defined]
-        ray_actor_options=ingress_options, max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS
+        num_replicas=spec.ingress_replicas,
+        ray_actor_options=ingress_options,
+        max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
+        health_check_period_s=spec.health_check_period_s,
     ).bind(spec=pinned, shards=shards, embedder=embedder, state_name=state)

@@ -12,7 +12,7 @@ Metrics:
     retrieval_shard_seconds{shard}                          histogram (one shard call, batched or not)
     retrieval_batch_size{stage}                             histogram (queries per batched call: router)
     retrieval_partial_results_total                         counter (replies missing a shard)
-    retrieval_index_info{index_version, model}              gauge, 1 for the version answering now
+    retrieval_index_info{index_version, model}              gauge, 1 for the version answering now (model: name/version)
 """
 
 from __future__ import annotations

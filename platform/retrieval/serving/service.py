@@ -1,21 +1,18 @@
 """The search logic of the ingress, free of Ray and HTTP so it can be tested in-process.
 
 `SearchService` answers each request with one index version (ARCHITECTURE invariant 1): it
-reads its active version into a local once, when the request starts, passes that version with
-every shard and embedder call and checks it in every shard reply, so an answer never mixes
+reads its active version once, when the request starts, passes that version with every shard
+and embedder call, and the shard pool checks it in every shard reply, so an answer never mixes
 embeddings of two model versions. A rolling swap (`retrieval.serving.swap`) changes the active
 version with `activate`, one assignment: a request that started before it finishes on the old
 version, one that starts after runs on the new. Requests in flight are counted per version so
-that the old version is freed only once they have drained. It talks to shards and the embedder through the
-small async protocols below; `retrieval.serving.deployments` implements them over Serve
-deployment handles.
+that the old version is freed only once they have drained.
 
 Queries come as a vector (or several), a gallery id, an image or a text (cross-modal models);
-the last two are embedded by the embedder with the pinned version's model. A binary (hamming)
-index holds packed hash codes: every query is reduced to its signs and packed (`pack_codes`)
-before the search, and each result carries its Hamming ``distance`` and
-``score = 1 - 2 * distance / bits``, the cosine similarity of the two ±1 codes, so clients rank
-every index by ``score`` alike.
+the last two are embedded with the pinned version's model. A binary (hamming) index holds packed
+hash codes: every query is reduced to its signs and packed (`pack_codes`) before the search, and
+each result carries its Hamming ``distance`` and ``score = 1 - 2 * distance / bits``, the cosine
+similarity of the two ±1 codes, so clients rank every index by ``score`` alike.
 
 Search parameters (``nprobe``, ``ef_search``) travel with each request; the unset ones take the
 manifest's ``search_defaults``, and every reply says which were used (``params``).
@@ -23,30 +20,22 @@ manifest's ``search_defaults``, and every reply says which were used (``params``
 Batching (``spec.batching``): concurrent searches with the same index version and parameters are
 gathered by a `MicroBatcher` (up to ``max_batch_size`` queries or ``batch_wait_timeout_s``) and
 fanned out as ONE ``[Q, D]`` call per shard, with the largest k of the batch; the merged rows are
-split back per request. Off, each request is its own fan-out.
+split back per request. When the shards are searched in this process, one batch runs at a time
+(``max_concurrent_batches``) and the next grows while it runs: Faiss answers 8 queries in one
+pass over a shard for little more than one. Off, each request is its own fan-out.
 
-Deadlines: a fan-out waits at most ``spec.shard_timeout_s`` for every shard, then cancels the
-stragglers. A shard past the deadline, or one with no live replica (a `ShardClient` raises
-`ShardUnavailableError`; the call is retried once at once, which Serve routes to another live
-replica), is missing: with ``on_shard_timeout: partial`` the reply merges the others and says
-``partial: true, missing_shards: [...]``; with ``error`` the request fails, 504
-(`ShardTimeoutError`) for a timeout, 503 (`ShardUnavailableError`) for a dead shard. When every
-shard is missing the request always fails. A shard found dead is marked down and probed in the
-background until it answers again; meanwhile requests count it missing at once instead of
-queueing for a replica that is not there (fail fast, then recover when Serve restarts it). The
-same deadline bounds id lookups, item and thumbnail reads and the embedder.
+The shards are reached through a `ShardPool` (`retrieval.serving.shard_pool`): held in this
+process (the local layout) or as Serve deployments (the distributed layout), under one deadline
+and retry policy; the same deadline bounds the embedder.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import math
-import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -57,15 +46,11 @@ from retrieval.index.manifest import IndexManifest
 from retrieval.index.merge import merge_topk
 from retrieval.index.search_params import SearchParams
 from retrieval.serving.batching import MicroBatcher
-from retrieval.serving.errors import (
-    ItemNotFoundError,
-    PayloadTooLargeError,
-    ShardTimeoutError,
-    ShardUnavailableError,
-    VersionNotLoadedError,
-    VersionUnavailableError,
-)
+from retrieval.serving.clients import EmbedderClient, ShardClient
+from retrieval.serving.errors import ItemNotFoundError, PayloadTooLargeError
 from retrieval.serving.metrics import ServingMetrics
+from retrieval.serving.replies import Hit, ItemReply, ModelInfo, Readiness, SearchReply
+from retrieval.serving.shard_pool import ShardPool
 from retrieval.serving.swap import InFlight
 
 logger = logging.getLogger(__name__)
@@ -73,74 +58,17 @@ logger = logging.getLogger(__name__)
 # A text query longer than this is refused (413) before it reaches the embedder; shorter ones
 # the text encoder cuts to its own maximum length.
 MAX_TEXT_CHARS = 10_000
-# How long `readiness` waits for each shard and the embedder to say which versions they hold.
-READINESS_TIMEOUT_S = 2.0
-# Pause between two probes of a shard found dead, when the probe fails at once.
-PROBE_INTERVAL_S = 0.25
-
-ResultT = TypeVar("ResultT")
-
-
-class ShardClient(Protocol):
-    """What the ingress needs from one shard (any replica of it).
-
-    Every method raises `ShardUnavailableError` when no live replica can take the call (it died,
-    is restarting or sheds load), so the ingress can retry it or count the shard missing.
-    """
-
-    async def search(
-        self, queries: np.ndarray, k: int, index_version: str, params: SearchParams | None = None
-    ) -> dict[str, Any]:
-        """Top-k of ``queries [Q, D]`` with ``params`` (None: the index's defaults).
-
-        Returns:
-            A `ShardDeployment.search` reply.
-        """
-        ...
-
-    async def vector(self, item_id: int, index_version: str) -> np.ndarray | None:
-        """The stored vector ``[D]`` of an id, or None if the shard does not hold it."""
-        ...
-
-    async def item(self, item_id: int, index_version: str) -> dict[str, Any] | None:
-        """The stored metadata of an id, or None if the shard does not hold it."""
-        ...
-
-    async def thumbnail(self, item_id: int, index_version: str) -> bytes | None:
-        """The stored thumbnail (image file bytes) of an id, or None if there is none."""
-        ...
-
-    async def loaded_versions(self) -> list[str]:
-        """The index versions the replica that answers holds."""
-        ...
-
-
-class EmbedderClient(Protocol):
-    """What the ingress needs from the embedder (any replica of it); raises `ShardUnavailableError` like a shard."""
-
-    async def embed(self, image_bytes: bytes, index_version: str) -> np.ndarray:
-        """The embedding ``[D]`` of an encoded image, by the model that built the index."""
-        ...
-
-    async def embed_text(self, text: str, index_version: str) -> np.ndarray:
-        """The embedding ``[D]`` (±1 code for a hashing model) of a text, by the model that built the index.
-
-        Raises:
-            BadRequestError: the model embeds images only.
-        """
-        ...
-
-    async def loaded_versions(self) -> list[str]:
-        """The index versions (models) the replica that answers holds."""
-        ...
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_HIT_RESERVED = frozenset({"id", "score", "distance"})
 
 
 @dataclass(frozen=True)
 class ActiveVersion:
-    """The version a request is answered with: its manifest and model reference."""
+    """The version a request is answered with: its manifest, model, and its resolved default settings."""
 
     manifest: IndexManifest
-    model: dict[str, str]
+    model: ModelInfo
+    defaults: SearchParams = field(default_factory=SearchParams)
 
     @property
     def index_version(self) -> str:
@@ -148,7 +76,17 @@ class ActiveVersion:
 
     @classmethod
     def of(cls, manifest: IndexManifest) -> ActiveVersion:
-        return cls(manifest=manifest, model=manifest.model.model_dump(include={"name", "version", "uri"}))
+        return cls(
+            manifest=manifest,
+            model=ModelInfo(name=manifest.model.name, version=manifest.model.version, uri=manifest.model.uri),
+            defaults=SearchParams().with_defaults(manifest.search_defaults),
+        )
+
+    def settings(self, params: SearchParams | None) -> SearchParams:
+        """The settings a request searches with: its own, the unset ones from the manifest's ``search_defaults``."""
+        if params is None or params.is_default:
+            return self.defaults
+        return params.with_defaults(self.manifest.search_defaults)
 
 
 @dataclass(frozen=True)
@@ -179,31 +117,16 @@ class _Query:
 class _Answer:
     """A request's rows of hits and which shards the fan-out missed."""
 
-    rows: list[list[dict[str, Any]]]
+    rows: list[list[Hit]]
     missing_shards: list[int]
 
 
-@dataclass
-class _FanOut:
-    replies: list[dict[str, Any]]
-    missing_shards: list[int]
+_BatchKey = tuple[str, tuple[int | None, int | None]]
 
 
-class _ShardDown:
-    """A shard found without a live replica: why, and the background probe that watches for its return."""
-
-    def __init__(self, reason: str, probe: asyncio.Task[None]) -> None:
-        self.reason = reason
-        self.probe = probe
-
-
-def _describe(error: BaseException) -> str:
-    return str(error) or type(error).__name__
-
-
-def _retrieve_outcome(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
+def model_label(manifest: IndexManifest) -> str:
+    """``name/version`` of the index's model, for the open /metrics (a model URI may be a server path)."""
+    return f"{manifest.model.name}/{manifest.model.version}"
 
 
 class SearchService:
@@ -212,11 +135,11 @@ class SearchService:
     Args:
         manifest: the manifest of the index version this service answers with at first.
         spec: the serving spec (k limits, batching, deadlines).
-        shards: one client per shard, in manifest order.
+        shards: one client per shard, in manifest order (local or remote, `retrieval.serving.clients`).
         embedder: the embedder client.
         version_attempts: how many times a shard call is tried when a replica does not hold
             the pinned version, before the request fails with 503.
-        metrics: the Prometheus metrics to record into (default: a new registry).
+        metrics: the metrics to record into (default: a new registry).
     """
 
     def __init__(
@@ -233,25 +156,24 @@ class SearchService:
             raise ValueError(
                 f"index {manifest.index_version} has {len(manifest.shards)} shards but {len(shards)} clients were given"
             )
-        if version_attempts < 1:
-            raise ValueError(f"version_attempts must be >= 1, got {version_attempts}")
         self.spec = spec
         self._active = ActiveVersion.of(manifest)
-        self._shards = list(shards)
         self._embedder = embedder
-        self._version_attempts = version_attempts
         self._in_flight = InFlight()
         self._metrics = metrics if metrics is not None else ServingMetrics()
-        self._metrics.set_version(index_version=manifest.index_version, model=manifest.model.uri)
-        self._down: dict[int, _ShardDown] = {}
-        # Per shard: calls awaiting an answer, and when one last finished (or the first started).
-        self._pending_calls = [0] * len(self._shards)
-        self._last_progress = [time.monotonic()] * len(self._shards)
-        self._down_signals: dict[int, asyncio.Future[None]] = {}
-        self._batcher: MicroBatcher[tuple[str, tuple[int | None, int | None]], _Query, _Answer] | None = None
+        self._metrics.set_version(index_version=manifest.index_version, model=model_label(manifest))
+        self.pool = ShardPool(spec=spec, shards=shards, metrics=self._metrics, version_attempts=version_attempts)
+        self._batcher: MicroBatcher[_BatchKey, _Query, _Answer] | None = None
         if spec.batching:
+            concurrent = spec.max_concurrent_batches
+            if concurrent is None and self.pool.is_local:
+                # Searched on this replica's own cores: one batch at a time, the next gathering meanwhile.
+                concurrent = 1
             self._batcher = MicroBatcher(
-                run_batch=self._run_batch, max_batch_size=spec.max_batch_size, wait_timeout_s=spec.batch_wait_timeout_s
+                run_batch=self._run_batch,
+                max_batch_size=spec.max_batch_size,
+                wait_timeout_s=spec.batch_wait_timeout_s,
+                max_concurrent_batches=concurrent,
             )
 
     @property
@@ -276,8 +198,13 @@ class SearchService:
 
     @property
     def metrics(self) -> ServingMetrics:
-        """The Prometheus metrics this service records into."""
+        """The metrics this service records into."""
         return self._metrics
+
+    @property
+    def layout(self) -> str:
+        """``local`` when every shard is held in this process, else ``distributed``."""
+        return "local" if self.pool.is_local else "distributed"
 
     def activate(self, manifest: IndexManifest) -> None:
         """Answer new requests with ``manifest``'s version; requests already running keep theirs.
@@ -285,21 +212,31 @@ class SearchService:
         Raises:
             ValueError: the manifest's shard count differs from this service's shard clients.
         """
-        if len(manifest.shards) != len(self._shards):
+        if len(manifest.shards) != len(self.pool):
             raise ValueError(
                 f"index {manifest.index_version} has {len(manifest.shards)} shards but this service has "
-                f"{len(self._shards)} shard clients"
+                f"{len(self.pool)} shard clients"
             )
         # One assignment: every request reads `_active` once, at its start (`_pin`).
         self._active = ActiveVersion.of(manifest)
-        self._metrics.set_version(index_version=manifest.index_version, model=manifest.model.uri)
+        self._metrics.set_version(index_version=manifest.index_version, model=model_label(manifest))
         logger.info("now answering with index %s (model %s)", manifest.index_version, manifest.model.uri)
+
+    def stalled_shards(self, *, after_s: float) -> list[int]:
+        """See `ShardPool.stalled_shards`."""
+        return self.pool.stalled_shards(after_s=after_s)
+
+    def mark_shard_down(self, index: int, reason: str) -> None:
+        """See `ShardPool.mark_shard_down`."""
+        self.pool.mark_shard_down(index, reason)
 
     @contextmanager
     def _pin(self) -> Iterator[ActiveVersion]:
         active = self._active
         with self._in_flight.hold(active.index_version):
             yield active
+
+    # ------------------------------------------------------------------ validation
 
     def resolve_k(self, k: int | None) -> int:
         """The k to search with: the spec's default when None, else checked against ``max_k``.
@@ -335,26 +272,42 @@ class SearchService:
                     "the sign of each is taken)"
                 )
             raise BadRequestError(f"vector has {len(values)} dimensions, the index expects {dim}")
-        bad = [position for position, value in enumerate(values) if not math.isfinite(value)]
         query = np.asarray(values, dtype=np.float64)
-        if not bad:
-            # A finite float64 can still overflow float32 (e.g. 1e39), which Faiss computes in.
-            bad = np.flatnonzero(np.abs(query) > np.finfo(np.float32).max).tolist()
-        if bad:
+        magnitude = np.abs(query)
+        # NaN compares False, so a finite float32 range check also catches NaN and infinities.
+        if not (magnitude <= _FLOAT32_MAX).all():
+            bad = np.flatnonzero(~np.isfinite(query))
+            if not len(bad):
+                # A finite float64 can still overflow float32 (e.g. 1e39), which Faiss computes in.
+                bad = np.flatnonzero(magnitude > _FLOAT32_MAX)
             raise BadRequestError(
                 f"vector holds {len(bad)} non-finite values (NaN, infinite or beyond float32), "
                 f"first at position {bad[0]}"
             )
         return query.astype(np.float32).reshape(1, -1)
 
-    @staticmethod
-    def search_params(active: ActiveVersion, params: SearchParams | None) -> SearchParams:
-        """The settings a request searches with: its own, the unset ones from the manifest's ``search_defaults``."""
-        return (params if params is not None else SearchParams()).with_defaults(active.manifest.search_defaults)
+    def search_params(self, active: ActiveVersion, params: SearchParams | None) -> SearchParams:
+        """The settings a request searches with: its own, the unset ones from the manifest's ``search_defaults``.
+
+        Raises:
+            BadRequestError: a setting above the service's ``max_nprobe`` / ``max_ef_search``: one
+                request could otherwise hold a replica for seconds and gigabytes (an ``ef_search``
+                of 10^8 took 7 s and 826 MB on a 2,000-vector HNSW shard).
+        """
+        if params is not None:
+            for name, value, limit in (
+                ("nprobe", params.nprobe, self.spec.max_nprobe),
+                ("ef_search", params.ef_search, self.spec.max_ef_search),
+            ):
+                if value is not None and value > limit:
+                    raise BadRequestError(f"{name} must be at most {limit} on this service (max_{name}), got {value}")
+        return active.settings(params)
+
+    # ------------------------------------------------------------------ searches
 
     async def search_vector(
         self, values: Sequence[float], k: int | None, params: SearchParams | None = None
-    ) -> dict[str, Any]:
+    ) -> SearchReply:
         """Search by a raw query vector of the index's dimension."""
         resolved_k = self.resolve_k(k)
         with self._pin() as active:
@@ -363,7 +316,7 @@ class SearchService:
 
     async def search_vectors(
         self, vectors: Sequence[Sequence[float]], k: int | None, params: SearchParams | None = None
-    ) -> dict[str, Any]:
+    ) -> SearchReply:
         """Search by several query vectors at once: one list of hits per vector, in order.
 
         Raises:
@@ -388,20 +341,20 @@ class SearchService:
             queries = self._packed(active, np.concatenate(rows))
             settings = self.search_params(active, params)
             answer = await self._submit(_Query(active=active, params=settings, queries=queries, k=resolved_k))
-            return self._reply(active, settings, resolved_k, answer, results=answer.rows)
+            return self._reply(active, settings, resolved_k, answer, results=answer.rows, batch=True)
 
     async def search_image(
         self, image_bytes: bytes, k: int | None, params: SearchParams | None = None
-    ) -> dict[str, Any]:
+    ) -> SearchReply:
         """Embed an encoded image with the index's model version and search with it."""
         resolved_k = self.resolve_k(k)
         with self._pin() as active:
-            vector = await self._bounded(
+            vector = await self.pool.bounded(
                 "the embedder", lambda: self._embedder.embed(image_bytes, active.index_version)
             )
             return await self._search_one(active, self._embedded(active, vector), resolved_k, params, exclude_id=None)
 
-    async def search_text(self, text: str, k: int | None, params: SearchParams | None = None) -> dict[str, Any]:
+    async def search_text(self, text: str, k: int | None, params: SearchParams | None = None) -> SearchReply:
         """Embed a text with the index's model version and search with it (cross-modal models).
 
         Raises:
@@ -414,10 +367,12 @@ class SearchService:
         if len(text) > MAX_TEXT_CHARS:
             raise PayloadTooLargeError(f"text has {len(text)} characters, the limit is {MAX_TEXT_CHARS}")
         with self._pin() as active:
-            vector = await self._bounded("the embedder", lambda: self._embedder.embed_text(text, active.index_version))
+            vector = await self.pool.bounded(
+                "the embedder", lambda: self._embedder.embed_text(text, active.index_version)
+            )
             return await self._search_one(active, self._embedded(active, vector), resolved_k, params, exclude_id=None)
 
-    async def search_id(self, item_id: int, k: int | None, params: SearchParams | None = None) -> dict[str, Any]:
+    async def search_id(self, item_id: int, k: int | None, params: SearchParams | None = None) -> SearchReply:
         """Neighbours of a gallery item, excluding the item itself.
 
         Raises:
@@ -425,23 +380,23 @@ class SearchService:
         """
         resolved_k = self.resolve_k(k)
         with self._pin() as active:
-            vector = await self._lookup(active, item_id, "vector", lambda shard: shard.vector)
+            vector = await self.pool.lookup(active.manifest, item_id, lambda shard: shard.vector)
             if vector is None:
                 raise ItemNotFoundError(f"no item with id {item_id} in index {active.index_version}")
             query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
             return await self._search_one(active, self._packed(active, query), resolved_k, params, exclude_id=item_id)
 
-    async def item(self, item_id: int) -> dict[str, Any]:
+    async def item(self, item_id: int) -> ItemReply:
         """The stored metadata of one gallery item, with the model and index version.
 
         Raises:
             ItemNotFoundError: the id is not in the index.
         """
         with self._pin() as active:
-            found = await self._lookup(active, item_id, "item", lambda shard: shard.item)
+            found = await self.pool.lookup(active.manifest, item_id, lambda shard: shard.item)
             if found is None:
                 raise ItemNotFoundError(f"no item with id {item_id} in index {active.index_version}")
-            return {"model": active.model, "index_version": active.index_version, "item": found}
+            return ItemReply(model=active.model, index_version=active.index_version, item=found)
 
     async def thumbnail(self, item_id: int) -> bytes:
         """The stored thumbnail of one gallery item (image file bytes).
@@ -454,7 +409,7 @@ class SearchService:
                 raise ItemNotFoundError(
                     f"index {active.index_version} was built without thumbnails (no thumbnail for id {item_id})"
                 )
-            found = await self._lookup(active, item_id, "thumbnail", lambda shard: shard.thumbnail)
+            found = await self.pool.lookup(active.manifest, item_id, lambda shard: shard.thumbnail)
             if found is None:
                 raise ItemNotFoundError(f"no thumbnail for id {item_id} in index {active.index_version}")
             return found
@@ -468,41 +423,13 @@ class SearchService:
             "manifest": manifest.model_dump(mode="json"),
         }
 
-    async def readiness(self) -> dict[str, Any]:
-        """Whether every shard and the embedder answer (within `READINESS_TIMEOUT_S`) holding the active version.
-
-        Returns:
-            ``{"ready", "index_version", "shards": [{"shard", "ready", "versions"} or
-            {"shard", "ready": False, "error"}], "embedder": {"ready", "versions" or "error"}}``.
-        """
+    async def readiness(self) -> Readiness:
+        """Whether every shard and the embedder answer holding the active version."""
         version = self._active.index_version
+        shards, embedder = await self.pool.readiness(version, self._embedder)
+        return Readiness(index_version=version, shards=shards, embedder=embedder, layout=self.layout)
 
-        async def held(client: ShardClient | EmbedderClient, down: _ShardDown | None) -> list[str]:
-            if down is not None:
-                raise ShardUnavailableError(f"no live replica ({down.reason})")
-            return list(await asyncio.wait_for(client.loaded_versions(), timeout=READINESS_TIMEOUT_S))
-
-        answers = await asyncio.gather(
-            *(held(client, self._down.get(index)) for index, client in enumerate(self._shards)),
-            held(self._embedder, None),
-            return_exceptions=True,
-        )
-
-        def state(answer: list[str] | BaseException) -> dict[str, Any]:
-            if isinstance(answer, asyncio.TimeoutError):
-                return {"ready": False, "error": f"no answer within {READINESS_TIMEOUT_S} s"}
-            if isinstance(answer, BaseException):
-                return {"ready": False, "error": _describe(answer)}
-            return {"ready": version in answer, "versions": sorted(answer)}
-
-        shards = [{"shard": index, **state(answer)} for index, answer in enumerate(answers[:-1])]
-        embedder = state(answers[-1])
-        return {
-            "ready": all(shard["ready"] for shard in shards) and embedder["ready"],
-            "index_version": version,
-            "shards": shards,
-            "embedder": embedder,
-        }
+    # ------------------------------------------------------------------ internals
 
     @staticmethod
     def _packed(active: ActiveVersion, queries: np.ndarray) -> np.ndarray:
@@ -518,61 +445,6 @@ class SearchService:
             )
         return self._packed(active, query)
 
-    def _shard_index_of(self, active: ActiveVersion, item_id: int) -> int | None:
-        # Shards hold contiguous id ranges, so the manifest alone says where an id can be.
-        for index, info in enumerate(active.manifest.shards):
-            if info.id_min <= item_id <= info.id_max:
-                return index
-        return None
-
-    async def _lookup(
-        self,
-        active: ActiveVersion,
-        item_id: int,
-        what: str,
-        method: Callable[[ShardClient], Callable[[int, str], Awaitable[ResultT | None]]],
-    ) -> ResultT | None:
-        """Read one id's ``what`` from the shard that holds its range (None: no such id), within the deadline."""
-        index = self._shard_index_of(active, item_id)
-        if index is None:
-            return None
-        shard = self._shards[index]
-        self._raise_if_down(index)
-        with self._tracked(index):
-            return await self._bounded(
-                f"shard {index}", lambda: method(shard)(item_id, active.index_version), shard=index
-            )
-
-    async def _bounded(self, what: str, call: Callable[[], Awaitable[ResultT]], *, shard: int | None = None) -> ResultT:
-        """``call()`` within the deadline, retried once at once when no replica could take it.
-
-        Args:
-            what: who answers, for messages (``"shard 1"``, ``"the embedder"``).
-            call: the call to make (made again for the retry).
-            shard: the shard ``call`` goes to, marked down when it has no live replica.
-
-        Raises:
-            ShardTimeoutError: no answer within ``spec.shard_timeout_s``.
-            ShardUnavailableError: no live replica, twice.
-        """
-
-        async def retried_once() -> ResultT:
-            try:
-                return await call()
-            except ShardUnavailableError as error:
-                logger.warning("%s: no live replica (%s); retrying once", what, error)
-            try:
-                return await call()
-            except ShardUnavailableError as error:
-                if shard is not None:
-                    self._mark_down(shard, str(error))
-                raise ShardUnavailableError(f"{what} has no live replica ({error}); retry later") from None
-
-        try:
-            return await asyncio.wait_for(retried_once(), timeout=self.spec.shard_timeout_s)
-        except asyncio.TimeoutError:
-            raise ShardTimeoutError(f"{what} did not answer within {self.spec.shard_timeout_s} s") from None
-
     async def _search_one(
         self,
         active: ActiveVersion,
@@ -581,53 +453,60 @@ class SearchService:
         params: SearchParams | None,
         *,
         exclude_id: int | None,
-    ) -> dict[str, Any]:
+    ) -> SearchReply:
         settings = self.search_params(active, params)
         answer = await self._submit(_Query(active=active, params=settings, queries=queries, k=k, exclude_id=exclude_id))
         return self._reply(active, settings, k, answer, results=answer.rows[0])
 
+    @staticmethod
     def _reply(
-        self, active: ActiveVersion, settings: SearchParams, k: int, answer: _Answer, *, results: Any
-    ) -> dict[str, Any]:
-        return {
-            "model": active.model,
-            "index_version": active.index_version,
-            "modality": active.manifest.modality,
-            "k": k,
-            "params": settings.as_dict(),
-            "partial": bool(answer.missing_shards),
-            "missing_shards": answer.missing_shards,
-            "results": results,
-        }
+        active: ActiveVersion,
+        settings: SearchParams,
+        k: int,
+        answer: _Answer,
+        *,
+        results: list[Hit] | list[list[Hit]],
+        batch: bool = False,
+    ) -> SearchReply:
+        return SearchReply(
+            model=active.model,
+            index_version=active.index_version,
+            modality=active.manifest.modality,
+            k=k,
+            params=settings.as_dict(),
+            missing_shards=answer.missing_shards,
+            results=results,
+            batch=batch,
+        )
 
     async def _submit(self, query: _Query) -> _Answer:
         """Search through the router's batcher, or alone when batching is off."""
-        if self._batcher is None:
-            return (await self._run_batch((query.active.index_version, query.params.key()), [query]))[0]
         key = (query.active.index_version, query.params.key())
+        if self._batcher is None:
+            return (await self._run_batch(key, [query]))[0]
         return await self._batcher.submit(key, query, size=len(query.queries))
 
-    async def _run_batch(self, key: tuple[str, tuple[int | None, int | None]], batch: list[_Query]) -> list[_Answer]:
+    async def _run_batch(self, key: _BatchKey, batch: list[_Query]) -> list[_Answer]:
         """One fan-out for every query of ``batch`` (same version and params), split back per request."""
         active, params = batch[0].active, batch[0].params
-        queries = np.concatenate([query.queries for query in batch])
+        queries = batch[0].queries if len(batch) == 1 else np.concatenate([query.queries for query in batch])
         fetch = max(query.fetch for query in batch)
         if self._batcher is not None:
             self._metrics.observe_batch(stage="router", size=len(queries))
-        fan_out = await self._fan_out(active, queries, fetch, params)
+        fan_out = await self.pool.fan_out(queries, fetch, active.index_version, params)
         scores, ids = merge_topk(
-            results=[(reply["scores"], reply["ids"]) for reply in fan_out.replies],
-            k=fetch,
-            metric=active.manifest.metric,
+            results=[(reply.scores, reply.ids) for reply in fan_out.replies], k=fetch, metric=active.manifest.metric
         )
         items: dict[int, dict[str, Any]] = {}
         for reply in fan_out.replies:
-            items.update(reply["items"])
+            items.update(reply.items)
+        bits = active.manifest.bits
+        score_rows, id_rows = scores.tolist(), ids.tolist()
         answers = []
         row = 0
         for query in batch:
             rows = [
-                self._hits(active, scores[row + offset], ids[row + offset], items, query)
+                self._hits(score_rows[row + offset], id_rows[row + offset], items, query, bits)
                 for offset in range(len(query.queries))
             ]
             row += len(query.queries)
@@ -636,281 +515,22 @@ class SearchService:
 
     @staticmethod
     def _hits(
-        active: ActiveVersion, scores: np.ndarray, ids: np.ndarray, items: dict[int, dict[str, Any]], query: _Query
-    ) -> list[dict[str, Any]]:
+        scores: list[float], ids: list[int], items: dict[int, dict[str, Any]], query: _Query, bits: int | None
+    ) -> list[Hit]:
         """One query's results from its merged row ``scores [fetch]``, ``ids [fetch]``: its own k, its item excluded."""
-        bits = active.manifest.bits
-        results: list[dict[str, Any]] = []
-        for score, item_id in zip(scores.tolist(), ids.tolist(), strict=True):
+        results: list[Hit] = []
+        for score, item_id in zip(scores, ids, strict=True):
             if len(results) == query.k:
                 break
             if item_id < 0 or item_id == query.exclude_id:
                 continue
-            fields = {
-                name: value for name, value in items.get(item_id, {}).items() if name not in ("id", "score", "distance")
-            }
             if bits is None:
-                results.append({"id": item_id, "score": score, **fields})
+                hit: Hit = {"id": item_id, "score": score}
             else:
                 distance = int(score)
-                results.append({"id": item_id, "score": 1.0 - 2.0 * distance / bits, "distance": distance, **fields})
+                hit = {"id": item_id, "score": 1.0 - 2.0 * distance / bits, "distance": distance}
+            for name, value in items.get(item_id, {}).items():
+                if name not in _HIT_RESERVED:
+                    hit[name] = value
+            results.append(hit)
         return results
-
-    async def _fan_out(self, active: ActiveVersion, queries: np.ndarray, k: int, params: SearchParams) -> _FanOut:
-        """Every shard's top-k of ``queries [Q, D]``, waiting at most the deadline; missing shards listed.
-
-        Raises:
-            ShardTimeoutError / ShardUnavailableError: every shard is missing, or one is and the
-                spec asks for an error.
-            VersionUnavailableError, BadRequestError, ...: a shard's own error (not a missing shard).
-        """
-        version = active.index_version
-        started = time.monotonic()
-        # Shards whose call hit a dead replica in this fan-out (their retry may still be queued).
-        hit_dead: dict[int, str] = {}
-        tasks = {
-            asyncio.ensure_future(self._shard_search(index, shard, queries, k, version, params, hit_dead)): index
-            for index, shard in enumerate(self._shards)
-        }
-        try:
-            done, pending = await asyncio.wait(list(tasks), timeout=self.spec.shard_timeout_s)
-        finally:
-            for task in tasks:
-                if not task.done():
-                    task.cancel()
-                    # A straggler may still end in an error after its cancellation; nobody awaits it.
-                    task.add_done_callback(_retrieve_outcome)
-        replies: dict[int, dict[str, Any]] = {}
-        timed_out: list[int] = []
-        unavailable: dict[int, str] = {}
-        for index in sorted(tasks[task] for task in pending):
-            # Past the deadline after its replica died, or while it is known down: Serve is queueing
-            # the call for a replica that is not there, which is a dead shard, not a slow one.
-            reason = hit_dead.get(index) or (self._down[index].reason if index in self._down else None)
-            waited = time.monotonic() - started
-            if reason is None:
-                timed_out.append(index)
-                self._metrics.observe_shard(shard=index, outcome="timeout", seconds=waited)
-            else:
-                unavailable[index] = (
-                    f"shard {index} has no live replica ({reason}); none answered within {self.spec.shard_timeout_s} s"
-                )
-                self._metrics.observe_shard(shard=index, outcome="unavailable", seconds=waited)
-                self._mark_down(index, reason)
-        failures: list[tuple[int, BaseException]] = []
-        for task in done:
-            index = tasks[task]
-            error = task.exception()
-            if error is None:
-                replies[index] = task.result()
-            elif isinstance(error, ShardUnavailableError):
-                unavailable[index] = str(error)
-            else:
-                failures.append((index, error))
-        if failures:
-            raise min(failures, key=lambda failure: failure[0])[1]
-        missing = sorted([*timed_out, *unavailable])
-        if missing:
-            self._missing(version, timed_out=timed_out, unavailable=unavailable, complete_failure=not replies)
-        return _FanOut(replies=[replies[index] for index in sorted(replies)], missing_shards=missing)
-
-    def _missing(
-        self, version: str, *, timed_out: list[int], unavailable: dict[int, str], complete_failure: bool
-    ) -> None:
-        """Raise for missing shards as the spec says, or count a partial reply."""
-        timeout_text = (
-            f"shard{'s' if len(timed_out) > 1 else ''} {', '.join(map(str, timed_out))} did not answer within "
-            f"{self.spec.shard_timeout_s} s (index {version})"
-        )
-        dead_text = "; ".join(reason for _, reason in sorted(unavailable.items()))
-        if complete_failure or self.spec.on_shard_timeout == "error":
-            if unavailable:
-                raise ShardUnavailableError(f"{dead_text}; retry later" + (f"; {timeout_text}" if timed_out else ""))
-            raise ShardTimeoutError(timeout_text)
-        self._metrics.count_partial()
-        logger.warning(
-            "partial reply: %s", "; ".join(text for text in (timeout_text if timed_out else "", dead_text) if text)
-        )
-
-    async def _shard_search(
-        self,
-        index: int,
-        shard: ShardClient,
-        queries: np.ndarray,
-        k: int,
-        version: str,
-        params: SearchParams,
-        hit_dead: dict[int, str],
-    ) -> dict[str, Any]:
-        """One shard's reply, retrying a replica without the version and, once, a dead replica.
-
-        Raises:
-            ShardUnavailableError: the shard is down, goes down while the call waits, or its
-                replica is dead twice (the message names the shard).
-        """
-        started = time.monotonic()
-        outcome: str | None = "unavailable"
-        try:
-            self._raise_if_down(index)
-            with self._tracked(index):
-                reply = await self._unless_down(
-                    index, self._shard_attempts(index, shard, queries, k, version, params, hit_dead)
-                )
-            outcome = "ok"
-            return reply
-        except ShardUnavailableError:
-            raise
-        except asyncio.CancelledError:
-            # Past the deadline (the fan-out counts it) or the caller went away.
-            outcome = None
-            raise
-        except Exception:
-            outcome = "error"
-            raise
-        finally:
-            if outcome is not None:
-                self._metrics.observe_shard(shard=index, outcome=outcome, seconds=time.monotonic() - started)
-
-    async def _unless_down(self, index: int, call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
-        """Await ``call`` to shard ``index``, giving up as soon as the shard is marked down.
-
-        Serve queues a call to a deployment left without replicas, so a call made just before
-        the shard was found dead would otherwise wait out the whole deadline.
-        """
-        task = asyncio.ensure_future(call)
-        went_down = self._down_signal(index)
-        try:
-            waiting: set[asyncio.Future[Any]] = {task, went_down}
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not task.done():
-                task.cancel()
-                task.add_done_callback(_retrieve_outcome)
-        if not task.done() or task.cancelled():
-            self._raise_if_down(index)
-            raise ShardUnavailableError(f"shard {index} went down while answering")
-        try:
-            return task.result()
-        except ShardUnavailableError as error:
-            self._mark_down(index, str(error))
-            raise ShardUnavailableError(f"shard {index} has no live replica ({error})") from None
-
-    def _down_signal(self, index: int) -> asyncio.Future[None]:
-        """A future that completes when shard ``index`` is next marked down (one shared by all its calls)."""
-        loop = asyncio.get_running_loop()
-        signal = self._down_signals.get(index)
-        if signal is None or signal.done() or signal.get_loop() is not loop:
-            signal = loop.create_future()
-            self._down_signals[index] = signal
-        return signal
-
-    async def _shard_attempts(
-        self,
-        index: int,
-        shard: ShardClient,
-        queries: np.ndarray,
-        k: int,
-        version: str,
-        params: SearchParams,
-        hit_dead: dict[int, str],
-    ) -> dict[str, Any]:
-        dead_retries = 1
-        for attempt in range(1, self._version_attempts + 1):
-            while True:
-                try:
-                    reply = await shard.search(queries, k, version, params)
-                    break
-                except ShardUnavailableError as error:
-                    if dead_retries == 0:
-                        raise
-                    dead_retries -= 1
-                    hit_dead[index] = str(error)
-                    logger.warning("shard %d: no live replica (%s); retrying once", index, error)
-                except VersionNotLoadedError as error:
-                    logger.warning("shard %d, attempt %d/%d: %s", index, attempt, self._version_attempts, error)
-                    reply = None
-                    break
-            if reply is None:
-                continue
-            if reply.get("index_version") != version:
-                # A reply for another version must never be merged: its scores live in another space.
-                logger.error(
-                    "shard %d answered for %s instead of %s; retrying", index, reply.get("index_version"), version
-                )
-                continue
-            return dict(reply)
-        raise VersionUnavailableError(
-            f"no replica of shard {index} answered for index version {version} after {self._version_attempts} attempts"
-        )
-
-    @contextmanager
-    def _tracked(self, index: int) -> Iterator[None]:
-        """Count one call to shard ``index`` in flight, for `stalled_shards`."""
-        if self._pending_calls[index] == 0:
-            self._last_progress[index] = time.monotonic()
-        self._pending_calls[index] += 1
-        try:
-            yield
-        finally:
-            self._pending_calls[index] -= 1
-            self._last_progress[index] = time.monotonic()
-
-    def stalled_shards(self, *, after_s: float) -> list[int]:
-        """Shards (manifest order) with calls in flight of which none has finished for ``after_s`` seconds.
-
-        A shard whose replicas died looks like this (Serve queues its calls); a watcher asks
-        Serve about these shards only, instead of polling Serve's status on every tick.
-        """
-        now = time.monotonic()
-        return [
-            index
-            for index, pending in enumerate(self._pending_calls)
-            if pending and now - self._last_progress[index] >= after_s
-        ]
-
-    def _raise_if_down(self, index: int) -> None:
-        down = self._down.get(index)
-        if down is not None and down.probe.done():
-            # Its probe ended without seeing the shard back (its event loop closed): probe afresh.
-            self._down.pop(index, None)
-            return
-        if down is not None:
-            raise ShardUnavailableError(f"shard {index} has no live replica ({down.reason}); Serve is replacing it")
-
-    def mark_shard_down(self, index: int, reason: str) -> None:
-        """Count shard ``index`` (manifest order) as down until it answers a probe: its requests fail fast meanwhile.
-
-        For a watcher that learns from Serve that a shard has no running replica, before any
-        request meets the dead one (Serve queues calls to a deployment without replicas).
-        Must be called on the service's event loop.
-        """
-        if not 0 <= index < len(self._shards):
-            raise ValueError(f"shard {index} does not exist; this service has {len(self._shards)} shards")
-        self._mark_down(index, reason)
-
-    def _mark_down(self, index: int, reason: str) -> None:
-        """Count shard ``index`` as down until a background probe gets an answer from it."""
-        if index in self._down:
-            return
-        logger.error("shard %d is down (%s); probing it until it answers again", index, reason)
-        probe = asyncio.get_running_loop().create_task(self._probe(index))
-        self._down[index] = _ShardDown(reason=reason, probe=probe)
-        signal = self._down_signals.pop(index, None)
-        if signal is not None and not signal.done():
-            signal.set_result(None)
-
-    async def _probe(self, index: int) -> None:
-        shard = self._shards[index]
-        while True:
-            try:
-                # With no live replica Serve queues the call until one starts: the wait is the probe.
-                await asyncio.wait_for(shard.loaded_versions(), timeout=self.spec.shard_timeout_s)
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                logger.debug("shard %d still down: %s", index, _describe(error))
-                await asyncio.sleep(PROBE_INTERVAL_S)
-                continue
-            self._down.pop(index, None)
-            logger.info("shard %d answers again", index)
-            return

@@ -26,19 +26,30 @@ The protocol (ARCHITECTURE invariants 1 and 2)::
                    4. drain: wait until every ingress replica serves w and has no request in
                       flight on v (bounded), then finish: retiring = None, every replica frees v
 
-Memory: during a swap every shard replica holds TWO versions of its own shard, so the cluster
-needs room for two copies of the whole index, spread over the shard replicas. A replica refuses,
-before loading anything, a new shard whose file sizes plus the bytes it already holds exceed its
-budget (`ServingSpec.shard_memory_bytes`; by default the node's ``MemAvailable`` plus what the
-replica already holds, i.e. the new shard must fit in the memory still free), and the swap aborts
-with a message naming the shard, the sizes and the budget.
+Whatever happens to its caller, a swap completes or rolls back (issue: a swap whose client
+disconnected after the flip used to leave every later swap refused and two versions in memory):
+
+- the ingress runs it as a task of its own, which a disconnecting client does not cancel;
+- the replica running it renews a lease on the shared state (`SwapBook.heartbeat`) every poll;
+  if it goes silent for ``lease_s`` (its process died), the state settles the swap itself on the
+  next report of any replica: before the flip it aborts (the old version keeps serving), after
+  the flip it finishes (the new one does), and ``last_outcome`` says what happened and why;
+- an operator can abort a swap (``POST /admin/swap/abort``): before the flip it is cancelled,
+  after it the old version, still held everywhere until the swap finishes, is made active again
+  and the new one freed. The runner sees either and fails with `SwapFailedError`.
+
+Memory: during a swap every replica that holds shards holds TWO versions of them, so the cluster
+needs room for two copies of the whole index (per ingress replica in the local layout, spread
+over the shard replicas in the distributed one). A replica refuses, before loading anything, new
+shards whose file sizes plus the bytes it already holds exceed its budget
+(`retrieval.serving.memory.check_shard_memory`), and the swap aborts with a message naming the
+shards, the sizes and the budget.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -51,14 +62,12 @@ from retrieval.index.manifest import CURRENT_FILE, MANIFEST_FILE, IndexManifest,
 from retrieval.index.object_store import is_s3_uri
 from retrieval.serving.errors import (
     BadIndexReferenceError,
-    MemoryBudgetError,
     SwapFailedError,
     SwapInProgressError,
 )
 
 logger = logging.getLogger(__name__)
 
-_MEMINFO = Path("/proc/meminfo")
 
 
 @dataclass(frozen=True)
@@ -146,34 +155,82 @@ class SwapBook:
     """
 
     def __init__(
-        self, *, initial: IndexRef, stale_after_s: float = 10.0, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        initial: IndexRef,
+        stale_after_s: float = 10.0,
+        lease_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._desired = Desired(epoch=0, active=initial)
         self._reports: dict[str, ReplicaReport] = {}
         self._stale_after_s = stale_after_s
+        self._lease_s = lease_s
         self._clock = clock
+        # The swap in progress: who runs it and when it last renewed its lease.
+        self._owner: str | None = None
+        self._owner_seen = 0.0
+        self.last_outcome: dict[str, Any] | None = None
 
     def desired(self) -> Desired:
         """The current desired state."""
         return self._desired
 
     def report(self, report: ReplicaReport) -> Desired:
-        """Record a replica's report; answer with the desired state (one round trip per poll)."""
+        """Record a replica's report; answer with the desired state (one round trip per poll).
+
+        Every replica reports a few times a second, so this is also where a swap whose runner
+        went silent is settled (`settle_abandoned`).
+        """
         self._reports[report.replica] = replace(report, seen_at=self._clock())
+        self.settle_abandoned()
         return self._desired
+
+    @property
+    def in_progress(self) -> bool:
+        return self._desired.prepared is not None or self._desired.retiring is not None
+
+    def heartbeat(self, owner: str) -> Desired:
+        """Renew ``owner``'s lease on the swap in progress; answer with the desired state."""
+        if self._owner == owner:
+            self._owner_seen = self._clock()
+        return self._desired
+
+    def settle_abandoned(self) -> None:
+        """Abort (before the flip) or finish (after it) a swap whose runner has not renewed its lease in time."""
+        if not self.in_progress or self._clock() - self._owner_seen <= self._lease_s:
+            return
+        current = self._desired
+        silent = f"the replica running it ({self._owner}) was silent for over {self._lease_s:.0f} s"
+        if current.prepared is not None:
+            self._settle("rolled back", f"{silent}; it had not flipped", target=current.prepared)
+            self.abort()
+        else:
+            assert current.retiring is not None
+            self._settle("completed", f"{silent}; it had flipped", target=current.active)
+            self.finish()
+
+    def _settle(self, outcome: str, reason: str, *, target: IndexRef) -> None:
+        self.last_outcome = {"to": target.index_version, "outcome": outcome, "reason": reason}
+        logger.warning("swap to %s %s: %s", target.index_version, outcome, reason)
 
     def live_reports(self) -> list[ReplicaReport]:
         """The last report of every replica heard from recently."""
         now = self._clock()
         return [report for report in self._reports.values() if now - report.seen_at <= self._stale_after_s]
 
-    def begin(self, target: IndexRef) -> Desired:
+    def begin(self, target: IndexRef, owner: str = "") -> Desired:
         """Start a swap to ``target``: every replica is asked to load it beside the active one.
+
+        Args:
+            target: the version to swap to.
+            owner: who runs the swap; it renews its lease with `heartbeat`.
 
         Raises:
             SwapInProgressError: a swap is already running (or still draining its old version).
             SwapFailedError: ``target`` is already the active version.
         """
+        self.settle_abandoned()
         current = self._desired
         if current.prepared is not None or current.retiring is not None:
             running = current.prepared or current.active
@@ -183,6 +240,8 @@ class SwapBook:
         if target.index_version == current.active.index_version:
             raise SwapFailedError(f"index {target.index_version} is already the active version")
         self._desired = replace(current, epoch=current.epoch + 1, prepared=target)
+        self._owner, self._owner_seen = owner, self._clock()
+        self.last_outcome = None
         return self._desired
 
     def flip(self) -> Desired:
@@ -199,13 +258,37 @@ class SwapBook:
         """End a swap after the flip: every replica frees the retired version."""
         current = self._desired
         self._desired = replace(current, epoch=current.epoch + 1, retiring=None)
+        self._owner = None
         return self._desired
 
     def abort(self) -> Desired:
         """Cancel a swap before the flip: every replica frees the prepared version."""
         current = self._desired
         self._desired = replace(current, epoch=current.epoch + 1, prepared=None)
+        self._owner = None
         return self._desired
+
+    def roll_back(self, reason: str) -> Desired:
+        """An operator's abort: cancel a swap before its flip, or after it make the old version active again.
+
+        After the flip both versions are still held by every replica (the old one retires only
+        when the swap finishes), so the old one becomes active in one step, as the flip did, and
+        the new one is freed once the requests on it drain.
+
+        Raises:
+            SwapFailedError: no swap is in progress.
+        """
+        current = self._desired
+        if current.prepared is not None:
+            self._settle("rolled back", reason, target=current.prepared)
+            return self.abort()
+        if current.retiring is not None:
+            self._settle("rolled back", f"{reason}; {current.retiring.index_version} is active again",
+                         target=current.active)  # fmt: skip
+            self._desired = Desired(epoch=current.epoch + 1, active=current.retiring)
+            self._owner = None
+            return self._desired
+        raise SwapFailedError(f"no swap is in progress (index {current.active.index_version} is active)")
 
     def status(self) -> dict[str, Any]:
         """The desired versions and every live replica's state, JSON-ready."""
@@ -216,6 +299,8 @@ class SwapBook:
             "model": desired.active.model,
             "prepared": None if desired.prepared is None else desired.prepared.index_version,
             "retiring": None if desired.retiring is None else desired.retiring.index_version,
+            "swap_owner": self._owner if self.in_progress else None,
+            "last_outcome": self.last_outcome,
             "replicas": {report.replica: report.describe() for report in self.live_reports()},
         }
 
@@ -258,67 +343,6 @@ class InFlight:
                 return False
             await asyncio.sleep(poll_s)
         return True
-
-
-# --------------------------------------------------------------------------- memory
-
-
-def available_memory_bytes() -> int:
-    """The node's available memory: ``MemAvailable`` of /proc/meminfo, else free physical pages."""
-    try:
-        for line in _MEMINFO.read_text(encoding="ascii").splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        logger.debug("cannot read MemAvailable from %s; using sysconf", _MEMINFO)
-    return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-
-
-def shard_file_bytes(manifest: IndexManifest, version_dir: Path, shard: int) -> int:
-    """The size on disk of one shard's index and items files (a lower bound of its memory)."""
-    info = next((entry for entry in manifest.shards if entry.shard == shard), None)
-    if info is None:
-        return 0
-    sizes = 0
-    for name in (info.file, info.items_file):
-        path = version_dir / name
-        # A missing file is reported by the checksum check with its path; size it as 0 here.
-        sizes += path.stat().st_size if path.is_file() else 0
-    return sizes
-
-
-def check_shard_memory(
-    *, shard: int, index_version: str, new_bytes: int, held_bytes: int, budget_bytes: int | None
-) -> None:
-    """Refuse a new shard that would not fit in a replica's memory budget.
-
-    Args:
-        shard: the shard number (for the message).
-        index_version: the version being loaded (for the message).
-        new_bytes: the new shard's file sizes.
-        held_bytes: the file sizes of the shards this replica already holds.
-        budget_bytes: the replica's budget; None for the node's available memory plus
-            ``held_bytes`` (what is held is already out of ``MemAvailable``).
-
-    Raises:
-        MemoryBudgetError: ``held_bytes + new_bytes`` is over the budget; the message names
-            the shard, the sizes and the budget.
-    """
-    if budget_bytes is None:
-        available = available_memory_bytes()
-        budget = available + held_bytes
-        source = f"the node's available memory, {available} bytes, plus the bytes already held"
-    else:
-        budget = budget_bytes
-        source = "shard_memory_bytes"
-    needed = held_bytes + new_bytes
-    if needed > budget:
-        raise MemoryBudgetError(
-            f"shard {shard} of index {index_version} does not fit in this replica's memory: it needs {new_bytes} "
-            f"bytes and the replica already holds {held_bytes} bytes, {needed} bytes in all "
-            f"({needed / 2**20:.1f} MiB), over its budget of {budget} bytes ({budget / 2**20:.1f} MiB, {source}); "
-            "a swap holds two copies of each shard, so give each shard replica room for both or use more shards"
-        )
 
 
 # --------------------------------------------------------------------------- references
@@ -381,8 +405,12 @@ def resolve_index_reference(reference: str, *, served_manifest: str) -> str:
 class SwapState(Protocol):
     """The shared state as the swap runner sees it (a `SwapBook`, possibly behind an actor)."""
 
-    async def begin(self, target: IndexRef) -> Desired:
+    async def begin(self, target: IndexRef, owner: str) -> Desired:
         """`SwapBook.begin`."""
+        ...
+
+    async def heartbeat(self, owner: str) -> Desired:
+        """`SwapBook.heartbeat`."""
         ...
 
     async def flip(self) -> Desired:
@@ -407,6 +435,10 @@ class SwapAdmin(Protocol):
 
     async def swap(self, index: str) -> dict[str, Any]:
         """Run a rolling swap to the version ``index`` names; its summary."""
+        ...
+
+    async def abort(self) -> dict[str, Any]:
+        """Abort the swap in progress (before its flip) or roll it back (after); the state afterwards."""
         ...
 
     async def status(self) -> dict[str, Any]:
@@ -439,6 +471,7 @@ async def run_swap(
     expected_replicas: Callable[[], Awaitable[dict[str, int]]],
     activate: Callable[[IndexRef], None],
     timeout_s: float,
+    owner: str = "swap-runner",
     drain_timeout_s: float = 30.0,
     poll_s: float = 0.05,
     clock: Callable[[], float] = time.monotonic,
@@ -451,6 +484,7 @@ async def run_swap(
         expected_replicas: deployment name -> how many replicas run now (Serve's status).
         activate: switches this ingress replica's active version (one assignment).
         timeout_s: how long every replica has to load ``target`` before the swap aborts.
+        owner: who runs it (this replica): it renews its lease on the state every poll.
         drain_timeout_s: how long to wait for requests in flight on the old version, and
             for the replicas to free it.
         poll_s: how often the replicas' reports are read.
@@ -462,15 +496,22 @@ async def run_swap(
 
     Raises:
         SwapInProgressError: another swap runs.
-        SwapFailedError: a replica could not load ``target`` (the message says which and why)
-            or not every replica was ready within ``timeout_s``; the old version keeps serving.
+        SwapFailedError: a replica could not load ``target`` (the message says which and why),
+            not every replica was ready within ``timeout_s``, or an operator aborted the swap;
+            the old version keeps (or is again) serving.
     """
     started = clock()
-    desired = await state.begin(target)
+    desired = await state.begin(target, owner)
     old = desired.active
     flipped = False
     try:
         while True:
+            current = await state.heartbeat(owner)
+            if current.prepared != target:
+                raise SwapFailedError(
+                    f"the swap to index {target.index_version} was aborted before its flip; "
+                    f"index {current.active.index_version} keeps serving"
+                )
             reports = await state.live_reports()
             waiting, failed = _not_ready(reports, await expected_replicas(), target.index_version, desired.epoch)
             if failed:
@@ -494,11 +535,19 @@ async def run_swap(
         flipped = True
     finally:
         if not flipped:
-            await state.abort()
+            current = await state.heartbeat(owner)
+            if current.prepared == target:
+                await state.abort()
     logger.info("swap %s -> %s: flipped after %.2f s", old.index_version, target.index_version, clock() - started)
 
     drain_deadline = clock() + drain_timeout_s
     while clock() < drain_deadline:
+        current = await state.heartbeat(owner)
+        if current.active != target or current.retiring != old:
+            raise SwapFailedError(
+                f"the swap to index {target.index_version} was rolled back after its flip; "
+                f"index {current.active.index_version} is active"
+            )
         routers = [report for report in await state.live_reports() if report.active is not None]
         if all(
             report.active == target.index_version and not report.in_flight.get(old.index_version) for report in routers
@@ -512,7 +561,9 @@ async def run_swap(
             old.index_version,
             drain_timeout_s,
         )
-    await state.finish()
+    current = await state.heartbeat(owner)
+    if current.active == target and current.retiring == old:
+        await state.finish()
     reports = await state.live_reports()
     release_deadline = clock() + drain_timeout_s
     while any(old.index_version in report.holds for report in reports) and clock() < release_deadline:
