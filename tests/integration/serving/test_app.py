@@ -32,6 +32,8 @@ MAX_UPLOAD_BYTES = 100_000
 
 @dataclass
 class Deployed:
+    layout: str
+    app_name: str
     url: str
     vectors: np.ndarray
     ids: np.ndarray
@@ -48,10 +50,15 @@ def png_bytes(seed: int, size: int = 24) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["local", "distributed"])
 def deployed(
-    ray_cluster: Any, model_package: Path, tmp_path_factory: pytest.TempPathFactory, http_ready: Any
+    request: pytest.FixtureRequest,
+    ray_cluster: Any,
+    model_package: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    http_ready: Any,
 ) -> Iterator[Deployed]:
+    """The app in each layout: everything in the ingress (shards and the query model), or one deployment each."""
     from ray import serve
 
     from retrieval.serving.app import build_app
@@ -84,13 +91,18 @@ def deployed(
             "max_k": MAX_K,
             "default_k": 5,
             "max_upload_bytes": MAX_UPLOAD_BYTES,
+            "layout": request.param,
+            "embedder_layout": request.param,
         }
     )
-    serve.run(app, name=APP_NAME, route_prefix=ROUTE)
-    url = f"http://127.0.0.1:{ray_cluster.serve_port}{ROUTE}"
+    app_name, route = f"{APP_NAME}-{request.param}", f"{ROUTE}-{request.param}"
+    serve.run(app, name=app_name, route_prefix=route)
+    url = f"http://127.0.0.1:{ray_cluster.serve_port}{route}"
     http_ready(f"{url}/healthz", deadline_s=30)
     try:
         yield Deployed(
+            layout=request.param,
+            app_name=app_name,
             url=url,
             vectors=vectors,
             ids=ids,
@@ -100,7 +112,7 @@ def deployed(
             embedder=embedder,
         )
     finally:
-        serve.delete(APP_NAME)
+        serve.delete(app_name)
 
 
 def brute_force(
@@ -258,8 +270,9 @@ def test_every_bad_input_gets_a_4xx_json_error_and_the_app_keeps_answering(deplo
     # Nothing above took a replica down: every deployment is healthy and answers.
     from ray import serve
 
-    deployments = serve.status().applications[APP_NAME].deployments
-    assert sorted(deployments) == ["Embedder", "SearchIngress", "Shard0", "Shard1"]
+    deployments = serve.status().applications[deployed.app_name].deployments
+    others = ["Embedder", "Shard0", "Shard1"] if deployed.layout == "distributed" else []
+    assert sorted(deployments) == sorted(["SearchIngress", *others])
     assert {status.status for status in deployments.values()} == {"HEALTHY"}
     query = deployed.vectors[0]
     reply = requests.post(f"{deployed.url}/search/vector", json={"vector": query.tolist(), "k": 3}, timeout=30).json()

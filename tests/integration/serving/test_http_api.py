@@ -7,6 +7,7 @@ has a brute-force answer. `test_app.py` runs the same API inside Ray Serve.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import threading
 import time
@@ -28,6 +29,7 @@ from retrieval.serving.deployments import ShardDeployment
 from retrieval.serving.errors import NotAnImageError, VersionNotLoadedError
 from retrieval.serving.http import build_http_api
 from retrieval.serving.images import decode_image
+from retrieval.serving.replies import ShardHits
 from retrieval.serving.service import SearchService
 
 pytestmark = pytest.mark.integration
@@ -51,7 +53,9 @@ def image_of_id(item_id: int) -> bytes:
 
 
 class InProcessShard:
-    """`ShardClient` calling a `ShardDeployment` instance directly, optionally misbehaving."""
+    """`ShardClient` calling a `ShardDeployment` instance directly, optionally misbehaving as a remote replica may."""
+
+    remote = True
 
     def __init__(self, replica: Any) -> None:
         self.replica = replica
@@ -60,13 +64,13 @@ class InProcessShard:
 
     async def search(
         self, queries: np.ndarray, k: int, index_version: str, params: SearchParams | None = None
-    ) -> dict[str, Any]:
+    ) -> ShardHits:
         if self.refusals_left > 0:
             self.refusals_left -= 1
             raise VersionNotLoadedError(f"test replica does not hold {index_version}")
-        reply = dict(self.replica.search(queries, k, index_version, params))
+        reply: ShardHits = self.replica.search(queries, k, index_version, params)
         if self.answer_as is not None:
-            reply["index_version"] = self.answer_as
+            reply = dataclasses.replace(reply, index_version=self.answer_as)
         return reply
 
     async def vector(self, item_id: int, index_version: str) -> np.ndarray | None:
@@ -78,6 +82,8 @@ class InProcessShard:
 
 class IdEmbedder:
     """Decodes the upload like the real embedder, then returns the vector of the id it encodes."""
+
+    remote = True
 
     def __init__(self, vectors: np.ndarray) -> None:
         self.vectors = vectors

@@ -1,12 +1,18 @@
-"""Shard replicas killed under load, inside Ray Serve, queried over HTTP like a user would.
+"""Replicas killed under load, inside Ray Serve, queried over HTTP like a user would.
 
-Two scenarios, one application each (deployed for its test and deleted after it):
+Three scenarios, one application each (deployed for its test and deleted after it):
 
-- two replicas per shard: a replica killed while 4 clients send queries loses no request, and
-  every reply is complete (the ingress retries a call that met the dead replica once, and Serve
-  routes the retry to the live one);
-- one replica per shard, ``on_shard_timeout: error``: while the killed replica is down, requests
-  fail with a 503 JSON error naming the shard; once Serve has restarted it, they succeed again.
+- distributed layout, two replicas per shard: a shard replica killed while 4 clients send
+  queries loses no request, and every reply is complete (the ingress retries a call that met
+  the dead replica once, and Serve routes the retry to the live one);
+- distributed layout, one replica per shard, ``on_shard_timeout: error``: while the killed
+  replica is down, requests fail with a 503 JSON error naming the shard; once Serve has
+  restarted it, they succeed again;
+- local layout, two ingress replicas (each holding every shard): one killed under load. Serve
+  routes every new request to the live replica at once; the few requests the dead one was
+  answering get no reply from the application (Serve's proxy answers them with a bare 500), and a
+  client retries such a search once, as searches are idempotent. No request fails after its
+  retry, every answer is exact, and Serve brings the replica back.
 """
 
 from __future__ import annotations
@@ -127,7 +133,7 @@ def search(deployed: Deployed, query: np.ndarray, session: requests.Session | No
 def test_killing_one_of_two_replicas_under_load_loses_no_request(
     ray_cluster: Any, index_root: tuple[Path, np.ndarray, np.ndarray], http_ready: Any, poll: Any
 ) -> None:
-    args = {"shard_replicas": 2, "shard_num_cpus": 0.25, "health_check_period_s": 0.5}
+    args = {"layout": "distributed", "shard_replicas": 2, "shard_num_cpus": 0.25, "health_check_period_s": 0.5}
     with deployed_app("replicas-two", args, cluster=ray_cluster, index=index_root, http_ready=http_ready) as deployed:
         poll(lambda: len(replica_actors(deployed.name, "Shard0")) == 2, timeout=60, what="two Shard0 replicas")
         victim = replica_actors(deployed.name, "Shard0")[0]
@@ -181,7 +187,13 @@ def test_killing_one_of_two_replicas_under_load_loses_no_request(
 def test_with_one_replica_requests_fail_with_a_503_naming_the_shard_until_serve_restarts_it(
     ray_cluster: Any, index_root: tuple[Path, np.ndarray, np.ndarray], http_ready: Any, poll: Any
 ) -> None:
-    args = {"shard_replicas": 1, "on_shard_timeout": "error", "shard_timeout_s": 3.0, "health_check_period_s": 0.5}
+    args = {
+        "layout": "distributed",
+        "shard_replicas": 1,
+        "on_shard_timeout": "error",
+        "shard_timeout_s": 3.0,
+        "health_check_period_s": 0.5,
+    }
     with deployed_app("replicas-one", args, cluster=ray_cluster, index=index_root, http_ready=http_ready) as deployed:
         query = np.random.default_rng(6).standard_normal(deployed.vectors.shape[1]).astype(np.float32)
         expected = brute_force(deployed, query, K)
@@ -211,3 +223,82 @@ def test_with_one_replica_requests_fail_with_a_503_naming_the_shard_until_serve_
         assert [hit["id"] for hit in after["results"]] == expected
         assert (after["partial"], after["missing_shards"]) == (False, [])
         assert victim not in replica_actors(deployed.name, "Shard1")
+
+
+def answered_by_the_application(status: int, body: dict[str, Any]) -> bool:
+    """Whether a reply came from the application (a 200, or its JSON error), not from Serve's proxy alone."""
+    return status == 200 or (isinstance(body.get("error"), dict) and "type" in body["error"])
+
+
+def test_killing_one_of_two_ingress_replicas_in_the_local_layout_loses_no_search(
+    ray_cluster: Any, index_root: tuple[Path, np.ndarray, np.ndarray], http_ready: Any, poll: Any
+) -> None:
+    args = {
+        "layout": "local",
+        "ingress_replicas": 2,
+        "ingress_num_cpus": 0.25,
+        "embedder_num_cpus": 0.25,
+        "health_check_period_s": 0.5,
+    }
+    with deployed_app("ingress-two", args, cluster=ray_cluster, index=index_root, http_ready=http_ready) as deployed:
+        poll(lambda: len(replica_actors(deployed.name, "SearchIngress")) == 2, timeout=60, what="two ingress replicas")
+        assert sorted(serve_deployments(deployed.name)) == ["Embedder", "SearchIngress"]
+        victim = replica_actors(deployed.name, "SearchIngress")[0]
+        queries = np.random.default_rng(8).standard_normal((REQUESTS, deployed.vectors.shape[1])).astype(np.float32)
+        numbers = itertools.count()
+        lock = threading.Lock()
+        killed = threading.Event()
+        outcomes: list[tuple[int, bool, int, dict[str, Any], int]] = []  # (query, after kill, status, body, tries)
+
+        def client() -> None:
+            session = requests.Session()
+            while True:
+                with lock:
+                    number = next(numbers)
+                if number >= REQUESTS:
+                    return
+                if number == REQUESTS // 4:
+                    kill(victim)
+                    killed.set()
+                after_kill = killed.is_set()
+                tries = 0
+                while tries < 2:
+                    tries += 1
+                    try:
+                        response = search(deployed, queries[number], session)
+                        status, body = response.status_code, response.json() if response.content else {}
+                    except (requests.RequestException, ValueError) as error:
+                        status, body = -1, {"transport": str(error)}
+                    if answered_by_the_application(status, body):
+                        break
+                with lock:
+                    outcomes.append((number, after_kill, status, body, tries))
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=CLIENTS) as pool:
+            for future in [pool.submit(client) for _ in range(CLIENTS)]:
+                future.result(timeout=600)
+
+        assert killed.is_set() and len(outcomes) == REQUESTS
+        failed = [(number, status, body) for number, _, status, body, _ in outcomes if status != 200]
+        assert failed == [], f"{len(failed)} requests failed after one retry, first: {failed[:3]}"
+        retried = [number for number, _, _, _, tries in outcomes if tries > 1]
+        # Only requests the dead replica held could need their retry: at most one per client.
+        assert len(retried) <= CLIENTS, retried
+        assert sum(after_kill for _, after_kill, _, _, _ in outcomes) >= REQUESTS // 2
+        for number, _, _, body, _ in outcomes:
+            assert (body["partial"], body["missing_shards"]) == (False, [])
+            assert [hit["id"] for hit in body["results"]] == brute_force(deployed, queries[number], K), number
+        poll(
+            lambda: (
+                victim not in replica_actors(deployed.name, "SearchIngress")
+                and running_replicas(deployed.name, "SearchIngress") == 2
+            ),
+            timeout=120,
+            what=f"Serve to replace {victim}",
+        )
+
+
+def serve_deployments(app: str) -> list[str]:
+    from ray import serve
+
+    return list(serve.status().applications[app].deployments)

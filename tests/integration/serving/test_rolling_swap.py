@@ -1,7 +1,8 @@
 """Rolling swaps of the live index inside Ray Serve, under continuous query load.
 
-One application: 2 shards with 2 replicas each (so "loaded on every replica" is exercised),
-one embedder, one ingress. Index versions over a synthetic gallery of 10 classes:
+One application per layout, so "loaded on every replica" is exercised in both: distributed, 2
+shards with 2 replicas each, one embedder, one ingress; local, 2 ingress replicas each holding
+both shards, one embedder. Index versions over a synthetic gallery of 10 classes:
 
     v1  classes 0-4 clustered, classes 5-9 pure noise           (model version 1)
     v2  every class clustered, plus 20 new ids 300-319          (model version 2)
@@ -49,8 +50,18 @@ class Version:
     labels: dict[int, int]
 
 
+# Per layout: the application's replicas by deployment, and the deployment a corrupt shard fails in.
+REPLICAS = {
+    "distributed": ["Embedder", "SearchIngress", "Shard0", "Shard0", "Shard1", "Shard1"],
+    "local": ["Embedder", "SearchIngress", "SearchIngress"],
+}
+SHARD_HOLDER = {"distributed": "Shard1", "local": "SearchIngress"}
+
+
 @dataclass
 class Deployed:
+    layout: str
+    app_name: str
     url: str
     versions: dict[str, Version]
     query_ids: list[int]
@@ -99,9 +110,13 @@ def build_version(root: Path, name: str, *, seed: int, model_version: str, model
     return Version(name, model_version, path, dict(zip(ids, labels, strict=True)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["local", "distributed"])
 def deployed(
-    ray_cluster: Any, model_package: Path, tmp_path_factory: pytest.TempPathFactory, http_ready: Any
+    request: pytest.FixtureRequest,
+    ray_cluster: Any,
+    model_package: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    http_ready: Any,
 ) -> Iterator[Deployed]:
     from ray import serve
 
@@ -131,21 +146,30 @@ def deployed(
     corrupt.write_bytes(bytes(data))
     versions["v4"] = v4
 
+    layout = request.param
+    replicas = {"shard_replicas": 2} if layout == "distributed" else {"ingress_replicas": 2}
+    app_name, route, state_name = f"{APP_NAME}-{layout}", f"{ROUTE}-{layout}", f"{STATE_NAME}-{layout}"
     serve.start(http_options={"host": "127.0.0.1", "port": ray_cluster.serve_port})
     app = build_app(
-        {"index": str(versions["v1"].manifest_path), "shard_replicas": 2, "shard_num_cpus": 0.25, "swap_timeout_s": 60},
+        {
+            "index": str(versions["v1"].manifest_path),
+            "layout": layout,
+            **replicas,
+            "shard_num_cpus": 0.25,
+            "swap_timeout_s": 60,
+        },
         ingress_env={"RETRIEVAL_ADMIN_TOKEN": TOKEN},
-        state_name=STATE_NAME,
+        state_name=state_name,
     )
-    serve.run(app, name=APP_NAME, route_prefix=ROUTE)
-    url = f"http://127.0.0.1:{ray_cluster.serve_port}{ROUTE}"
+    serve.run(app, name=app_name, route_prefix=route)
+    url = f"http://127.0.0.1:{ray_cluster.serve_port}{route}"
     http_ready(f"{url}/healthz", deadline_s=60)
     query_ids = [item_id for item_id in range(CLASSES * PER_CLASS) if item_id // PER_CLASS in NEW_CLASSES]
     try:
-        yield Deployed(url=url, versions=versions, query_ids=query_ids)
+        yield Deployed(layout=layout, app_name=app_name, url=url, versions=versions, query_ids=query_ids)
     finally:
-        serve.delete(APP_NAME)
-        delete_swap_state(STATE_NAME)
+        serve.delete(app_name)
+        delete_swap_state(state_name)
 
 
 def auth() -> dict[str, str]:
@@ -219,8 +243,8 @@ def test_rolling_swaps_under_load_lose_nothing_and_never_mix(deployed: Deployed)
             assert (summary["from"], summary["to"]) == (previous, target)
             assert summary["model"]["version"] == deployed.versions[target].model_version
             assert summary["duration_s"] > 0
-            # 2 shards x 2 replicas + the embedder + the ingress, each holding only the new version.
-            assert len(summary["replicas"]) == 6
+            # Every replica of every deployment, each holding only the new version.
+            assert len(summary["replicas"]) == len(REPLICAS[deployed.layout])
             assert all(state["holds"] == [target] for state in summary["replicas"].values()), summary["replicas"]
             windows[target] = (started, finished)
             load.wait_for(20)
@@ -257,7 +281,7 @@ def test_rolling_swaps_under_load_lose_nothing_and_never_mix(deployed: Deployed)
     assert (status["active"], status["prepared"], status["retiring"]) == ("v3", None, None)
     assert status["model"]["version"] == "3"
     deployments = sorted(state["deployment"] for state in status["replicas"].values())
-    assert deployments == ["Embedder", "SearchIngress", "Shard0", "Shard0", "Shard1", "Shard1"]
+    assert deployments == REPLICAS[deployed.layout]
 
 
 def test_corrupt_shard_is_refused_and_the_previous_version_keeps_serving(deployed: Deployed, poll: Any) -> None:
@@ -269,7 +293,8 @@ def test_corrupt_shard_is_refused_and_the_previous_version_keeps_serving(deploye
     assert response.status_code == 409, response.text
     error = response.json()["error"]
     assert error["type"] == "swap_failed"
-    assert error["message"].startswith(f"index v4 failed to load, index {active} keeps serving: Shard1 replica ")
+    holder = SHARD_HOLDER[deployed.layout]
+    assert error["message"].startswith(f"index v4 failed to load, index {active} keeps serving: {holder} replica ")
     assert "shard-001.faiss: sha256 mismatch, manifest expects" in error["message"]
     assert load.replies and all(reply.status == 200 for reply in load.replies)
     assert {reply.body["index_version"] for reply in load.replies} == {active}
@@ -296,17 +321,95 @@ def test_a_replica_restarted_after_swaps_comes_up_on_the_active_version(deployed
 
     active = requests.get(f"{deployed.url}/version", timeout=10).json()["index_version"]
     before = requests.get(f"{deployed.url}/admin/status", headers=auth(), timeout=10).json()["replicas"]
-    victim = sorted(replica for replica, state in before.items() if state["deployment"] == "Shard1")[0]
+    holder = SHARD_HOLDER[deployed.layout]
+    victim = sorted(replica for replica, state in before.items() if state["deployment"] == holder)[0]
     # Serve names a replica's actor SERVE_REPLICA::<app>#<deployment>#<replica id> in namespace "serve".
-    ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#Shard1#{victim}", namespace="serve"), no_restart=True)
+    ray.kill(ray.get_actor(f"SERVE_REPLICA::{deployed.app_name}#{holder}#{victim}", namespace="serve"), no_restart=True)
 
     def replaced() -> bool:
-        replicas = requests.get(f"{deployed.url}/admin/status", headers=auth(), timeout=10).json()["replicas"]
+        try:
+            replicas = requests.get(f"{deployed.url}/admin/status", headers=auth(), timeout=10).json()["replicas"]
+        except (requests.RequestException, ValueError):
+            return False  # the request met the killed ingress replica (local layout)
         fresh = [state for replica, state in replicas.items() if replica not in before]
-        return bool(fresh) and all(state["deployment"] == "Shard1" and state["holds"] == [active] for state in fresh)
+        return bool(fresh) and all(state["deployment"] == holder and state["holds"] == [active] for state in fresh)
 
     # The fresh replica read the swap state in its constructor: it holds the active version, not
     # the v1 its deployment arguments name.
-    poll(replaced, timeout=60, what=f"Serve to replace Shard1 replica {victim} with one holding {active}")
+    poll(replaced, timeout=60, what=f"Serve to replace {holder} replica {victim} with one holding {active}")
     response = requests.post(f"{deployed.url}/search/id", json={"id": 150, "k": K}, timeout=30)
     assert response.status_code == 200 and response.json()["index_version"] == active
+
+
+def admin_status(deployed: Deployed) -> dict[str, Any] | None:
+    try:
+        response = requests.get(f"{deployed.url}/admin/status", headers=auth(), timeout=10)
+    except requests.RequestException:
+        return None  # met an ingress replica that is being killed
+    return response.json() if response.status_code == 200 else None
+
+
+def test_a_swap_whose_caller_disconnects_still_completes(deployed: Deployed, poll: Any) -> None:
+    """Issue 16, item 7: the client gives up at once; the swap runs on and finishes."""
+    active = requests.get(f"{deployed.url}/version", timeout=10).json()["index_version"]
+    target = "v2" if active != "v2" else "v1"
+    with pytest.raises(requests.Timeout):
+        requests.post(f"{deployed.url}/admin/swap", json={"index": target}, headers=auth(), timeout=0.05)
+
+    def finished() -> bool:
+        status = admin_status(deployed)
+        return status is not None and (status["active"], status["prepared"], status["retiring"]) == (target, None, None)
+
+    poll(finished, timeout=60, what=f"the abandoned swap to {target} to finish")
+    status = admin_status(deployed)
+    assert status is not None and all(state["holds"] == [target] for state in status["replicas"].values())
+    assert requests.post(f"{deployed.url}/search/id", json={"id": 150, "k": K}, timeout=30).json()["index_version"] == (
+        target
+    )
+
+
+def test_killing_the_replica_running_a_swap_settles_it(deployed: Deployed, poll: Any) -> None:
+    """Issue 16, item 7: the ingress running the swap dies; the state settles the swap when its lease lapses."""
+    if deployed.layout != "local":
+        pytest.skip("needs a second ingress replica to keep answering (the local app runs two)")
+    import ray
+
+    active = requests.get(f"{deployed.url}/version", timeout=10).json()["index_version"]
+    target = "v3" if active != "v3" else "v2"
+    swapping = threading.Thread(target=lambda: swap(deployed, target), daemon=True)
+    swapping.start()
+    owners: list[str] = []
+
+    def owner_known() -> bool:
+        status = admin_status(deployed)
+        if status and status.get("swap_owner"):
+            owners.append(status["swap_owner"])
+        return bool(owners)
+
+    poll(owner_known, timeout=30, what="the swap to start", interval=0.02)
+    replica = owners[0].rsplit(" ", 1)[-1]
+    name = f"SERVE_REPLICA::{deployed.app_name}#SearchIngress#{replica}"
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+
+    def settled() -> bool:
+        status = admin_status(deployed)
+        return status is not None and status["prepared"] is None and status["retiring"] is None
+
+    poll(settled, timeout=90, what="the swap state to settle the abandoned swap")
+    status = admin_status(deployed)
+    assert status is not None and status["active"] in (active, target)
+    if status["last_outcome"] is not None:
+        assert status["last_outcome"]["outcome"] in ("rolled back", "completed")
+    # Every live replica converges on the active version alone, and queries answer from it.
+    poll(
+        lambda: (state := admin_status(deployed)) is not None
+        and all(replica_state["holds"] == [state["active"]] for replica_state in state["replicas"].values()),
+        timeout=60,
+        what="every replica to hold the active version only",
+    )
+    reply = requests.post(f"{deployed.url}/search/id", json={"id": 150, "k": K}, timeout=30).json()
+    assert reply["index_version"] == status["active"]
+    # The next swap is not refused.
+    again = "v1" if status["active"] != "v1" else "v2"
+    _, _, response = swap(deployed, again)
+    assert response.status_code == 200, response.text

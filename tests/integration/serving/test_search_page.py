@@ -10,6 +10,7 @@ Selenium is pointed at both, so it never downloads a browser.
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import os
 import threading
@@ -26,7 +27,6 @@ from PIL import Image
 
 from retrieval.config import ServingSpec
 from retrieval.index import ModelRef, build_shards, read_manifest
-from retrieval.index.search_params import SearchParams
 from retrieval.serving.images import decode_image
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -225,35 +225,10 @@ def test_a_file_that_is_not_an_image_shows_the_servers_error(deployed: Deployed,
     assert browser.find_elements(By.CSS_SELECTOR, "#results li.card") == []
 
 
-class InProcessShard:
-    """`ShardClient` calling a real `ShardDeployment` replica directly."""
-
-    def __init__(self, replica: Any) -> None:
-        self.replica = replica
-
-    async def search(
-        self, queries: np.ndarray, k: int, index_version: str, params: SearchParams | None = None
-    ) -> dict[str, Any]:
-        return dict(self.replica.search(queries, k, index_version, params))
-
-    async def vector(self, item_id: int, index_version: str) -> np.ndarray | None:
-        found: np.ndarray | None = self.replica.vector(item_id, index_version)
-        return found
-
-    async def item(self, item_id: int, index_version: str) -> dict[str, Any] | None:
-        found: dict[str, Any] | None = self.replica.item(item_id, index_version)
-        return found
-
-    async def thumbnail(self, item_id: int, index_version: str) -> bytes | None:
-        found: bytes | None = self.replica.thumbnail(item_id, index_version)
-        return found
-
-    async def loaded_versions(self) -> list[str]:
-        return list(self.replica.loaded_versions())
-
-
 class PixelEmbedder:
     """`EmbedderClient`: an image's first pixel's red value picks a gallery vector (a known answer)."""
+
+    remote = True
 
     def __init__(self, vectors: np.ndarray, version: str) -> None:
         self.vectors = vectors
@@ -276,9 +251,10 @@ def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The HTTP API over uvicorn on 127.0.0.1, requiring the query token ``TOKEN``; yields its URL."""
     import uvicorn
 
-    from retrieval.serving.deployments import ShardDeployment
+    from retrieval.serving.clients import LocalShardClient
     from retrieval.serving.http import build_http_api
     from retrieval.serving.service import SearchService
+    from retrieval.serving.shard_host import ShardHost
 
     vectors = np.random.default_rng(8).standard_normal((20, 8)).astype(np.float32)
     # Unit vectors: each item is its own best match, so an image of id 13 finds item 13 first.
@@ -296,10 +272,11 @@ def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     manifest, _ = read_manifest(root)
     spec = ServingSpec(index=str(root), max_k=10, default_k=3, query_token_env=TOKEN_ENV)
-    shards = [
-        InProcessShard(ShardDeployment.func_or_class(spec=spec, shard=info.shard))  # type: ignore[attr-defined]
-        for info in manifest.shards
-    ]
+    # The local layout: the shards in this process, searched on a thread pool.
+    host = ShardHost(spec=spec)
+    host.prepare(str(root))
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    shards = [LocalShardClient(host, info.shard, executor) for info in manifest.shards]
     embedder = PixelEmbedder(vectors, manifest.index_version)
     service = SearchService(manifest=manifest, spec=spec, shards=shards, embedder=embedder)
     os.environ[TOKEN_ENV] = TOKEN
@@ -317,6 +294,7 @@ def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+        executor.shutdown()
         os.environ.pop(TOKEN_ENV, None)
 
 

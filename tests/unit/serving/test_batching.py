@@ -110,3 +110,44 @@ def test_bad_settings_are_refused() -> None:
         MicroBatcher(run_batch=Recorder(), max_batch_size=0, wait_timeout_s=0.0)
     with pytest.raises(ValueError, match="wait_timeout_s must be >= 0"):
         MicroBatcher(run_batch=Recorder(), max_batch_size=1, wait_timeout_s=-1.0)
+
+
+def test_with_one_batch_at_a_time_the_next_batch_grows_while_one_runs() -> None:
+    """While a batch runs, requests that arrive gather into one batch (up to the size), not a queue of small ones."""
+
+    async def main() -> tuple[list[int], Recorder, dict[str, int]]:
+        gate = asyncio.Event()
+        recorder = Recorder(gate=gate)
+        batcher = MicroBatcher(run_batch=recorder, max_batch_size=6, wait_timeout_s=0.0, max_concurrent_batches=1)
+        first = asyncio.ensure_future(batcher.submit("v1", 0))
+        await asyncio.sleep(0.01)  # batch [0] runs and holds the only slot
+        later = []
+        for number in range(1, 10):
+            later.append(asyncio.ensure_future(batcher.submit("v1", number)))
+            await asyncio.sleep(0.002)  # each arrives after the previous batch's wait is over
+        pending = batcher.pending()
+        gate.set()
+        results = await asyncio.gather(first, *later)
+        return list(results), recorder, pending
+
+    results, recorder, pending = asyncio.run(main())
+    assert results == [number * 10 for number in range(10)]
+    assert pending == {"v1": 9}
+    # [0] ran alone; the 9 that came while it ran went out as one full batch of 6 and the rest.
+    assert [requests for _, requests in recorder.batches] == [[0], [1, 2, 3, 4, 5, 6], [7, 8, 9]]
+
+
+def test_without_a_limit_every_due_batch_runs_at_once() -> None:
+    async def main() -> Recorder:
+        gate = asyncio.Event()
+        recorder = Recorder(gate=gate)
+        batcher = MicroBatcher(run_batch=recorder, max_batch_size=6, wait_timeout_s=0.0)
+        futures = []
+        for number in range(3):
+            futures.append(asyncio.ensure_future(batcher.submit("v1", number)))
+            await asyncio.sleep(0.002)
+        gate.set()
+        await asyncio.gather(*futures)
+        return recorder
+
+    assert [requests for _, requests in asyncio.run(main()).batches] == [[0], [1], [2]]

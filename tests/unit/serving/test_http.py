@@ -27,8 +27,10 @@ from retrieval.index.manifest import IndexManifest, ModelRef, ShardInfo
 from retrieval.index.search_params import SearchParams
 from retrieval.serving.errors import ShardUnavailableError
 from retrieval.serving.http import build_http_api, json_body_limit, upload_body_limit
+from retrieval.serving.http.gate import BodyLimits
 from retrieval.serving.images import decode_image
 from retrieval.serving.metrics import CONTENT_TYPE
+from retrieval.serving.replies import ShardHits
 from retrieval.serving.service import SearchService
 
 DIM = 8
@@ -56,9 +58,15 @@ THUMBNAILS = {item_id: png_of_id(item_id, size=6) for item_id in range(COUNT) if
 
 
 class FakeShard:
-    """`ShardClient` over one contiguous id range, searched by a NumPy scan."""
+    """`ShardClient` over one contiguous id range, searched by a NumPy scan.
 
-    def __init__(self, first: int, last: int) -> None:
+    ``remote``: whether it stands for a shard deployment (distributed layout, which the pool may
+    find dead) or a shard held in the ingress (local layout).
+    """
+
+    def __init__(self, first: int, last: int, *, remote: bool = True) -> None:
+        self.remote = remote
+        self.shard = first // SHARD_SIZE
         self.ids = list(range(first, last + 1))
         self.params: list[SearchParams | None] = []
         self.versions = [VERSION]
@@ -73,17 +81,18 @@ class FakeShard:
 
     async def search(
         self, queries: np.ndarray, k: int, index_version: str, params: SearchParams | None = None
-    ) -> dict[str, Any]:
+    ) -> ShardHits:
         await self._ready()
         self.params.append(params)
         scores = np.asarray(queries, dtype=np.float32) @ VECTORS[self.ids].T
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return {
-            "index_version": index_version,
-            "scores": np.take_along_axis(scores, order, axis=1),
-            "ids": np.asarray(self.ids)[order],
-            "items": {item_id: {"id": item_id, **ITEMS[item_id]} for item_id in self.ids},
-        }
+        return ShardHits(
+            index_version=index_version,
+            shard=self.shard,
+            scores=np.take_along_axis(scores, order, axis=1),
+            ids=np.asarray(self.ids)[order],
+            items={item_id: {"id": item_id, **ITEMS[item_id]} for item_id in self.ids},
+        )
 
     async def vector(self, item_id: int, index_version: str) -> np.ndarray | None:
         await self._ready()
@@ -104,6 +113,8 @@ class FakeShard:
 
 class FakeEmbedder:
     """`EmbedderClient`: an image gives the vector of the id in its first pixel; one known text a fixed vector."""
+
+    remote = True
 
     async def embed(self, image_bytes: bytes, index_version: str) -> np.ndarray:
         pixel = decode_image(image_bytes).getpixel((0, 0))
@@ -154,9 +165,14 @@ class Served:
         self.spec = spec
 
 
-def serve(*, thumbnails: bool = True, gallery: dict[str, Any] | None = None, **spec_fields: Any) -> Iterator[Served]:
+def serve(
+    *, thumbnails: bool = True, gallery: dict[str, Any] | None = None, remote: bool = True, **spec_fields: Any
+) -> Iterator[Served]:
     spec = ServingSpec(index="unused", max_k=20, default_k=5, max_upload_bytes=3_000, **spec_fields)
-    shards = [FakeShard(shard * SHARD_SIZE, (shard + 1) * SHARD_SIZE - 1) for shard in range(COUNT // SHARD_SIZE)]
+    shards = [
+        FakeShard(shard * SHARD_SIZE, (shard + 1) * SHARD_SIZE - 1, remote=remote)
+        for shard in range(COUNT // SHARD_SIZE)
+    ]
     service = SearchService(
         manifest=manifest(thumbnails=thumbnails, gallery=gallery), spec=spec, shards=shards, embedder=FakeEmbedder()
     )
@@ -165,9 +181,10 @@ def serve(*, thumbnails: bool = True, gallery: dict[str, Any] | None = None, **s
         yield Served(client, shards, spec)
 
 
-@pytest.fixture
-def served() -> Iterator[Served]:
-    yield from serve()
+@pytest.fixture(params=["distributed", "local"])
+def served(request: pytest.FixtureRequest) -> Iterator[Served]:
+    """The API over remote shards (distributed layout) and over shards held in the ingress (local layout)."""
+    yield from serve(remote=request.param == "distributed")
 
 
 def brute_force(query: np.ndarray, k: int, exclude: int | None = None) -> list[tuple[int, float]]:
@@ -288,10 +305,9 @@ def test_a_batch_over_the_limit_is_refused_whole(served: Served) -> None:
 def test_an_oversize_body_is_refused_from_its_length_before_it_is_read(served: Served) -> None:
     limit = json_body_limit(served.spec)
     assert limit == 3_000 * 4 // 3 + 64 * 1024
-    body = b'{"vector": [' + b"0.1, " * (limit // 5) + b"0.1]}"
-    assert len(body) > limit
-    response = served.client.post("/search/vector", content=body, headers={"Content-Type": "application/json"})
-    assert_error(response, 413, "payload_too_large", f"the request body is {len(body)} bytes", f"limit is {limit}")
+    body = b'{"image": "' + b"A" * limit + b'"}'
+    response = served.client.post("/search", content=body, headers={"Content-Type": "application/json"})
+    assert_error(response, 413, "payload_too_large", f"the request body is {len(body)} bytes", f"is {limit}")
     upload_limit = upload_body_limit(served.spec)
     big = served.client.post("/search/image", files={"file": ("q.png", b"0" * (upload_limit + 1), "image/png")})
     assert_error(big, 413, "payload_too_large", "the upload is ", "the limit is 3000 (plus 65536 bytes")
@@ -300,8 +316,27 @@ def test_an_oversize_body_is_refused_from_its_length_before_it_is_read(served: S
     assert_error(over, 413, "payload_too_large", "over 3000 bytes")
 
 
+def test_each_route_limits_its_body_to_what_it_can_carry(served: Served) -> None:
+    """A vector route takes about one vector's worth of JSON, not the image routes' megabytes (issue 16, item 5)."""
+    limits = BodyLimits(served.spec)
+    vector_limit = limits.of("/search/vector", DIM)
+    batch_limit = limits.of("/search/vectors", DIM)
+    assert vector_limit < 8 * 1024 < batch_limit < json_body_limit(served.spec)
+    assert batch_limit == served.spec.max_query_vectors * limits.vector_bytes(DIM) + 4 * 1024
+    # The longest legitimate bodies pass: every float written at full length.
+    widest = -1.2345678901234567e-308
+    assert served.client.post("/search/vector", json={"vector": [widest] * DIM, "k": 3}).status_code == 200
+    full_batch = {"vectors": [[widest] * DIM] * served.spec.max_query_vectors, "k": 3}
+    assert served.client.post("/search/vectors", json=full_batch).status_code == 200
+    # One vector's route refuses a body a little over its own limit, before reading it.
+    padded = b'{"vector": [' + b"0.1, " * (vector_limit // 5) + b"0.1]}"
+    response = served.client.post("/search/vector", content=padded, headers={"Content-Type": "application/json"})
+    assert_error(response, 413, "payload_too_large", f"the limit for /search/vector is {vector_limit}")
+    assert all(shard.params == [] or len(shard.params) == 2 for shard in served.shards)
+
+
 def test_a_streamed_body_without_a_length_is_cut_at_the_limit(served: Served) -> None:
-    limit = json_body_limit(served.spec)
+    limit = BodyLimits(served.spec).of("/search/vector", DIM)
 
     def chunks() -> Iterator[bytes]:
         yield b'{"vector": ['
@@ -417,7 +452,8 @@ def test_metrics_count_requests_by_route_template_and_status(served: Served) -> 
     latency = samples(response.text, "retrieval_request_seconds_count")
     assert latency[(("endpoint", "/items/{item_id}"),)] == 4
     info = samples(response.text, "retrieval_index_info")
-    assert info == {(("index_version", VERSION), ("model", MODEL.uri)): 1.0}
+    # The model's name and version, not its URI: an open route must not show a server path.
+    assert info == {(("index_version", VERSION), ("model", f"{MODEL.name}/{MODEL.version}")): 1.0}
     again = samples(client.get("/metrics").text, "retrieval_requests_total")
     assert again[(("endpoint", "/metrics"), ("status", "200"))] == 1
 
@@ -426,7 +462,7 @@ def test_metrics_count_requests_by_route_template_and_status(served: Served) -> 
 
 
 def test_query_routes_need_the_token_when_one_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(TOKEN_ENV, "s3cret-token")
+    monkeypatch.setenv(TOKEN_ENV, "s3cret-query-token-0123")
     for served in serve(query_token_env=TOKEN_ENV):
         client = served.client
         anonymous = client.post("/search/vector", json={"vector": [0.1] * DIM})
@@ -439,7 +475,7 @@ def test_query_routes_need_the_token_when_one_is_configured(monkeypatch: pytest.
         assert_error(malformed, 401, "unauthorized")
         for path in ("/version", "/items/1/thumbnail"):
             assert_error(client.get(path), 401, "unauthorized")
-        granted = {"Authorization": "Bearer s3cret-token"}
+        granted = {"Authorization": "Bearer s3cret-query-token-0123"}
         assert client.post("/search/vector", json={"vector": [0.1] * DIM}, headers=granted).status_code == 200
         assert client.get("/items/1/thumbnail", headers=granted).status_code == 200
         assert client.get("/version", headers=granted).status_code == 200
@@ -455,7 +491,7 @@ def test_without_a_query_token_the_routes_are_open(served: Served) -> None:
 
 
 def test_cors_preflight_allows_the_configured_origin_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(TOKEN_ENV, "s3cret-token")
+    monkeypatch.setenv(TOKEN_ENV, "s3cret-query-token-0123")
     preflight = {
         "Access-Control-Request-Method": "POST",
         "Access-Control-Request-Headers": "authorization, content-type",
@@ -554,3 +590,33 @@ def test_errors_keep_one_json_shape(served: Served) -> None:
     )
     assert_error(client.post("/search/id", json={"id": 1000}), 404, "not_found", "no item with id 1000")
     assert_error(client.get("/nowhere"), 404, "not_found", "/nowhere")
+
+
+def test_a_token_ending_in_a_newline_still_works_and_a_short_one_disables_the_routes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A secret mounted from a file ends in a newline; a short token is refused as configuration (issue 16)."""
+    for served in serve(query_token_env=TOKEN_ENV):
+        monkeypatch.setenv(TOKEN_ENV, "s3cret-query-token-0123\n")
+        granted = {"Authorization": "Bearer s3cret-query-token-0123"}
+        assert served.client.get("/version", headers=granted).status_code == 200
+        monkeypatch.setenv(TOKEN_ENV, "short-token")
+        short = served.client.get("/version", headers={"Authorization": "Bearer short-token"})
+        assert_error(short, 403, "forbidden", f"the token in {TOKEN_ENV} is shorter than 16 characters")
+
+
+def test_a_route_that_declares_no_access_is_protected_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A route added to the app without an access level needs the query token (issue 15)."""
+    monkeypatch.setenv(TOKEN_ENV, "s3cret-query-token-0123")
+    spec = ServingSpec(index="unused", query_token_env=TOKEN_ENV)
+    shards = [FakeShard(shard * SHARD_SIZE, (shard + 1) * SHARD_SIZE - 1) for shard in range(COUNT // SHARD_SIZE)]
+    api = build_http_api(SearchService(manifest=manifest(), spec=spec, shards=shards, embedder=FakeEmbedder()))
+
+    @api.get("/added-later")
+    async def added_later() -> dict[str, str]:
+        return {"secret": "yes"}
+
+    with TestClient(api) as client:
+        assert_error(client.get("/added-later"), 401, "unauthorized", "Authorization: Bearer")
+        granted = client.get("/added-later", headers={"Authorization": "Bearer s3cret-query-token-0123"})
+        assert granted.json() == {"secret": "yes"}

@@ -10,6 +10,7 @@ and thumbnails built by `build_shards`, so generated index settings reach Faiss.
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import tempfile
 from pathlib import Path
@@ -30,10 +31,12 @@ from retrieval.config import ServingSpec
 from retrieval.index.manifest import IndexManifest, ModelRef, ShardInfo, read_manifest
 from retrieval.index.search_params import SearchParams
 from retrieval.index.shards import build_shards
-from retrieval.serving.deployments import ShardDeployment
+from retrieval.serving.clients import LocalShardClient
 from retrieval.serving.http import build_http_api
 from retrieval.serving.images import decode_image
+from retrieval.serving.replies import ShardHits
 from retrieval.serving.service import SearchService
+from retrieval.serving.shard_host import ShardHost
 
 DIM = 4
 COUNT = 30
@@ -45,23 +48,27 @@ Image.new("RGB", (3, 3), color=(9, 9, 9)).save(THUMBNAIL, format="PNG")
 
 
 class FakeShard:
-    """`ShardClient` over one contiguous id range, searched by a NumPy scan."""
+    """`ShardClient` over one contiguous id range, searched by a NumPy scan (a shard deployment's stand-in)."""
+
+    remote = True
 
     def __init__(self, shard: int) -> None:
+        self.shard = shard
         self.ids = np.arange(shard * SHARD_SIZE, (shard + 1) * SHARD_SIZE)
 
     async def search(
         self, queries: np.ndarray, k: int, index_version: str, params: SearchParams | None = None
-    ) -> dict[str, Any]:
+    ) -> ShardHits:
         scores = np.asarray(queries, dtype=np.float32) @ VECTORS[self.ids].T
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         items = {item_id: {"id": item_id, "label": str(item_id % 3)} for item_id in self.ids.tolist()}
-        return {
-            "index_version": index_version,
-            "scores": np.take_along_axis(scores, order, axis=1),
-            "ids": self.ids[order],
-            "items": items,
-        }
+        return ShardHits(
+            index_version=index_version,
+            shard=self.shard,
+            scores=np.take_along_axis(scores, order, axis=1),
+            ids=self.ids[order],
+            items=items,
+        )
 
     async def vector(self, item_id: int, index_version: str) -> np.ndarray | None:
         return VECTORS[item_id] if item_id in self.ids else None
@@ -78,6 +85,8 @@ class FakeShard:
 
 class FakeEmbedder:
     """`EmbedderClient`: any decodable image or any text gets a vector derived from it."""
+
+    remote = True
 
     def __init__(self, version: str) -> None:
         self.version = version
@@ -122,33 +131,6 @@ def manifest() -> IndexManifest:
     )
 
 
-class InProcessShard:
-    """`ShardClient` calling a real `ShardDeployment` replica directly."""
-
-    def __init__(self, replica: Any) -> None:
-        self.replica = replica
-
-    async def search(
-        self, queries: np.ndarray, k: int, index_version: str, params: SearchParams | None = None
-    ) -> dict[str, Any]:
-        return dict(self.replica.search(queries, k, index_version, params))
-
-    async def vector(self, item_id: int, index_version: str) -> np.ndarray | None:
-        found: np.ndarray | None = self.replica.vector(item_id, index_version)
-        return found
-
-    async def item(self, item_id: int, index_version: str) -> dict[str, Any] | None:
-        found: dict[str, Any] | None = self.replica.item(item_id, index_version)
-        return found
-
-    async def thumbnail(self, item_id: int, index_version: str) -> bytes | None:
-        found: bytes | None = self.replica.thumbnail(item_id, index_version)
-        return found
-
-    async def loaded_versions(self) -> list[str]:
-        return list(self.replica.loaded_versions())
-
-
 SPEC_FIELDS: dict[str, Any] = {"max_k": 20, "default_k": 5, "max_upload_bytes": 3_000, "max_query_vectors": 8}
 
 
@@ -157,6 +139,9 @@ def fake_shards_app() -> Any:
     shards = [FakeShard(shard) for shard in range(COUNT // SHARD_SIZE)]
     service = SearchService(manifest=manifest(), spec=spec, shards=shards, embedder=FakeEmbedder(VERSION))
     return build_http_api(service)
+
+
+EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="fuzz-shards")
 
 
 def real_shards_app(root: Path) -> Any:
@@ -173,10 +158,10 @@ def real_shards_app(root: Path) -> Any:
     )
     spec = ServingSpec(index=str(root), **SPEC_FIELDS)
     served, _ = read_manifest(root)
-    shards = [
-        InProcessShard(ShardDeployment.func_or_class(spec=spec, shard=info.shard))  # type: ignore[attr-defined]
-        for info in served.shards
-    ]
+    # The local layout: the shards held by the ingress's own ShardHost, searched on its threads.
+    host = ShardHost(spec=spec)
+    host.prepare(str(root))
+    shards = [LocalShardClient(host, info.shard, EXECUTOR) for info in served.shards]
     service = SearchService(manifest=served, spec=spec, shards=shards, embedder=FakeEmbedder(served.index_version))
     return build_http_api(service)
 

@@ -11,10 +11,11 @@ unbatched.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,8 +29,10 @@ from retrieval.errors import BadRequestError
 from retrieval.index.manifest import IndexManifest, ModelRef, read_manifest
 from retrieval.index.search_params import SearchParams
 from retrieval.index.shards import build_shards
-from retrieval.serving import service as service_module
-from retrieval.serving.deployments import EmbedCall, EmbedderDeployment, ShardCall, ShardDeployment
+from retrieval.serving import shard_pool as shard_pool_module
+from retrieval.serving.clients import LocalShardClient
+from retrieval.serving.deployments import ShardDeployment
+from retrieval.serving.embedder_host import EmbedCall, EmbedderHost
 from retrieval.serving.errors import (
     ItemNotFoundError,
     PayloadTooLargeError,
@@ -37,7 +40,9 @@ from retrieval.serving.errors import (
     ShardUnavailableError,
     VersionNotLoadedError,
 )
+from retrieval.serving.replies import ShardCall, ShardHits
 from retrieval.serving.service import SearchService
+from retrieval.serving.shard_host import ShardHost
 
 COUNT = 240
 DIM = 16
@@ -85,11 +90,51 @@ def index(tmp_path_factory: pytest.TempPathFactory) -> Index:
     return Index(path=path, vectors=vectors, ids=ids, manifest=manifest)
 
 
+@dataclass
+class Backend:
+    """Where the shards live: Serve shard replicas (distributed layout) or the ingress's own `ShardHost` (local)."""
+
+    layout: str
+    replicas: list[Any]
+    host: ShardHost | None = None
+    executor: concurrent.futures.Executor | None = None
+
+    def client(self, shard: int) -> Any:
+        if self.host is None:
+            return self.replicas[shard]
+        assert self.executor is not None
+        return LocalShardClient(self.host, shard, self.executor)
+
+
 @pytest.fixture(scope="module")
-def replicas(index: Index) -> list[Any]:
+def shard_replicas(index: Index) -> list[Any]:
     spec = ServingSpec(index=str(index.path))
     replica_class: Any = ShardDeployment.func_or_class  # type: ignore[attr-defined]
     return [replica_class(spec=spec, shard=info.shard) for info in index.manifest.shards]
+
+
+@pytest.fixture(scope="module")
+def local_host(index: Index) -> Iterator[tuple[ShardHost, concurrent.futures.Executor]]:
+    host = ShardHost(spec=ServingSpec(index=str(index.path)))
+    host.prepare(str(index.path))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as executor:
+        yield host, executor
+
+
+@pytest.fixture(params=["distributed", "local"])
+def replicas(
+    request: pytest.FixtureRequest,
+    shard_replicas: list[Any],
+    local_host: tuple[ShardHost, concurrent.futures.Executor],
+) -> Backend:
+    """The shards in both layouts; a test about dead replicas takes ``distributed`` only (indirect param)."""
+    if request.param == "local":
+        host, executor = local_host
+        return Backend(layout="local", replicas=shard_replicas, host=host, executor=executor)
+    return Backend(layout="distributed", replicas=shard_replicas)
+
+
+distributed_only = pytest.mark.parametrize("replicas", ["distributed"], indirect=True)
 
 
 def dead() -> ShardUnavailableError:
@@ -97,10 +142,16 @@ def dead() -> ShardUnavailableError:
 
 
 class ShardStub:
-    """`ShardClient` over an in-process shard replica: counts calls, can hang (``gate``) or be dead."""
+    """`ShardClient` over a shard replica or a local shard client: counts calls, can hang (``gate``) or be dead.
 
-    def __init__(self, replica: Any) -> None:
-        self.replica = replica
+    ``remote`` follows the backend: a stub over a Serve replica stands for a shard deployment,
+    one over a `LocalShardClient` for a shard held in the ingress (which cannot die alone, so
+    only distributed tests set ``dead_calls``).
+    """
+
+    def __init__(self, inner: Any, *, remote: bool) -> None:
+        self.inner = inner
+        self.remote = remote
         self.calls = 0
         self.queries = 0
         self.dead_calls = 0  # the next this many calls fail as if the replica died
@@ -112,40 +163,49 @@ class ShardStub:
             self.dead_calls -= 1
             raise dead()
 
+    async def _answer(self, name: str, *args: Any) -> Any:
+        result = getattr(self.inner, name)(*args)
+        return await result if asyncio.iscoroutine(result) else result
+
     async def search(
         self, queries: np.ndarray, k: int, index_version: str, params: SearchParams | None = None
-    ) -> dict[str, Any]:
+    ) -> ShardHits:
         self.calls += 1
         self.queries += len(queries)
         self._check_alive()
         if self.gate is not None:
             await self.gate.wait()
-        return dict(self.replica.search(queries, k, index_version, params))
+        reply: ShardHits = await self._answer("search", queries, k, index_version, params)
+        return reply
 
     async def vector(self, item_id: int, index_version: str) -> np.ndarray | None:
         self._check_alive()
-        result: np.ndarray | None = self.replica.vector(item_id, index_version)
+        result: np.ndarray | None = await self._answer("vector", item_id, index_version)
         return result
 
     async def item(self, item_id: int, index_version: str) -> dict[str, Any] | None:
         self._check_alive()
-        result: dict[str, Any] | None = self.replica.item(item_id, index_version)
+        result: dict[str, Any] | None = await self._answer("item", item_id, index_version)
         return result
 
     async def thumbnail(self, item_id: int, index_version: str) -> bytes | None:
         self._check_alive()
-        result: bytes | None = self.replica.thumbnail(item_id, index_version)
+        result: bytes | None = await self._answer("thumbnail", item_id, index_version)
         return result
 
     async def loaded_versions(self) -> list[str]:
         self._check_alive()
         if self.gate is not None:
             await self.gate.wait()
-        return list(self.versions if self.versions is not None else self.replica.loaded_versions())
+        if self.versions is not None:
+            return list(self.versions)
+        return list(await self._answer("loaded_versions"))
 
 
 class EmbedderStub:
     """`EmbedderClient`: an image's first pixel value picks a gallery vector; can hang or be dead."""
+
+    remote = True
 
     def __init__(self, index: Index) -> None:
         self.index = index
@@ -173,19 +233,40 @@ class EmbedderStub:
         return [self.index.manifest.index_version]
 
 
+class JsonService:
+    """The service with its replies as the JSON the API sends (`to_json`), for assertions on plain dicts."""
+
+    def __init__(self, service: SearchService) -> None:
+        self.typed = service
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.typed, name)
+        if name not in ("search_vector", "search_vectors", "search_image", "search_text", "search_id", "item",
+                        "readiness"):  # fmt: skip
+            return attribute
+
+        async def as_json(*args: Any, **kwargs: Any) -> Any:
+            return (await attribute(*args, **kwargs)).to_json()
+
+        return as_json
+
+
 @dataclass
 class Served:
-    service: SearchService
+    service: Any  # JsonService
     shards: list[ShardStub]
     embedder: EmbedderStub
 
 
-def serve(index: Index, replicas: list[Any], **spec_fields: Any) -> Served:
+def serve(index: Index, replicas: Backend, **spec_fields: Any) -> Served:
     spec = ServingSpec(index=str(index.path), max_k=50, default_k=5, max_query_vectors=4, **spec_fields)
-    shards = [ShardStub(replica) for replica in replicas]
+    shards = [
+        ShardStub(replicas.client(info.shard), remote=replicas.layout == "distributed")
+        for info in index.manifest.shards
+    ]
     embedder = EmbedderStub(index)
     service = SearchService(manifest=index.manifest, spec=spec, shards=shards, embedder=embedder)
-    return Served(service=service, shards=shards, embedder=embedder)
+    return Served(service=JsonService(service), shards=shards, embedder=embedder)
 
 
 def brute_force(index: Index, query: np.ndarray, k: int, *, exclude: int | None = None) -> list[int]:
@@ -215,7 +296,7 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def test_batched_equals_unbatched_equals_brute_force_for_mixed_k_and_params(index: Index, replicas: list[Any]) -> None:
+def test_batched_equals_unbatched_equals_brute_force_for_mixed_k_and_params(index: Index, replicas: Backend) -> None:
     queries = np.random.default_rng(1).standard_normal((12, DIM)).astype(np.float32)
     exact = SearchParams(nprobe=LISTS)
     cases: list[tuple[str, Any, int, SearchParams | None]] = [
@@ -256,7 +337,7 @@ def test_batched_equals_unbatched_equals_brute_force_for_mixed_k_and_params(inde
 
 
 def test_concurrent_searches_share_shard_calls_and_the_batch_sizes_are_recorded(
-    index: Index, replicas: list[Any]
+    index: Index, replicas: Backend
 ) -> None:
     served = serve(index, replicas, batching=True, max_batch_size=8, batch_wait_timeout_s=0.0)
     queries = np.random.default_rng(2).standard_normal((20, DIM)).astype(np.float32)
@@ -275,10 +356,10 @@ def test_concurrent_searches_share_shard_calls_and_the_batch_sizes_are_recorded(
     assert metric_value(text, "retrieval_batch_size_count", stage="router") == 3
     assert metric_value(text, "retrieval_batch_size_sum", stage="router") == 20
     assert metric_value(text, "retrieval_shard_requests_total", shard="0", outcome="ok") == 3
-    assert metric_value(text, "retrieval_index_info", index_version=index.manifest.index_version, model=MODEL.uri) == 1
+    assert metric_value(text, "retrieval_index_info", index_version=index.manifest.index_version, model="stub/1") == 1
 
 
-def test_search_vectors_answers_each_vector_like_a_single_search(index: Index, replicas: list[Any]) -> None:
+def test_search_vectors_answers_each_vector_like_a_single_search(index: Index, replicas: Backend) -> None:
     served = serve(index, replicas)
     queries = np.random.default_rng(3).standard_normal((3, DIM)).astype(np.float32)
     exact = SearchParams(nprobe=LISTS)
@@ -295,7 +376,7 @@ def test_search_vectors_answers_each_vector_like_a_single_search(index: Index, r
     assert [[hit["id"] for hit in hits] for hits in many["results"]] == [brute_force(index, row, 6) for row in queries]
 
 
-def test_search_vectors_limits_and_checks_each_vector(index: Index, replicas: list[Any]) -> None:
+def test_search_vectors_limits_and_checks_each_vector(index: Index, replicas: Backend) -> None:
     service = serve(index, replicas).service
     good = [0.1] * DIM
     with pytest.raises(PayloadTooLargeError, match="5 query vectors in one request, the limit is 4"):
@@ -306,13 +387,13 @@ def test_search_vectors_limits_and_checks_each_vector(index: Index, replicas: li
         run(lambda: service.search_vectors([good, [0.1] * 3], 3))
 
 
-def test_a_setting_the_index_lacks_is_a_bad_request_not_a_missing_shard(index: Index, replicas: list[Any]) -> None:
+def test_a_setting_the_index_lacks_is_a_bad_request_not_a_missing_shard(index: Index, replicas: Backend) -> None:
     service = serve(index, replicas, on_shard_timeout="partial").service
     with pytest.raises(BadRequestError, match="ef_search applies to HNSW indices"):
         run(lambda: service.search_vector([0.1] * DIM, 3, SearchParams(ef_search=16)))
 
 
-def test_a_shard_past_the_deadline_gives_a_partial_reply(index: Index, replicas: list[Any]) -> None:
+def test_a_shard_past_the_deadline_gives_a_partial_reply(index: Index, replicas: Backend) -> None:
     served = serve(index, replicas, shard_timeout_s=0.05, on_shard_timeout="partial")
     query = np.random.default_rng(4).standard_normal(DIM).astype(np.float32)
 
@@ -333,7 +414,7 @@ def test_a_shard_past_the_deadline_gives_a_partial_reply(index: Index, replicas:
 
 
 def test_a_shard_past_the_deadline_is_a_504_in_error_mode_and_every_shard_late_always_is(
-    index: Index, replicas: list[Any]
+    index: Index, replicas: Backend
 ) -> None:
     served = serve(index, replicas, shard_timeout_s=0.05, on_shard_timeout="error")
 
@@ -355,7 +436,8 @@ def test_a_shard_past_the_deadline_is_a_504_in_error_mode_and_every_shard_late_a
         run(all_late)
 
 
-def test_a_dead_replica_is_retried_once_and_the_reply_is_complete(index: Index, replicas: list[Any]) -> None:
+@distributed_only
+def test_a_dead_replica_is_retried_once_and_the_reply_is_complete(index: Index, replicas: Backend) -> None:
     served = serve(index, replicas, batching=False)
     served.shards[0].dead_calls = 1  # the first call hits the dead replica, the retry a live one
     reply = run(lambda: served.service.search_vector([0.1] * DIM, 4))
@@ -363,7 +445,8 @@ def test_a_dead_replica_is_retried_once_and_the_reply_is_complete(index: Index, 
     assert [stub.calls for stub in served.shards] == [2, 1]
 
 
-def test_a_dead_shard_is_missing_fails_fast_while_down_and_comes_back(index: Index, replicas: list[Any]) -> None:
+@distributed_only
+def test_a_dead_shard_is_missing_fails_fast_while_down_and_comes_back(index: Index, replicas: Backend) -> None:
     served = serve(index, replicas, batching=False, on_shard_timeout="partial")
     query = [0.1] * DIM
 
@@ -377,7 +460,8 @@ def test_a_dead_shard_is_missing_fails_fast_while_down_and_comes_back(index: Ind
         assert again["missing_shards"] == [1] and served.shards[1].calls == 2
         readiness = await served.service.readiness()
         assert readiness["ready"] is False
-        assert readiness["shards"][1]["error"].startswith("no live replica (ActorDiedError")
+        # The kind of failure only: /readyz is open, and a remote error's text may carry addresses.
+        assert readiness["shards"][1]["error"] == "no live replica"
         # Serve replaced the replica: the background probe sees it answer, and shard 1 is back.
         served.shards[1].dead_calls = 0
         deadline = time.monotonic() + 10
@@ -393,8 +477,9 @@ def test_a_dead_shard_is_missing_fails_fast_while_down_and_comes_back(index: Ind
     assert metric_value(text, "retrieval_partial_results_total") == 2
 
 
+@distributed_only
 def test_a_dead_shard_is_a_503_naming_it_in_error_mode_and_all_dead_always_is(
-    index: Index, replicas: list[Any]
+    index: Index, replicas: Backend
 ) -> None:
     served = serve(index, replicas, on_shard_timeout="error")
     served.shards[0].dead_calls = 10**6
@@ -408,7 +493,8 @@ def test_a_dead_shard_is_a_503_naming_it_in_error_mode_and_all_dead_always_is(
         run(lambda: partial.service.search_vector([0.1] * DIM, 4))
 
 
-def test_id_lookups_and_the_embedder_are_bounded_by_the_deadline_too(index: Index, replicas: list[Any]) -> None:
+@distributed_only
+def test_id_lookups_and_the_embedder_are_bounded_by_the_deadline_too(index: Index, replicas: Backend) -> None:
     served = serve(index, replicas, shard_timeout_s=0.05)
     served.shards[1].dead_calls = 2
     with pytest.raises(ShardUnavailableError, match="shard 1 has no live replica"):
@@ -431,15 +517,16 @@ def test_id_lookups_and_the_embedder_are_bounded_by_the_deadline_too(index: Inde
 
 
 def test_readiness_says_which_shard_lacks_the_version_or_does_not_answer(
-    index: Index, replicas: list[Any], monkeypatch: pytest.MonkeyPatch
+    index: Index, replicas: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(service_module, "READINESS_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(shard_pool_module, "READINESS_TIMEOUT_S", 0.05)
     version = index.manifest.index_version
     served = serve(index, replicas)
     ready = run(served.service.readiness)
     assert ready == {
         "ready": True,
         "index_version": version,
+        "layout": replicas.layout,
         "shards": [
             {"shard": 0, "ready": True, "versions": [version]},
             {"shard": 1, "ready": True, "versions": [version]},
@@ -464,10 +551,10 @@ def test_readiness_says_which_shard_lacks_the_version_or_does_not_answer(
     embedder_down = serve(index, replicas)
     embedder_down.embedder.dead_calls = 1
     state = run(embedder_down.service.readiness)
-    assert state["ready"] is False and state["embedder"]["error"].startswith("ActorDiedError")
+    assert state["ready"] is False and state["embedder"]["error"] == "no live replica"
 
 
-def test_thumbnails_and_items_by_id(index: Index, replicas: list[Any]) -> None:
+def test_thumbnails_and_items_by_id(index: Index, replicas: Backend) -> None:
     service = serve(index, replicas).service
     assert run(lambda: service.thumbnail(FIRST_ID + 130)) == png(FIRST_ID + 130)
     assert run(lambda: service.item(FIRST_ID + 2))["item"] == {"id": FIRST_ID + 2, "label": str((FIRST_ID + 2) % 7)}
@@ -479,8 +566,10 @@ def test_thumbnails_and_items_by_id(index: Index, replicas: list[Any]) -> None:
         run(lambda: service.thumbnail(FIRST_ID))
 
 
-def test_a_shard_answers_a_batch_of_calls_with_one_search_per_setting(index: Index, replicas: list[Any]) -> None:
-    replica = replicas[0]
+def test_a_shard_answers_a_batch_of_calls_with_one_search_per_setting(
+    index: Index, shard_replicas: list[Any]
+) -> None:
+    replica = shard_replicas[0]
     version = index.manifest.index_version
     rng = np.random.default_rng(5)
     exact, narrow = SearchParams(nprobe=LISTS), SearchParams(nprobe=1)
@@ -491,7 +580,7 @@ def test_a_shard_answers_a_batch_of_calls_with_one_search_per_setting(index: Ind
         ShardCall(queries=rng.standard_normal((1, DIM)).astype(np.float32), k=2, index_version="gone", params=exact),
     ]
     searched: list[int] = []
-    loaded = replica._versions[version]
+    loaded = replica._host.loaded(0, version)
     original = loaded.search
 
     def counting(queries: np.ndarray, k: int, params: SearchParams | None = None) -> Any:
@@ -506,10 +595,10 @@ def test_a_shard_answers_a_batch_of_calls_with_one_search_per_setting(index: Ind
     assert sorted(searched) == [1, 5]  # one Faiss call per (version, setting) that exists
     for call, result in zip(calls[:3], results[:3], strict=True):
         alone = replica.search(call.queries, call.k, version, call.params)
-        assert isinstance(result, dict)
-        np.testing.assert_array_equal(result["ids"], alone["ids"])
-        np.testing.assert_allclose(result["scores"], alone["scores"], rtol=1e-6)
-        assert set(result["items"]) == {item_id for item_id in alone["ids"].ravel().tolist() if item_id >= 0}
+        assert isinstance(result, ShardHits)
+        np.testing.assert_array_equal(result.ids, alone.ids)
+        np.testing.assert_allclose(result.scores, alone.scores, rtol=1e-6)
+        assert set(result.items) == {item_id for item_id in alone.ids.ravel().tolist() if item_id >= 0}
     assert isinstance(results[3], VersionNotLoadedError)
 
 
@@ -529,11 +618,11 @@ class CountingModel:
 
 
 def test_the_embedder_answers_a_batch_with_one_model_call_per_kind_and_version() -> None:
-    # The replica's state without its constructor (which loads a model package from MLflow).
-    embedder = EmbedderDeployment.func_or_class.__new__(EmbedderDeployment.func_or_class)  # type: ignore[attr-defined]
+    # The host's state without `prepare` (which loads a model package from MLflow).
+    embedder = EmbedderHost(spec=ServingSpec(index="unused"))
     model = CountingModel()
     embedder._models = {"v1": ("models:/stub/1", model)}
-    embedder._desired_active = "v1"
+    embedder.default_version = "v1"
     calls = [
         EmbedCall(kind="image", data=png(9), index_version="v1"),
         EmbedCall(kind="text", data="seven", index_version=None),
@@ -550,8 +639,9 @@ def test_the_embedder_answers_a_batch_with_one_model_call_per_kind_and_version()
     assert isinstance(results[4], VersionNotLoadedError) and "not v0" in str(results[4])
 
 
+@distributed_only
 def test_a_dead_replica_whose_retry_waits_past_the_deadline_is_a_503_not_a_504(
-    index: Index, replicas: list[Any]
+    index: Index, replicas: Backend
 ) -> None:
     served = serve(index, replicas, batching=False, shard_timeout_s=0.05, on_shard_timeout="error")
 
@@ -565,7 +655,8 @@ def test_a_dead_replica_whose_retry_waits_past_the_deadline_is_a_503_not_a_504(
         run(main)
 
 
-def test_a_shard_marked_down_by_a_watcher_is_missing_without_a_call(index: Index, replicas: list[Any]) -> None:
+@distributed_only
+def test_a_shard_marked_down_by_a_watcher_is_missing_without_a_call(index: Index, replicas: Backend) -> None:
     served = serve(index, replicas, batching=False, on_shard_timeout="partial")
 
     async def main() -> dict[str, Any]:
@@ -579,7 +670,8 @@ def test_a_shard_marked_down_by_a_watcher_is_missing_without_a_call(index: Index
         served.service.mark_shard_down(2, "no such shard")
 
 
-def test_a_call_waiting_on_a_shard_that_goes_down_gives_up_at_once(index: Index, replicas: list[Any]) -> None:
+@distributed_only
+def test_a_call_waiting_on_a_shard_that_goes_down_gives_up_at_once(index: Index, replicas: Backend) -> None:
     # A deadline far away: the 503 below comes from the shard going down, not from the deadline.
     served = serve(index, replicas, batching=False, shard_timeout_s=30.0, on_shard_timeout="error")
 
@@ -595,8 +687,9 @@ def test_a_call_waiting_on_a_shard_that_goes_down_gives_up_at_once(index: Index,
         run(main)
 
 
+@distributed_only
 def test_only_a_shard_with_a_call_in_flight_and_no_answer_for_a_while_is_stalled(
-    index: Index, replicas: list[Any]
+    index: Index, replicas: Backend
 ) -> None:
     served = serve(index, replicas, shard_timeout_s=10.0)
     query = np.random.default_rng(5).standard_normal(DIM).astype(np.float32)

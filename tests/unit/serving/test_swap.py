@@ -34,6 +34,8 @@ from retrieval.serving.errors import (
     VersionNotLoadedError,
 )
 from retrieval.serving.http import build_http_api
+from retrieval.serving.memory import check_shard_memory
+from retrieval.serving.replies import ShardHits
 from retrieval.serving.service import SearchService
 from retrieval.serving.swap import (
     Desired,
@@ -41,7 +43,6 @@ from retrieval.serving.swap import (
     InFlight,
     ReplicaReport,
     SwapBook,
-    check_shard_memory,
     resolve_index_reference,
     run_swap,
 )
@@ -91,6 +92,8 @@ def versions(tmp_path: Path) -> dict[str, Version]:
 class GatedShard:
     """`ShardClient` over an in-process `ShardDeployment`; a search can be held at a gate."""
 
+    remote = True
+
     def __init__(self, replica: Any) -> None:
         self.replica = replica
         self.gate: asyncio.Event | None = None
@@ -98,12 +101,13 @@ class GatedShard:
 
     async def search(
         self, queries: np.ndarray, k: int, index_version: str, params: SearchParams | None = None
-    ) -> dict[str, Any]:
+    ) -> ShardHits:
         gate, self.gate = self.gate, None
         if gate is not None:
             self.reached.set()
             await gate.wait()
-        return dict(self.replica.search(queries, k, index_version, params))
+        reply: ShardHits = self.replica.search(queries, k, index_version, params)
+        return reply
 
     async def vector(self, item_id: int, index_version: str) -> np.ndarray | None:
         result: np.ndarray | None = self.replica.vector(item_id, index_version)
@@ -115,6 +119,8 @@ class GatedShard:
 
 
 class NoEmbedder:
+    remote = True
+
     async def embed(self, image_bytes: bytes, index_version: str) -> np.ndarray:
         raise AssertionError("no image search in these tests")
 
@@ -157,7 +163,7 @@ def test_requests_started_before_the_flip_finish_on_the_old_version(versions: di
         service.activate(v2.manifest)
         after = await service.search_vector(query, 5)
         gate.set()
-        return await before, after, in_flight
+        return (await before).to_json(), after.to_json(), in_flight
 
     before, after, in_flight = asyncio.run(scenario())
     assert in_flight == {"v1": 1}
@@ -194,7 +200,7 @@ def test_shard_holds_two_versions_and_release_frees_one(versions: dict[str, Vers
     assert replica.prepare(str(v2.path)) == "v2"
     assert replica.loaded_versions() == ["v1", "v2"]
     query = v2.vectors[30:31]
-    assert replica.search(query, 1, "v2")["ids"][0, 0] == 30
+    assert replica.search(query, 1, "v2").ids[0, 0] == 30
     assert asyncio.run(replica.release("v1", timeout_s=1.0)) is True
     assert replica.loaded_versions() == ["v2"]
     with pytest.raises(VersionNotLoadedError, match=r"shard 1 does not hold index version v1 \(it holds \['v2'\]\)"):
@@ -232,7 +238,7 @@ def test_corrupt_shard_is_refused_and_the_old_version_keeps_serving(
         replica.prepare(str(v3.path))
     assert replica.loaded_versions() == ["v1"]
     again = replica.search(v1.vectors[:2], 3, "v1")
-    np.testing.assert_array_equal(again["ids"], expected["ids"])
+    np.testing.assert_array_equal(again.ids, expected.ids)
 
 
 def test_memory_budget_refuses_before_loading(versions: dict[str, Version]) -> None:
@@ -256,9 +262,9 @@ def test_memory_budget_refuses_before_loading(versions: dict[str, Version]) -> N
 
 
 def test_memory_default_budget_is_the_available_memory() -> None:
-    with pytest.raises(MemoryBudgetError, match="the node's available memory"):
-        check_shard_memory(shard=2, index_version="v9", new_bytes=1 << 60, held_bytes=10, budget_bytes=None)
-    check_shard_memory(shard=2, index_version="v9", new_bytes=1, held_bytes=10, budget_bytes=None)
+    with pytest.raises(MemoryBudgetError, match=r"shard 2 of index v9 does not fit.*available memory"):
+        check_shard_memory(shards="shard 2", index_version="v9", new_bytes=1 << 60, held_bytes=10, budget_bytes=None)
+    check_shard_memory(shards="shard 2", index_version="v9", new_bytes=1, held_bytes=10, budget_bytes=None)
 
 
 def test_embedder_refuses_an_unknown_model_and_a_dimension_mismatch(
@@ -293,8 +299,11 @@ class BookState:
     def __init__(self, book: SwapBook) -> None:
         self.book = book
 
-    async def begin(self, target: IndexRef) -> Desired:
-        return self.book.begin(target)
+    async def begin(self, target: IndexRef, owner: str) -> Desired:
+        return self.book.begin(target, owner)
+
+    async def heartbeat(self, owner: str) -> Desired:
+        return self.book.heartbeat(owner)
 
     async def flip(self) -> Desired:
         return self.book.flip()
@@ -470,6 +479,100 @@ def test_stale_error_from_an_earlier_attempt_does_not_abort_a_retry(versions: di
     assert summary["to"] == "v2"
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_swap_whose_runner_goes_silent_before_the_flip_is_rolled_back(versions: dict[str, Version]) -> None:
+    """Issue 16, item 7: the replica running the swap died; the next report settles it."""
+    clock = Clock()
+    book = SwapBook(initial=versions["v1"].ref(), lease_s=10.0, clock=clock)
+    book.begin(versions["v2"].ref(), "ingress-a")
+    clock.now = 9.0
+    report = ReplicaReport(replica="s0-a", deployment="Shard0", holds=("v1", "v2"))
+    assert book.report(report).prepared is not None  # within the lease: nothing happens
+    clock.now = 20.0
+    desired = book.report(report)
+    assert (desired.active.index_version, desired.prepared, desired.retiring) == ("v1", None, None)
+    assert book.last_outcome is not None and book.last_outcome["outcome"] == "rolled back"
+    assert "ingress-a" in book.last_outcome["reason"] and "had not flipped" in book.last_outcome["reason"]
+    book.begin(versions["v2"].ref(), "ingress-b")  # the next swap is not refused
+
+
+def test_a_swap_whose_runner_goes_silent_after_the_flip_is_completed(versions: dict[str, Version]) -> None:
+    clock = Clock()
+    book = SwapBook(initial=versions["v1"].ref(), lease_s=10.0, clock=clock)
+    book.begin(versions["v2"].ref(), "ingress-a")
+    book.flip()
+    clock.now = 5.0
+    book.heartbeat("ingress-a")
+    clock.now = 14.0  # 9 s after the last heartbeat: still leased
+    assert book.report(ReplicaReport(replica="in-a", deployment="SearchIngress", holds=("v1", "v2"))).retiring
+    clock.now = 16.0
+    desired = book.report(ReplicaReport(replica="in-a", deployment="SearchIngress", holds=("v1", "v2")))
+    assert (desired.active.index_version, desired.prepared, desired.retiring) == ("v2", None, None)
+    assert book.status()["last_outcome"]["outcome"] == "completed"
+    # Another owner's heartbeat never renews a lease that is not its own.
+    book.begin(versions["v1"].ref(), "ingress-b")
+    clock.now = 30.0
+    book.heartbeat("ingress-a")
+    assert book.report(ReplicaReport(replica="in-a", deployment="SearchIngress", holds=("v2",))).prepared is None
+
+
+def test_an_operator_abort_cancels_before_the_flip_and_rolls_back_after(versions: dict[str, Version]) -> None:
+    book = SwapBook(initial=versions["v1"].ref())
+    with pytest.raises(SwapFailedError, match=r"no swap is in progress \(index v1 is active\)"):
+        book.roll_back("by hand")
+    book.begin(versions["v2"].ref(), "ingress-a")
+    desired = book.roll_back("by hand")
+    assert (desired.active.index_version, desired.prepared) == ("v1", None)
+    book.begin(versions["v2"].ref(), "ingress-a")
+    book.flip()
+    desired = book.roll_back("by hand")
+    # v1 was still held everywhere (retiring): it is active again in one step, and v2 is freed.
+    assert (desired.active.index_version, desired.prepared, desired.retiring) == ("v1", None, None)
+    assert book.last_outcome == {"to": "v2", "outcome": "rolled back", "reason": "by hand; v1 is active again"}
+
+
+def test_the_runner_fails_when_an_operator_aborts_its_swap(versions: dict[str, Version]) -> None:
+    book = SwapBook(initial=versions["v1"].ref())
+    # Shard0 never loads v2 in time: the runner waits, and the operator aborts meanwhile.
+    replicas = [FakeReplica("in-a", "SearchIngress", router=True)]
+
+    async def scenario() -> None:
+        poller = asyncio.create_task(poll_forever(book, replicas))
+
+        async def expected() -> dict[str, int]:
+            return {"Shard0": 1, "SearchIngress": 1}
+
+        async def abort_soon() -> None:
+            while book.desired().prepared is None:
+                await asyncio.sleep(0.001)
+            book.roll_back("aborted by an operator")
+
+        aborting = asyncio.create_task(abort_soon())
+        try:
+            await run_swap(
+                state=BookState(book),
+                target=versions["v2"].ref(),
+                expected_replicas=expected,
+                activate=lambda ref: None,
+                timeout_s=5.0,
+                poll_s=0.001,
+            )
+        finally:
+            await aborting
+            poller.cancel()
+
+    with pytest.raises(SwapFailedError, match="was aborted before its flip; index v1 keeps serving"):
+        asyncio.run(scenario())
+    assert book.desired().active.index_version == "v1" and not book.in_progress
+
+
 # --------------------------------------------------------------------------- references
 
 
@@ -521,6 +624,10 @@ class FakeAdmin:
     def __init__(self, error: Exception | None = None) -> None:
         self.error = error
         self.calls: list[str] = []
+
+    async def abort(self) -> dict[str, Any]:
+        self.calls.append("abort")
+        return {"active": "v1", "prepared": None, "retiring": None, "replicas": {}}
 
     async def swap(self, index: str) -> dict[str, Any]:
         self.calls.append(index)
@@ -695,3 +802,14 @@ def test_request_swap_returns_the_summary_or_raises_the_servers_reason(refusing_
         request_swap(refusing_server, index="v2", token="nope")
     with pytest.raises(SwapRequestError, match="cannot reach"):
         request_swap("http://127.0.0.1:9", index="v2", token=TOKEN, timeout_s=2)
+
+
+def test_abort_route_needs_the_admin_token(
+    admin_api: tuple[Any, FakeAdmin], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, admin = admin_api
+    monkeypatch.setenv("TEST_SWAP_ADMIN_TOKEN", TOKEN)
+    status, body = asgi_call(app, "POST", "/admin/swap/abort", headers={})
+    assert status == 401 and body["error"]["type"] == "unauthorized" and admin.calls == []
+    status, body = asgi_call(app, "POST", "/admin/swap/abort", headers={"authorization": f"Bearer {TOKEN}"})
+    assert (status, body["active"], admin.calls) == (200, "v1", ["abort"])

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import io
 import json
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +28,14 @@ from retrieval.evaluation.cross_modal import pack_codes
 from retrieval.index.manifest import IndexManifest, ModelRef, read_manifest
 from retrieval.index.search_params import SearchParams
 from retrieval.index.shards import build_shards
-from retrieval.serving.deployments import EmbedderDeployment, ShardDeployment
+from retrieval.serving.clients import LocalShardClient
+from retrieval.serving.deployments import EmbedderDeployment
 from retrieval.serving.errors import PayloadTooLargeError, VersionNotLoadedError
 from retrieval.serving.http import build_http_api
 from retrieval.serving.images import decode_image
+from retrieval.serving.replies import ShardHits
 from retrieval.serving.service import MAX_TEXT_CHARS, SearchService
+from retrieval.serving.shard_host import ShardHost
 
 BITS = 16
 COUNT = 50
@@ -45,31 +50,34 @@ def sign_codes(count: int, seed: int) -> np.ndarray:
 TEXT_CODES = dict(zip(QUERY_TEXTS, sign_codes(len(QUERY_TEXTS), seed=99), strict=True))
 
 
-class InProcessShard:
-    """`ShardClient` calling a `ShardDeployment` instance directly."""
+EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="text-query-shards")
 
-    def __init__(self, replica: Any) -> None:
-        self.replica = replica
+
+class InProcessShard(LocalShardClient):
+    """The local layout's shard client over a `ShardHost`, recording the queries it is given."""
+
+    def __init__(self, host: ShardHost, shard: int) -> None:
+        super().__init__(host, shard, EXECUTOR)
         self.queries: list[np.ndarray] = []
 
     async def search(
         self, queries: np.ndarray, k: int, index_version: str, params: SearchParams | None = None
-    ) -> dict[str, Any]:
+    ) -> ShardHits:
         self.queries.append(queries)
-        return dict(self.replica.search(queries, k, index_version, params))
+        return await super().search(queries, k, index_version, params)
 
-    async def vector(self, item_id: int, index_version: str) -> np.ndarray | None:
-        result: np.ndarray | None = self.replica.vector(item_id, index_version)
-        return result
 
-    async def item(self, item_id: int, index_version: str) -> dict[str, Any] | None:
-        result: dict[str, Any] | None = self.replica.item(item_id, index_version)
-        return result
+async def as_json(reply: Awaitable[Any]) -> dict[str, Any]:
+    """A service reply as the JSON the API sends."""
+    answered: dict[str, Any] = (await reply).to_json()
+    return answered
 
 
 class CodeEmbedder:
     """`EmbedderClient`: a known text gives its code; an image gives the code of the gallery id
     in its first pixel's red value; ``images_only`` refuses texts as an image-only model does."""
+
+    remote = True
 
     def __init__(self, gallery: np.ndarray, *, images_only: bool = False) -> None:
         self.gallery = gallery
@@ -100,7 +108,9 @@ class Served:
 def serve_index(path: Path, codes: np.ndarray, *, images_only: bool = False) -> Served:
     spec = ServingSpec(index=str(path), max_k=30, default_k=5, max_upload_bytes=5_000)
     manifest, _ = read_manifest(path)
-    shards = [InProcessShard(ShardDeployment.func_or_class(spec=spec, shard=info.shard)) for info in manifest.shards]
+    host = ShardHost(spec=spec)
+    host.prepare(str(path))
+    shards = [InProcessShard(host, info.shard) for info in manifest.shards]
     embedder = CodeEmbedder(codes, images_only=images_only)
     service = SearchService(manifest=manifest, spec=spec, shards=shards, embedder=embedder)
     return Served(service=service, codes=codes, shards=shards, embedder=embedder, manifest=manifest)
@@ -137,7 +147,7 @@ def hits(reply: dict[str, Any]) -> list[list[int]]:
 
 
 def test_text_query_on_a_binary_index_equals_brute_force_hamming(binary: Served) -> None:
-    reply = asyncio.run(binary.service.search_text("a three next to a seven", 12))
+    reply = asyncio.run(as_json(binary.service.search_text("a three next to a seven", 12)))
     assert hits(reply) == brute_force_hamming(binary.codes, TEXT_CODES["a three next to a seven"], 12)
     assert reply["model"] == {"name": MODEL.name, "version": MODEL.version, "uri": MODEL.uri}
     assert (reply["index_version"], reply["modality"], reply["k"]) == (binary.manifest.index_version, "image", 12)
@@ -155,18 +165,18 @@ def test_text_query_on_a_binary_index_equals_brute_force_hamming(binary: Served)
 
 def test_vector_queries_on_a_binary_index_take_signs(binary: Served) -> None:
     real = np.random.default_rng(5).standard_normal(BITS)
-    reply = asyncio.run(binary.service.search_vector(real.tolist(), 9))
+    reply = asyncio.run(as_json(binary.service.search_vector(real.tolist(), 9)))
     assert hits(reply) == brute_force_hamming(binary.codes, real, 9)
     with pytest.raises(BadRequestError, match=r"vector has 15 values, the binary index expects 16 \(one per code bit"):
-        asyncio.run(binary.service.search_vector(real[:15].tolist(), 5))
+        asyncio.run(as_json(binary.service.search_vector(real[:15].tolist(), 5)))
 
 
 def test_id_and_image_queries_on_a_binary_index(binary: Served) -> None:
-    reply = asyncio.run(binary.service.search_id(17, 6))
+    reply = asyncio.run(as_json(binary.service.search_id(17, 6)))
     assert hits(reply) == brute_force_hamming(binary.codes, binary.codes[17], 6, exclude=17)
     buffer = io.BytesIO()
     Image.new("RGB", (4, 4), (23, 0, 0)).save(buffer, format="PNG")
-    reply = asyncio.run(binary.service.search_image(buffer.getvalue(), 4))
+    reply = asyncio.run(as_json(binary.service.search_image(buffer.getvalue(), 4)))
     assert hits(reply)[0] == [0, 23]
     assert hits(reply) == brute_force_hamming(binary.codes, binary.codes[23], 4)
 
@@ -185,7 +195,7 @@ def test_float_index_replies_keep_their_shape_and_say_the_modality(tmp_path: Pat
         modality="text",
     )
     served = serve_index(path, vectors)
-    reply = asyncio.run(served.service.search_text("two ones", 5))
+    reply = asyncio.run(as_json(served.service.search_text("two ones", 5)))
     scores = vectors.astype(np.float64) @ TEXT_CODES["two ones"].astype(np.float64)
     assert [result["id"] for result in reply["results"]] == np.argsort(-scores, kind="stable")[:5].tolist()
     assert reply["modality"] == "text"
@@ -195,11 +205,11 @@ def test_float_index_replies_keep_their_shape_and_say_the_modality(tmp_path: Pat
 def test_text_query_checks(binary: Served, tmp_path: Path) -> None:
     for blank in ("", "   \n\t"):
         with pytest.raises(BadRequestError, match="text is empty"):
-            asyncio.run(binary.service.search_text(blank, 5))
+            asyncio.run(as_json(binary.service.search_text(blank, 5)))
     with pytest.raises(PayloadTooLargeError, match=f"text has {MAX_TEXT_CHARS + 1} characters, the limit is"):
-        asyncio.run(binary.service.search_text("a" * (MAX_TEXT_CHARS + 1), 5))
+        asyncio.run(as_json(binary.service.search_text("a" * (MAX_TEXT_CHARS + 1), 5)))
     with pytest.raises(BadRequestError, match="k must be between 1 and 30"):
-        asyncio.run(binary.service.search_text("a nine", 31))
+        asyncio.run(as_json(binary.service.search_text("a nine", 31)))
     assert binary.embedder.texts == []
 
 
