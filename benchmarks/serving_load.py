@@ -13,13 +13,22 @@ Part 1, serving (``/search/vector``, k=10), at each of ``--concurrency`` levels:
   This is the limit: no HTTP, no serialisation.
 - (b) ``plain-fastapi``: `benchmarks/plain_fastapi_server.py` (one uvicorn process, FastAPI,
   the same 1-shard index and items file), loaded from a separate client process.
-- (c) ``serve-<S>shard-batch-<on|off>``: the platform's Serve app
-  (`retrieval.serving.app.build_app` + ``serve.run``) over the 1- and 2-shard versions, with
-  ``batching`` true and false in the `ServingSpec`, on a local Ray cluster of ``--cpus`` CPUs.
+- (c) ``serve-<layout>-<S>shard-batch-<on|off>``: the platform's Serve app
+  (`retrieval.serving.app.build_app` + ``serve.run``) over the 1- and 2-shard versions, in each
+  ``--layouts`` (``local``: the ingress searches the shards in-process; ``distributed``: one
+  Serve deployment per shard), with ``batching`` true and false in the `ServingSpec`, on a
+  local Ray cluster of ``--cpus`` CPUs.
 - (d) ``serve-noop``: a Ray Serve app with one FastAPI ingress deployment (same CPUs and
   ``max_ongoing_requests`` as the platform's ingress) whose ``POST /search/vector`` validates
   the body and returns a canned reply of k hits: the ceiling Ray Serve itself puts on the
   machine, with no search and no handle calls.
+
+Every system's CPU is measured too: the CPU seconds (user + system, from /proc) of all its
+processes over each level, per query vector answered (``cpu_ms_per_query``): the in-process
+threads; the plain server's process; for the Serve rows every process of the local Ray cluster
+(raylet, GCS, proxy, controller, replicas), the load client excluded. So the ratios hold per core
+as well as per second. Every Serve app, the no-op included, runs with Serve's per-request access
+log off (``logging_config: {enable_access_log: false}``, as the platform's Serve configs ship).
 
 The Serve rows run with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` and
 ``RAY_SERVE_ENABLE_DIRECT_INGRESS=0`` in the environment of the local Ray cluster (set in
@@ -110,6 +119,7 @@ README_SOURCES = {"100k": HERE / "serving_load.json", "1M": HERE / "serving_load
 # proxy. Measured separately on this machine: a minimal app at 1 client went from 12 to 8.5 ms p50.
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
 NOOP_APP_NAME = "serving-load-noop"
+SERVE_LOGGING = {"enable_access_log": False}
 
 
 class NoopQuery(BaseModel):
@@ -147,6 +157,13 @@ def _arguments() -> argparse.Namespace:
         "--rebuild", action="store_true", help="rebuild the cached indices (e.g. after a change of the index format)"
     )
     parser.add_argument("--skip", nargs="*", default=[], choices=["inprocess", "plain", "noop", "serve", "types"])
+    parser.add_argument(
+        "--layouts",
+        nargs="+",
+        default=["local", "distributed"],
+        choices=["local", "distributed"],
+        help="ServingSpec.layout of the platform's Serve rows (the first also runs the other-environment level)",
+    )
     parser.add_argument(
         "--serve-default-env",
         action="store_true",
@@ -409,6 +426,51 @@ def cached_index(
     return manifest_path, seconds
 
 
+# --------------------------------------------------------------------------- CPU accounting
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _process_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds used so far, user + system) of every process in /proc."""
+    table: dict[int, tuple[int, float]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: the fields start after its last ")".
+        fields = text[text.rindex(")") + 2 :].split()
+        table[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS)
+    return table
+
+
+def tree_cpu_seconds(root: int, *, include_root: bool = True) -> float:
+    """CPU seconds used so far by ``root`` and every process below it (a Ray cluster, a server and its workers)."""
+    table = _process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    total = 0.0
+    stack, seen = [root], set()
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        if pid in table and (include_root or pid != root):
+            total += table[pid][1]
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def ray_cluster_cpu_seconds() -> float:
+    """CPU seconds of the local Ray cluster this process started (raylet, GCS, proxy, controller, replicas)."""
+    return tree_cpu_seconds(os.getpid(), include_root=False)
+
+
 # --------------------------------------------------------------------------- statistics
 
 
@@ -503,10 +565,14 @@ def inprocess_level(
 
     phase(warmup, False)
     failures[0] = 0
+    cpu_before = time.process_time()
     seconds = phase(requests_count, True)
-    return summarise(
+    cpu_s = time.process_time() - cpu_before
+    summary = summarise(
         latencies, seconds=seconds, sent=state["next"], failed=failures[0], concurrency=concurrency, batch=batch
     )
+    answered = max(1, summary["ok"] * batch)
+    return {**summary, "cpu_s": cpu_s, "cpu_ms_per_query": cpu_s * 1000.0 / answered}
 
 
 # --------------------------------------------------------------------------- (b), (c) over HTTP
@@ -536,9 +602,20 @@ def wait_until_answering(url: str, query: np.ndarray, *, k: int, timeout_s: floa
 
 
 def client_level(
-    url: str, queries_path: Path, *, concurrency: int, args: argparse.Namespace, batch: int = 1
+    url: str,
+    queries_path: Path,
+    *,
+    concurrency: int,
+    args: argparse.Namespace,
+    batch: int = 1,
+    cpu_of: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
-    """One level of `load_client.py` in its own process (``batch`` vectors per request); its JSON summary."""
+    """One level of `load_client.py` in its own process (``batch`` vectors per request); its JSON summary.
+
+    With ``cpu_of`` (the CPU seconds of the system under test so far), the summary also gives the
+    system's CPU seconds over the whole level and per query vector (warm-up requests included,
+    the load client's own CPU excluded).
+    """
     command = [
         sys.executable,
         str(HERE / "load_client.py"),
@@ -559,12 +636,18 @@ def client_level(
         "--batch",
         str(batch),
     ]
+    cpu_before = cpu_of() if cpu_of is not None else 0.0
     completed = subprocess.run(
         command, capture_output=True, text=True, timeout=args.max_seconds * 3 + 180, check=False, cwd=REPO
     )
+    cpu_after = cpu_of() if cpu_of is not None else 0.0
     if completed.returncode != 0:
         raise RuntimeError(f"load_client.py failed ({completed.returncode}): {completed.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
+    if cpu_of is not None:
+        answered = max(1, (result["completed"] + args.warmup) * batch)
+        result["cpu_s"] = cpu_after - cpu_before
+        result["cpu_ms_per_query"] = result["cpu_s"] * 1000.0 / answered
     return result
 
 
@@ -605,20 +688,22 @@ def run_levels(
     extra: dict[str, Any],
     *,
     levels: list[tuple[int, int]] | None = None,
+    cpu_of: Callable[[], float] | None = None,
 ) -> list[dict[str, Any]]:
     """`client_level` at each ``(concurrency, batch)`` of ``levels`` (default: ``--concurrency``, batch 1)."""
     rows = []
     for concurrency, batch in levels if levels is not None else [(level, 1) for level in args.concurrency]:
-        result = client_level(url, queries_path, concurrency=concurrency, args=args, batch=batch)
+        result = client_level(url, queries_path, concurrency=concurrency, args=args, batch=batch, cpu_of=cpu_of)
         rows.append({"system": name, **extra, **result, "load_average": _load_average()})
         logger.warning(
-            "%s c=%d batch=%d: %.0f QPS, p50 %.1f ms, p99 %.1f ms, failed %d",
+            "%s c=%d batch=%d: %.0f QPS, p50 %.1f ms, p99 %.1f ms, %.2f CPU ms/query, failed %d",
             name,
             concurrency,
             batch,
             result["qps"],
             result["latency_ms"]["p50"],
             result["latency_ms"]["p99"],
+            result.get("cpu_ms_per_query", float("nan")),
             result["failed"],
         )
     return rows
@@ -665,16 +750,16 @@ def serve_cluster(args: argparse.Namespace, *, optimized: bool) -> Iterator[dict
                 os.environ[key] = previous
 
 
-def noop_application(*, dim: int) -> Any:
+def noop_application(*, dim: int, num_cpus: float) -> Any:
     """(d): one FastAPI ingress deployment that validates ``POST /search/vector`` and returns k canned hits.
 
-    Same ``num_cpus`` and ``max_ongoing_requests`` as the platform's ingress, no other
-    deployments, no handle calls, no search: what Ray Serve's proxy and one replica cost.
+    Same ``num_cpus`` and ``max_ongoing_requests`` as the platform's local-layout ingress, no
+    other deployments, no handle calls, no search: what Ray Serve's proxy and one replica cost.
     """
     from fastapi import FastAPI, HTTPException
     from ray import serve
 
-    from retrieval.serving.app import INGRESS_MAX_ONGOING_REQUESTS, INGRESS_NUM_CPUS
+    from retrieval.serving.app import INGRESS_MAX_ONGOING_REQUESTS
 
     api = FastAPI(title="serve no-op")
 
@@ -695,7 +780,7 @@ def noop_application(*, dim: int) -> Any:
 
     deployment = serve.deployment(
         name="NoopIngress",
-        ray_actor_options={"num_cpus": INGRESS_NUM_CPUS},
+        ray_actor_options={"num_cpus": num_cpus},
         max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
     )(serve.ingress(api)(NoopIngress))
     return deployment.bind()
@@ -717,11 +802,20 @@ def measure_application(
 
     url = f"http://127.0.0.1:{args.serve_port}"
     started = time.perf_counter()
-    serve.run(application, name=app_name, route_prefix="/")
+    # Every Serve app runs as the platform's Serve configs ship: no per-request access log line.
+    serve.run(application, name=app_name, route_prefix="/", logging_config=SERVE_LOGGING)
     ready_s = time.perf_counter() - started + wait_until_answering(url, queries[0], k=args.k, timeout_s=300)
     logger.warning("%s ready after %.1f s", name, ready_s)
     try:
-        return run_levels(name, url, queries_path, args, {**extra, "ready_s": ready_s}, levels=levels)
+        return run_levels(
+            name,
+            url,
+            queries_path,
+            args,
+            {**extra, "ready_s": ready_s},
+            levels=levels,
+            cpu_of=ray_cluster_cpu_seconds,
+        )
     finally:
         serve.delete(app_name)
 
@@ -761,10 +855,17 @@ def serve_runs(
     environments: dict[str, Any] = {}
 
     def platform_app(
-        num_shards: int, batching: bool | None, *, suffix: str, env: str, levels: list[tuple[int, int]]
+        layout: str,
+        num_shards: int,
+        batching: bool | None,
+        *,
+        suffix: str,
+        env: str,
+        levels: list[tuple[int, int]],
     ) -> list[dict[str, Any]]:
         serve_args: dict[str, Any] = {
             "index": str(manifests[num_shards]),
+            "layout": layout,
             "shard_num_cpus": args.shard_num_cpus,
             "embedder_num_cpus": args.embedder_num_cpus,
         }
@@ -773,13 +874,19 @@ def serve_runs(
         label = "default" if batching is None else ("on" if batching else "off")
         try:
             return measure_application(
-                f"serve-{num_shards}shard-batch-{label}{suffix}",
+                f"serve-{layout}-{num_shards}shard-batch-{label}{suffix}",
                 build_app(serve_args, state_name=STATE_NAME),
                 app_name=APP_NAME,
                 queries=queries,
                 queries_path=queries_path,
                 args=args,
-                extra={"shards": num_shards, "batching": batching, "serve_args": serve_args, "serve_env": env},
+                extra={
+                    "layout": layout,
+                    "shards": num_shards,
+                    "batching": batching,
+                    "serve_args": serve_args,
+                    "serve_env": env,
+                },
                 levels=levels,
             )
         finally:
@@ -791,15 +898,18 @@ def serve_runs(
     with serve_cluster(args, optimized=optimized) as seen:
         environments[env_names[optimized]] = seen
         if "serve" not in args.skip:
-            for num_shards in manifests:
-                for batching in batching_values:
-                    levels = single_levels + (client_batch_levels(args) if batching is not False else [])
-                    rows += platform_app(num_shards, batching, suffix="", env=env_names[optimized], levels=levels)
+            for layout in args.layouts:
+                for num_shards in manifests:
+                    for batching in batching_values:
+                        levels = single_levels + (client_batch_levels(args) if batching is not False else [])
+                        rows += platform_app(
+                            layout, num_shards, batching, suffix="", env=env_names[optimized], levels=levels
+                        )
         # After the platform's apps, so that it does not meet the cluster's start-up work.
         if "noop" not in args.skip:
             rows += measure_application(
                 "serve-noop",
-                noop_application(dim=queries.shape[1]),
+                noop_application(dim=queries.shape[1], num_cpus=args.shard_num_cpus),
                 app_name=NOOP_APP_NAME,
                 queries=queries,
                 queries_path=queries_path,
@@ -812,6 +922,7 @@ def serve_runs(
         with serve_cluster(args, optimized=not optimized) as seen:
             environments[other] = seen
             rows += platform_app(
+                args.layouts[0],
                 1,
                 batching_values[0],
                 suffix=f" ({other} env)",
@@ -948,10 +1059,14 @@ def _fmt(value: float | None, digits: int = 0) -> str:
 def serving_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one row per system, concurrency and batch, with the QPS ratios to (a), (b) and (d)."""
     reference = {(row["system"], row["concurrency"], row.get("batch", 1)): row["qps"] for row in rows}
+    cpu_reference = {
+        (row["system"], row["concurrency"], row.get("batch", 1)): row.get("cpu_ms_per_query") for row in rows
+    }
     lines = [
         "| system | clients | vectors / request | QPS (vectors/s) | p50 ms | p99 ms | ok / failed "
-        "| vs (a) in-process | vs (b) plain FastAPI | vs (d) Serve no-op | 1-min load after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vs (a) in-process | vs (b) plain FastAPI | vs (d) Serve no-op | CPU ms / query "
+        "| queries per CPU-s vs (b) | 1-min load after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         key = (row["concurrency"], row.get("batch", 1))
@@ -959,10 +1074,14 @@ def serving_table(rows: list[dict[str, Any]]) -> str:
         for system in ("inprocess", "plain-fastapi", "serve-noop"):
             base = reference.get((system, *key))
             ratios.append(f"{row['qps'] / base:.2f}x" if base else "-")
+        cpu = row.get("cpu_ms_per_query")
+        plain_cpu = cpu_reference.get(("plain-fastapi", *key))
+        per_core = f"{plain_cpu / cpu:.2f}x" if cpu and plain_cpu else "-"
         lines.append(
             f"| {row['system']} | {row['concurrency']} | {row.get('batch', 1)} | {_fmt(row['qps'])} | "
             f"{_fmt(row['latency_ms']['p50'], 1)} | {_fmt(row['latency_ms']['p99'], 1)} | "
-            f"{row['ok']} / {row['failed']} | {' | '.join(ratios)} | {row['load_average'][0]} |"
+            f"{row['ok']} / {row['failed']} | {' | '.join(ratios)} | {_fmt(cpu, 2)} | {per_core} | "
+            f"{row['load_average'][0]} |"
         )
     return "\n".join(lines)
 
@@ -1142,7 +1261,13 @@ def main() -> None:
                 if threads == args.plain_threads[0]:
                     levels += client_batch_levels(args)
                 serving += run_levels(
-                    name, url, queries_path, args, {"ready_s": ready_s, "server": health}, levels=levels
+                    name,
+                    url,
+                    queries_path,
+                    args,
+                    {"ready_s": ready_s, "server": health},
+                    levels=levels,
+                    cpu_of=lambda pid=process.pid: tree_cpu_seconds(pid),
                 )
     serve_env: dict[str, Any] = {}
     if "serve" not in args.skip or "noop" not in args.skip:
