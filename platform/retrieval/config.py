@@ -823,6 +823,22 @@ class ServingSpec(StrictModel):
         description="CPUs per ingress replica (None: shard_num_cpus in the local layout, 0 in the distributed)",
     )
     shard_replicas: int = Field(1, ge=1, description="replicas per shard deployment (distributed layout)")
+    max_replicas_per_node: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "most replicas of one deployment (ingress, each shard, embedder) on one node, so that losing a node "
+            "loses at most this many of each (None: Serve places them freely)"
+        ),
+    )
+    ingress_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each ingress replica needs, to place it on nodes that have them",
+    )
+    shard_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each shard replica needs (distributed layout), e.g. memory-heavy nodes",
+    )
     embedder_replicas: int = Field(1, ge=1)
     shard_num_cpus: float = Field(0.5, ge=0.0)
     embedder_num_cpus: float = Field(0.5, ge=0.0)

@@ -103,7 +103,8 @@ def build_app(
             ShardDeployment.options(  # type: ignore[attr-defined]
                 name=f"Shard{info.shard}",
                 num_replicas=spec.shard_replicas,
-                ray_actor_options={"num_cpus": spec.shard_num_cpus},
+                ray_actor_options=_actor_options(spec.shard_num_cpus, spec.shard_resources),
+                max_replicas_per_node=spec.max_replicas_per_node,
                 health_check_period_s=spec.health_check_period_s,
                 max_ongoing_requests=replica_max_ongoing_requests(spec),
             ).bind(spec=pinned, shard=info.shard, state_name=state)
@@ -114,7 +115,8 @@ def build_app(
         embedder = EmbedderDeployment.options(  # type: ignore[attr-defined]
             name="Embedder",
             num_replicas=spec.embedder_replicas,
-            ray_actor_options={"num_cpus": spec.embedder_num_cpus},
+            ray_actor_options=_actor_options(spec.embedder_num_cpus, {}),
+            max_replicas_per_node=spec.max_replicas_per_node,
             health_check_period_s=spec.health_check_period_s,
             max_ongoing_requests=replica_max_ongoing_requests(spec),
         ).bind(spec=pinned, state_name=state)
@@ -130,7 +132,7 @@ def build_app(
     ingress_cpus = spec.ingress_num_cpus
     if ingress_cpus is None:
         ingress_cpus = spec.shard_num_cpus if choice.layout == "local" else DISTRIBUTED_INGRESS_NUM_CPUS
-    ingress_options: dict[str, Any] = {"num_cpus": ingress_cpus}
+    ingress_options = _actor_options(ingress_cpus, spec.ingress_resources)
     if ingress_env:
         ingress_options["runtime_env"] = {"env_vars": dict(ingress_env)}
     return SearchIngress.options(  # type: ignore[attr-defined]
@@ -138,4 +140,12 @@ def build_app(
         ray_actor_options=ingress_options,
         max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
         health_check_period_s=spec.health_check_period_s,
+        max_replicas_per_node=spec.max_replicas_per_node,
     ).bind(spec=pinned, shards=shards, embedder=embedder, state_name=state)
+
+
+def _actor_options(num_cpus: float, resources: Mapping[str, float]) -> dict[str, Any]:
+    options: dict[str, Any] = {"num_cpus": num_cpus}
+    if resources:
+        options["resources"] = dict(resources)
+    return options

@@ -95,3 +95,32 @@ def test_auto_layout_is_local_when_two_copies_fit_and_an_explicit_layout_is_kept
     for layout in ("local", "distributed"):
         kept = choose_layout(ServingSpec(index="unused", layout=layout), index_bytes=1 << 50)
         assert kept.layout == layout
+
+
+def test_placement_settings_reach_every_deployment(tmp_path: Path) -> None:
+    """`max_replicas_per_node` and the custom resources become the deployments' own options."""
+    import numpy as np
+
+    from retrieval.index import ModelRef, build_shards
+    from retrieval.serving.app import build_app
+
+    vectors = np.eye(4, dtype=np.float32)
+    index = build_shards(
+        vectors=vectors, ids=np.arange(4), items=[{} for _ in range(4)], out_root=tmp_path, num_shards=2,
+        factory="Flat", model=ModelRef(name="m", version="1", uri="models:/m/1"), gallery={"dataset": "synthetic"},
+    )  # fmt: skip
+    app = build_app({
+        "index": str(index), "layout": "distributed", "shard_replicas": 2, "max_replicas_per_node": 1,
+        "ingress_resources": {"front": 1}, "shard_resources": {"memory_node": 0.5},
+    })  # fmt: skip
+    ingress = app._bound_deployment
+    shards = [bound._bound_deployment for bound in ingress.init_kwargs["shards"]]
+    assert ingress._replica_config.max_replicas_per_node == 1
+    assert ingress.ray_actor_options["resources"] == {"front": 1}
+    assert len(shards) == 2
+    for shard in shards:
+        assert shard.num_replicas == 2
+        assert shard._replica_config.max_replicas_per_node == 1
+        assert shard.ray_actor_options == {"num_cpus": 0.5, "resources": {"memory_node": 0.5}}
+    with pytest.raises(Exception, match="max_replicas_per_node"):
+        ServingSpec(index="unused", max_replicas_per_node=0)
