@@ -7,6 +7,7 @@ this cluster (never a machine-wide `ray stop`).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,8 +16,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -191,3 +193,170 @@ def get_until_ok(url: str, deadline_s: float) -> requests.Response:
 def http_ready() -> object:
     """`get_until_ok(url, deadline_s)`: the first 200 reply of a route that is coming up."""
     return get_until_ok
+
+
+# --------------------------------------------------------------------------- the fault tier
+# A real two-node Ray cluster on this machine, whose worker node the fault tests kill.
+#
+# Both nodes are `ray start ... --block` processes, each in its own process group: the head
+# (``--resources '{"head_node": ...}'``) and a worker node (``{"worker_node": ...}``). Killing
+# the worker node's group with SIGKILL is what a lost machine looks like to Ray: its raylet,
+# object store and every worker on it vanish at once, with no goodbye to the GCS. The worker
+# node can then be started again, as a replaced machine would be.
+#
+# Drivers (``retrieval train``, a Serve deploy) run as subprocesses connected to this cluster, so
+# the test process stays connected to the session's own cluster (``ray_cluster``) if it has one.
+# Serve's proxy runs on the head only (two proxies cannot share one port on one machine).
+
+BIN = Path(sys.executable).parent
+HEAD_CPUS = 4
+WORKER_CPUS = 2
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # Serve's proxy sends requests to replicas on its own node first: with the proxy on the
+        # head, the worker node's ingress replica would never get one.
+        "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+@dataclass
+class TwoNodeCluster:
+    address: str
+    dashboard_url: str
+    serve_port: int
+    logs: Path
+    head: subprocess.Popen[bytes]
+    worker: subprocess.Popen[bytes] | None = None
+    starts: int = field(default=0)
+
+    # ------------------------------------------------------------------ nodes
+
+    def start_worker(self) -> None:
+        """Start (or restart) the worker node and wait until the GCS counts it alive."""
+        assert self.worker is None, "the worker node is already running"
+        self.starts += 1
+        command = [
+            str(BIN / "ray"), "start", "--block", "--disable-usage-stats",
+            "--address", self.address, "--node-ip-address", "127.0.0.1",
+            "--num-cpus", str(WORKER_CPUS), "--resources", json.dumps({"worker_node": 100}),
+            "--metrics-export-port", str(free_port()),
+            "--dashboard-agent-listen-port", str(free_port()),
+            "--dashboard-agent-grpc-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port()),
+        ]  # fmt: skip
+        with (self.logs / f"worker-{self.starts}.log").open("w") as log:
+            self.worker = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True
+            )
+        wait_until(lambda: self.worker_node_id() is not None, timeout=120, what="the worker node to join")
+
+    def kill_worker(self) -> None:
+        """SIGKILL the worker node's whole process group: a machine lost without warning."""
+        assert self.worker is not None, "no worker node to kill"
+        os.killpg(self.worker.pid, signal.SIGKILL)
+        self.worker.wait(timeout=30)
+        self.worker = None
+        wait_until(lambda: self.worker_node_id() is None, timeout=120, what="the GCS to mark the worker node dead")
+
+    def nodes(self) -> list[dict[str, Any]]:
+        reply = requests.get(f"{self.dashboard_url}/api/v0/nodes", params={"limit": 100, "detail": "true"}, timeout=10)
+        reply.raise_for_status()
+        return list(reply.json()["data"]["result"]["result"])
+
+    def worker_node_id(self) -> str | None:
+        """The live worker node's id (the node with the ``worker_node`` resource), or None."""
+        for node in self.nodes():
+            if node["state"] == "ALIVE" and "worker_node" in (node.get("resources_total") or {}):
+                return str(node["node_id"])
+        return None
+
+    def actors(self, class_name: str) -> list[dict[str, Any]]:
+        """Live actors of one class, each with its ``node_id``."""
+        reply = requests.get(
+            f"{self.dashboard_url}/api/v0/actors",
+            params={"limit": 1000, "detail": "true", "filter_keys": "state", "filter_predicates": "=",
+                    "filter_values": "ALIVE"},
+            timeout=10,
+        )  # fmt: skip
+        reply.raise_for_status()
+        return [actor for actor in reply.json()["data"]["result"]["result"] if actor["class_name"] == class_name]
+
+    # ------------------------------------------------------------------ serve
+
+    def serve_replicas(self, app: str, deployment: str) -> list[dict[str, Any]]:
+        """The replicas of one deployment (state, node_id, actor_name), from Serve's REST API."""
+        reply = requests.get(f"{self.dashboard_url}/api/serve/applications/", timeout=10)
+        reply.raise_for_status()
+        application = reply.json()["applications"].get(app)
+        if application is None:
+            return []
+        return list(application["deployments"].get(deployment, {}).get("replicas", []))
+
+    def running_on(self, app: str, deployment: str) -> list[str]:
+        """The node ids of the RUNNING replicas of a deployment."""
+        return sorted(
+            replica["node_id"] for replica in self.serve_replicas(app, deployment) if replica["state"] == "RUNNING"
+        )
+
+    def run_driver(self, code: str, *, timeout: float = 300) -> str:
+        """Run a Python driver connected to this cluster; its stdout, or an error with its output."""
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**_env(), "RAY_ADDRESS": self.address},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"driver failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+        return done.stdout
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodeCluster]:
+    logs = tmp_path_factory.mktemp("two-nodes")
+    port, dashboard_port = free_port(), free_port()
+    command = [
+        str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+        "--num-cpus", str(HEAD_CPUS), "--resources", json.dumps({"head_node": 100}),
+        "--node-ip-address", "127.0.0.1", "--port", str(port),
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
+        "--ray-client-server-port", str(free_port()),
+        "--dashboard-agent-listen-port", str(free_port()),
+        "--dashboard-agent-grpc-port", str(free_port()),
+        "--metrics-export-port", str(free_port()),
+        "--runtime-env-agent-port", str(free_port()),
+        "--temp-dir", str(Path("/tmp") / f"rfault-{os.getpid()}"),
+    ]  # fmt: skip
+    with (logs / "head.log").open("w") as log:
+        head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+    cluster = TwoNodeCluster(
+        address=f"127.0.0.1:{port}", dashboard_url=dashboard_url, serve_port=free_port(), logs=logs, head=head
+    )
+    try:
+        wait_until(
+            lambda: requests.get(f"{dashboard_url}/api/version", timeout=2).ok,
+            timeout=120,
+            what=f"the fault cluster's head (log: {logs / 'head.log'})",
+        )
+        cluster.start_worker()
+        yield cluster
+    finally:
+        if cluster.worker is not None:
+            _stop_group(cluster.worker)
+        _stop_group(head)
+
+
+@pytest.fixture
+def two_nodes(two_node_cluster: TwoNodeCluster) -> TwoNodeCluster:
+    """The two-node cluster with both nodes up (a test that killed the worker node may not restart it)."""
+    if two_node_cluster.worker is None:
+        two_node_cluster.start_worker()
+    return two_node_cluster

@@ -402,8 +402,10 @@ def test_killing_the_replica_running_a_swap_settles_it(deployed: Deployed, poll:
         assert status["last_outcome"]["outcome"] in ("rolled back", "completed")
     # Every live replica converges on the active version alone, and queries answer from it.
     poll(
-        lambda: (state := admin_status(deployed)) is not None
-        and all(replica_state["holds"] == [state["active"]] for replica_state in state["replicas"].values()),
+        lambda: (
+            (state := admin_status(deployed)) is not None
+            and all(replica_state["holds"] == [state["active"]] for replica_state in state["replicas"].values())
+        ),
         timeout=60,
         what="every replica to hold the active version only",
     )
