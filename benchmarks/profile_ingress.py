@@ -77,6 +77,15 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument(
         "--cache-dir", default=os.environ.get("RETRIEVAL_BENCH_CACHE", str(Path.home() / ".cache" / "retrieval-bench"))
     )
+    parser.add_argument(
+        "--before",
+        action="store_true",
+        help=(
+            "profile the serving code as it was before issue 15 (run with "
+            "PYTHONPATH=<a checkout of 00c5845>/platform): its one layout (a deployment per shard), "
+            "its modules, and Serve's default access logs"
+        ),
+    )
     parser.add_argument("--out", default=str(HERE / "profile_ingress.json"))
     return parser.parse_args()
 
@@ -159,7 +168,11 @@ def main() -> None:
     from ray import serve
 
     from retrieval.serving.app import build_app
-    from retrieval.serving.replica import delete_swap_state
+
+    if args.before:
+        from retrieval.serving.deployments import delete_swap_state  # type: ignore[attr-defined]
+    else:
+        from retrieval.serving.replica import delete_swap_state
 
     settings = argparse.Namespace(cpus=args.cpus, serve_port=args.serve_port)
     url = f"http://127.0.0.1:{args.serve_port}"
@@ -167,16 +180,17 @@ def main() -> None:
     with serving_load.serve_cluster(settings, optimized=True):
         serve_args = {
             "index": str(manifest),
-            "layout": args.layout,
             "batching": args.batching == "on",
             "shard_num_cpus": args.shard_num_cpus,
             "embedder_num_cpus": args.embedder_num_cpus,
         }
+        if not args.before:
+            serve_args["layout"] = args.layout
         serve.run(
             build_app(serve_args, state_name=STATE_NAME),
             name=APP_NAME,
             route_prefix="/",
-            logging_config=serving_load.SERVE_LOGGING,
+            logging_config=None if args.before else serving_load.SERVE_LOGGING,
         )
         try:
             serving_load.wait_until_answering(url, queries[0], k=args.k, timeout_s=300)
@@ -257,8 +271,9 @@ def main() -> None:
             delete_swap_state(STATE_NAME)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     load_summary = result["load"]
+    layout = "before issue 15 (distributed)" if args.before else args.layout
     print(
-        f"{args.layout} layout, {args.n:,} x {args.dim}, {args.concurrency} clients: "
+        f"{layout} layout, {args.n:,} x {args.dim}, {args.concurrency} clients: "
         f"{load_summary['qps']:.0f} QPS, p50 {load_summary['latency_ms']['p50']:.1f} ms"
     )
     for label, profile in result["processes"].items():
