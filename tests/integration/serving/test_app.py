@@ -238,7 +238,7 @@ def bad_requests(deployed: Deployed) -> list[tuple[str, dict[str, Any], int, str
             {"url": f"{url}/search/image", "files": {"file": ("x.png", b"plain text", "image/png")}},
             400,
             "not_an_image",
-            "not an image format",
+            "not an image in an accepted format (PNG, JPEG",
         ),
         (
             "oversize upload",

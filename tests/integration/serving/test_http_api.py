@@ -263,7 +263,7 @@ def test_bad_uploads_get_a_4xx_json_error(served: Served) -> None:
         requests.post(url, files={"file": ("q.png", b"definitely not a picture", "image/png")}, timeout=10),
         400,
         "not_an_image",
-        "not an image format",
+        "not an image in an accepted format (PNG, JPEG",
     )
     truncated = image_of_id(3)[:-20]
     assert_error(requests.post(url, files={"file": ("q.png", truncated, "image/png")}, timeout=10), 400, "not_an_image")
