@@ -357,12 +357,15 @@ def test_a_swap_whose_caller_disconnects_still_completes(deployed: Deployed, pol
         requests.post(f"{deployed.url}/admin/swap", json={"index": target}, headers=auth(), timeout=0.05)
 
     def finished() -> bool:
+        # The state finishes first; each replica frees the old version on its next poll.
         status = admin_status(deployed)
-        return status is not None and (status["active"], status["prepared"], status["retiring"]) == (target, None, None)
+        return (
+            status is not None
+            and (status["active"], status["prepared"], status["retiring"]) == (target, None, None)
+            and all(state["holds"] == [target] for state in status["replicas"].values())
+        )
 
-    poll(finished, timeout=60, what=f"the abandoned swap to {target} to finish")
-    status = admin_status(deployed)
-    assert status is not None and all(state["holds"] == [target] for state in status["replicas"].values())
+    poll(finished, timeout=60, what=f"the abandoned swap to {target} to finish and every replica to free the old index")
     assert requests.post(f"{deployed.url}/search/id", json={"id": 150, "k": K}, timeout=30).json()["index_version"] == (
         target
     )
