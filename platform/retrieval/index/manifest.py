@@ -44,6 +44,12 @@ FORMAT_VERSION = 1
 
 # A version names a directory under the root: no separators, no leading dot (temp dirs).
 _VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# A shard file is a bare name inside its version directory (the same rule), and a checksum is
+# 64 lowercase hex digits: both become local paths (`<version>/<file>`, `<cache>/blobs/<sha256>`),
+# so a manifest someone else wrote must not be able to name anything outside them.
+_FILE_NAME = _VERSION_NAME
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_RESERVED_FILE_NAMES = frozenset({"manifest.json", "CURRENT"})
 
 IndexMetric = Literal["ip", "l2", "hamming"]
 Modality = Literal["image", "text"]
@@ -75,6 +81,20 @@ class ShardInfo(BaseModel):
     count: int
     id_min: int
     id_max: int
+
+    @model_validator(mode="after")
+    def _check_file_fields(self) -> ShardInfo:
+        for field in ("file", "items_file"):
+            name = getattr(self, field)
+            if not _FILE_NAME.match(name) or name in _RESERVED_FILE_NAMES or name in (".", ".."):
+                raise ValueError(
+                    f"shard {self.shard}: {field} {name!r} is not a bare file name (letters, digits, '.', '_', '-'; "
+                    "no path separators, no leading dot, not manifest.json or CURRENT)"
+                )
+        for field in ("sha256", "items_sha256"):
+            if not _SHA256.match(getattr(self, field)):
+                raise ValueError(f"shard {self.shard}: {field} {getattr(self, field)!r} is not 64 lowercase hex digits")
+        return self
 
 
 class IndexManifest(BaseModel):
@@ -123,6 +143,10 @@ class IndexManifest(BaseModel):
         below = {key: value for key, value in self.search_defaults.items() if value < 1}
         if below:
             raise ValueError(f"search_defaults values must be >= 1, got {below}")
+        names = [name for info in self.shards for name in (info.file, info.items_file)]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"every shard file needs its own name, but {repeated} appear more than once")
         numbers = [info.shard for info in self.shards]
         if numbers != list(range(len(self.shards))):
             raise ValueError(f"shards must be numbered 0..{len(self.shards) - 1} in order, got {numbers}")
@@ -130,6 +154,24 @@ class IndexManifest(BaseModel):
         if total != self.num_items:
             raise ValueError(f"num_items is {self.num_items} but the shard counts sum to {total}")
         return self
+
+
+def contained_path(directory: Path, name: str) -> Path:
+    """``directory / name``, refused unless it resolves inside ``directory`` (defence in depth).
+
+    The manifest's validators already allow only bare names; this checks the resolved path too,
+    so a symlink planted in the folder cannot redirect a write or a delete outside it either.
+
+    Raises:
+        IndexIntegrityError: ``name`` is not a bare name or its path leaves ``directory``.
+    """
+    if not _FILE_NAME.match(name):
+        raise IndexIntegrityError(f"{name!r}: not a bare file name inside {directory}")
+    path = directory / name
+    root = directory.resolve()
+    if not path.resolve().is_relative_to(root):
+        raise IndexIntegrityError(f"{path}: resolves to {path.resolve()}, outside {root}")
+    return path
 
 
 def version_name_is_valid(name: str) -> bool:

@@ -40,6 +40,7 @@ from retrieval.index.manifest import (
     CURRENT_FILE,
     MANIFEST_FILE,
     IndexManifest,
+    contained_path,
     read_manifest,
     version_name_is_valid,
     write_text_atomically,
@@ -169,7 +170,7 @@ def publish_index(
     config = config if config is not None else transfer_config()
     version = manifest.index_version
     for name, expected in _shard_files(manifest, shards=None):
-        path = version_dir / name
+        path = contained_path(version_dir, name)
         # A shard corrupted on the local disk must not become the remote truth.
         actual = file_sha256(path) if path.is_file() else "missing"
         if actual != expected:
@@ -238,7 +239,7 @@ def fetch_index(
     version_dir.mkdir(parents=True, exist_ok=True)
     for name, sha256 in _shard_files(manifest, shards=shards):
         blob = _cached_blob(client, location, version, name, sha256, blobs=blobs, config=config)
-        _link_into(blob, version_dir / name)
+        _link_into(blob, contained_path(version_dir, name))
     write_text_atomically(version_dir / MANIFEST_FILE, manifest_bytes.decode("utf-8"))
     write_text_atomically(local_root / CURRENT_FILE, version + "\n")
     logger.info("index %s fetched from %s into %s", version, location.uri(), local_root)
@@ -322,7 +323,7 @@ def _read_current(client: Any, location: S3IndexLocation) -> str:
 def _cached_blob(
     client: Any, location: S3IndexLocation, version: str, name: str, sha256: str, *, blobs: Path, config: Any
 ) -> Path:
-    blob = blobs / sha256
+    blob = contained_path(blobs, sha256)
     if blob.is_file():
         if file_sha256(blob) == sha256:
             logger.info("index %s: %s found in the cache", version, name)

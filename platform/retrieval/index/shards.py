@@ -45,6 +45,7 @@ from retrieval.index.manifest import (
     Modality,
     ModelRef,
     ShardInfo,
+    contained_path,
     set_current_version,
     version_name_is_valid,
     write_manifest,
@@ -566,7 +567,7 @@ class LoadedShard:
 
 
 def _verified_path(version_dir: Path, name: str, expected_sha256: str) -> Path:
-    path = version_dir / name
+    path = contained_path(version_dir, name)
     if not path.is_file():
         raise IndexIntegrityError(f"{path}: shard file is missing")
     actual = file_sha256(path)
@@ -632,8 +633,8 @@ def load_shard(
         index_path = _verified_path(version_dir, info.file, info.sha256)
         items_path = _verified_path(version_dir, info.items_file, info.items_sha256)
     else:
-        index_path = version_dir / info.file
-        items_path = version_dir / info.items_file
+        index_path = contained_path(version_dir, info.file)
+        items_path = contained_path(version_dir, info.items_file)
     try:
         index, mapped = _read_index(index_path, binary=manifest.is_binary, mmap=mmap, factory=manifest.factory)
     except RuntimeError as error:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.config import ServingSpec
-from retrieval.index.manifest import IndexManifest, read_manifest
+from retrieval.index.manifest import IndexManifest, contained_path, read_manifest
 from retrieval.index.object_store import local_index_path
 from retrieval.index.shards import LoadedShard, load_shard
 from retrieval.serving.errors import VersionNotLoadedError
@@ -50,7 +50,7 @@ def shard_file_bytes(manifest: IndexManifest, version_dir: Path, shards: Sequenc
         if info.shard not in wanted:
             continue
         for name in (info.file, info.items_file):
-            path = version_dir / name
+            path = contained_path(version_dir, name)
             # A missing file is reported by the checksum check with its path; size it as 0 here.
             sizes += path.stat().st_size if path.is_file() else 0
     return sizes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ import pytest
 
 from retrieval.config import IndexSpec, ServingSpec
 from retrieval.errors import ConfigError, IndexIntegrityError
-from retrieval.index.manifest import read_manifest
+from retrieval.index.manifest import contained_path, read_manifest
 from retrieval.index.object_store import (
     default_cache_dir,
     fetch_index,
@@ -378,3 +379,62 @@ def test_spec_endpoints_take_no_credentials() -> None:
     assert IndexSpec(out="s3://b/x", endpoint_url="http://minio:9000").endpoint_url == "http://minio:9000"
     with pytest.raises(ValueError, match="endpoint_url applies to an s3:// out"):
         IndexSpec(out="indices/x", endpoint_url="http://minio:9000")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("file", "../../../../tmp/planted.faiss"),
+        ("file", "/etc/passwd"),
+        ("items_file", "sub/dir.parquet"),
+        ("file", ".hidden"),
+        ("items_file", "manifest.json"),
+        ("sha256", "../../victim"),
+        ("items_sha256", "ABC"),
+    ],
+)
+def test_a_crafted_manifest_cannot_name_a_path_outside_the_cache(
+    endpoint: str, prefix_uri: str, tmp_path: Path, field: str, value: str
+) -> None:
+    """Issue 16, item 3: shard file fields are bare names and checksums 64 hex digits, or the fetch stops."""
+    local = local_index(tmp_path / "local", version="v1")
+    publish_index(local, prefix_uri, endpoint_url=endpoint)
+    location = parse_s3_index_uri(prefix_uri)
+    client = boto3.client("s3", endpoint_url=endpoint)
+    manifest_key = location.key("v1", "manifest.json")
+    crafted = json.loads(client.get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read())
+    crafted["shards"][0][field] = value
+    client.put_object(Bucket=BUCKET, Key=manifest_key, Body=json.dumps(crafted).encode())
+    victim = tmp_path / "victim"
+    victim.write_text("kept")
+
+    cache = tmp_path / "cache"
+    with pytest.raises(IndexIntegrityError, match=rf"invalid manifest(.|\n)*{field}"):
+        fetch_index(prefix_uri, cache_dir=cache, endpoint_url=endpoint)
+    assert victim.read_text() == "kept"
+    assert not Path("/tmp/planted.faiss").exists()
+    # Nothing was downloaded or linked for the refused version.
+    assert not (cache / "roots").exists() or not list((cache / "roots").rglob("*.faiss"))
+
+
+def test_two_shards_cannot_share_a_file_name(tmp_path: Path) -> None:
+    root = local_index(tmp_path / "local", version="v1")
+    _, version_dir = read_manifest(root)
+    raw = json.loads((version_dir / "manifest.json").read_text())
+    raw["shards"][1]["file"] = raw["shards"][0]["file"]
+    (version_dir / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(IndexIntegrityError, match="more than once"):
+        read_manifest(root)
+
+
+def test_a_symlink_cannot_redirect_a_shard_path_outside_its_folder(tmp_path: Path) -> None:
+    """Defence in depth: a planted link in the version folder is refused, not followed."""
+    root = local_index(tmp_path / "local", version="v1")
+    manifest, version_dir = read_manifest(root)
+    outside = tmp_path / "outside.faiss"
+    outside.write_bytes((version_dir / manifest.shards[0].file).read_bytes())
+    (version_dir / manifest.shards[0].file).unlink()
+    (version_dir / manifest.shards[0].file).symlink_to(outside)
+    with pytest.raises(IndexIntegrityError, match="outside"):
+        load_shard(manifest=manifest, version_dir=version_dir, shard=0)
+    assert contained_path(version_dir, manifest.shards[1].file) == version_dir / manifest.shards[1].file
