@@ -33,3 +33,7 @@ class ModelNotFoundError(RetrievalError):
 
 class BadRequestError(RetrievalError):
     """A request to the search service is malformed (wrong vector size, bad k, ...)."""
+
+
+class IntegrityError(RetrievalError):
+    """A stored checkpoint, carry or model package fails its checks (tampered, foreign or corrupt)."""

@@ -43,6 +43,7 @@ from retrieval.methods.cross_modal import (
     relevance_labels,
 )
 from retrieval.methods.package import load_model_package, save_model_package
+from retrieval.serialization import load_state
 from retrieval.tracking.registry import register_model_package
 from retrieval.tracking.runs import TrainingRun
 from retrieval.train.worker import (
@@ -95,7 +96,7 @@ def cross_modal_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / CHECKPOINT_STATE, map_location=device, weights_only=False)
+            state = load_state(Path(folder) / CHECKPOINT_STATE, map_location=device)
         unwrap(model).load_state_dict(state["model"])
         unwrap(discriminator).load_state_dict(state["discriminator"])
         generator_optimizer.load_state_dict(state["optimizer"])
@@ -217,7 +218,7 @@ def register_cross_modal_checkpoint(
 
     with tempfile.TemporaryDirectory() as folder:
         with checkpoint.as_directory() as checkpoint_dir:
-            state = torch.load(Path(checkpoint_dir) / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
+            state = load_state(Path(checkpoint_dir) / CHECKPOINT_STATE)
         package_dir = save_model_package(
             Path(folder) / "package",
             spec=spec,

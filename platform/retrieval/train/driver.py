@@ -31,6 +31,7 @@ from retrieval.evaluation.plots import recall_curve_figure, training_curve_figur
 from retrieval.evaluation.runs import embed_dataset, raw_pixel_embeddings, score_embeddings
 from retrieval.evaluation.suite import format_table
 from retrieval.methods import build_method, load_model_package, save_model_package
+from retrieval.serialization import load_state
 from retrieval.tracking.registry import RegisteredModel, register_model_package, set_alias
 from retrieval.tracking.runs import TrainingRun, code_version
 from retrieval.train.worker import CHECKPOINT_STATE, train_loop_per_worker
@@ -243,7 +244,7 @@ def register_checkpoint(
         return outcome
     with tempfile.TemporaryDirectory() as folder:
         with checkpoint.as_directory() as checkpoint_dir:
-            state = torch.load(Path(checkpoint_dir) / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
+            state = load_state(Path(checkpoint_dir) / CHECKPOINT_STATE)
         package_dir = save_model_package(Path(folder) / "package", spec=spec, state_dict=state["model"])
         metrics, baselines = evaluate_with_baselines(spec, package_dir)
 

@@ -42,7 +42,7 @@ import torch
 from retrieval.config import INCREMENTAL_METHODS, DualDistillationSpec, JobSpec
 from retrieval.data.base import concatenate_datasets
 from retrieval.data.tasks import TaskData, build_task_sequence
-from retrieval.errors import ConfigError
+from retrieval.errors import ConfigError, IntegrityError
 from retrieval.evaluation.forgetting import as_matrix, forgetting, format_matrix, mean_forgetting
 from retrieval.evaluation.plots import image_grid_figure, task_lines_figure, task_matrix_figure
 from retrieval.evaluation.runs import embed_dataset, score_embeddings
@@ -50,6 +50,7 @@ from retrieval.index.manifest import ModelRef, read_manifest
 from retrieval.index.shards import build_shards
 from retrieval.methods import build_method, save_model_package
 from retrieval.methods.incremental import IncrementalMethod, TaskCarry
+from retrieval.serialization import from_plain, load_state, to_plain
 from retrieval.tracking.registry import RegisteredModel, register_model_package, set_alias
 from retrieval.tracking.runs import TrainingRun, code_version
 from retrieval.train.driver import build_trainer, storage_location, storage_path
@@ -167,12 +168,15 @@ class ProgressStore:
         carry_bytes = self._read(CARRY_FILE.format(task=finished[-1].task))
         if carry_bytes is None:
             raise ConfigError(f"{self.location}: {STATE_FILE} lists finished tasks but their carry file is missing")
-        carry = torch.load(io.BytesIO(carry_bytes), map_location="cpu", weights_only=False)
+        name = f"{self.location}/{CARRY_FILE.format(task=finished[-1].task)}"
+        carry = from_plain(load_state(carry_bytes, what=name))
+        if not isinstance(carry, TaskCarry):
+            raise IntegrityError(f"{name}: holds a {type(carry).__name__}, not a task carry")
         return finished, carry
 
     def save(self, outcome: IncrementalOutcome, carry: TaskCarry) -> None:
         buffer = io.BytesIO()
-        torch.save(carry, buffer)
+        torch.save(to_plain(carry), buffer)
         self._write(CARRY_FILE.format(task=outcome.tasks[-1].task), buffer.getvalue())
         # The state last: it names the carry file, which must exist first.
         self._write(STATE_FILE, json.dumps(outcome.summary(), indent=2).encode())
@@ -282,9 +286,7 @@ def _run_tasks(
             if result.checkpoint is None:
                 raise RuntimeError(f"task {task.index} ({phase}) of {spec.name!r} finished without a checkpoint")
             with result.checkpoint.as_directory() as folder:
-                state_dict = torch.load(Path(folder) / CHECKPOINT_STATE, map_location="cpu", weights_only=False)[
-                    "model"
-                ]
+                state_dict = load_state(Path(folder) / CHECKPOINT_STATE)["model"]
             if phase == "specialist":
                 specialist = method.build_model()
                 specialist.load_state_dict(state_dict)

@@ -31,6 +31,7 @@ from retrieval.data.from_spec import datasets_from_spec
 from retrieval.data.sampler import ClassBalancedBatchSampler
 from retrieval.evaluation.runs import embed_dataset, score_embeddings
 from retrieval.methods import build_method
+from retrieval.serialization import load_state
 from retrieval.tracking.runs import TrainingRun
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / CHECKPOINT_STATE, map_location=device, weights_only=False)
+            state = load_state(Path(folder) / CHECKPOINT_STATE, map_location=device)
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

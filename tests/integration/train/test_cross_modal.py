@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-import torch
 from mlflow import MlflowClient
 
 from retrieval.config import load_job_spec
 from retrieval.data.cross_modal import cross_modal_datasets_from_spec
 from retrieval.index.gallery import build_gallery_index
 from retrieval.index.manifest import ModelRef, read_manifest
+from retrieval.serialization import load_state
 from retrieval.tracking.registry import load_embedder
 from retrieval.train import run_training
 from retrieval.train.worker import CHECKPOINT_STATE
@@ -92,7 +92,7 @@ def test_hashing_job_resumes_registers_and_answers_text_queries(ray_cluster, tmp
     # Epoch 0 ran once; the restarted group loaded its checkpoint (both players, both optimisers).
     resumed = [int(point.value) for point in client.get_metric_history(outcome.run_id, "resumed_from_epoch")]
     assert resumed == [0, 1, 1, 1]
-    state = torch.load(Path(outcome.checkpoint_path) / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
+    state = load_state(Path(outcome.checkpoint_path) / CHECKPOINT_STATE)
     steps_per_epoch = 480 // 2 // 8
     for optimiser in ("optimizer", "discriminator_optimizer"):
         # Adam's step count runs on through the restart: it was restored, not started afresh.
