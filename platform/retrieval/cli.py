@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from retrieval.errors import RetrievalError
+from retrieval.errors import RedactCredentials, RetrievalError, redact_credentials
 
 logger = logging.getLogger("retrieval")
 
@@ -29,13 +29,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactCredentials())
     # A fresh local ray.init() turns on token authentication; a local demo needs none.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     try:
         result: int = args.handler(args)
         return result
     except RetrievalError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {redact_credentials(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -332,7 +334,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         from retrieval.tracking.evaluation import log_suite_result
 
         run_id = log_suite_result(result, spec=spec, model=args.model)
-        print(f"logged to MLflow run {run_id} ({spec.tracking.tracking_uri}, experiment {spec.tracking.experiment})")
+        where = redact_credentials(spec.tracking.uri())
+        print(f"logged to MLflow run {run_id} ({where}, experiment {spec.tracking.experiment})")
     if args.summary:
         _write_json(args.summary, {"job": spec.name, "protocol": result.protocol, "rows": result.rows})
     return 0

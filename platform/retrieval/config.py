@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import difflib
 import operator
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from retrieval.errors import ConfigError
+from retrieval.errors import ConfigError, redact_credentials, url_has_credentials
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -576,11 +577,31 @@ class TrackingSpec(StrictModel):
     `--artifacts-destination` decides. A custom S3 endpoint comes from `MLFLOW_S3_ENDPOINT_URL`.
     """
 
-    tracking_uri: str = "sqlite:///mlflow.db"
+    tracking_uri: str | None = Field(
+        "sqlite:///mlflow.db",
+        description=(
+            "MLflow tracking URI, without a user or password; null: MLFLOW_TRACKING_URI from the environment "
+            "(where a database URI with its password belongs; a tracking server's login goes in "
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD), else sqlite:///mlflow.db"
+        ),
+    )
     experiment: str = "retrieval"
     artifact_location: str | None = Field(None, description="artifact root of a new experiment, e.g. s3://b/mlflow")
     registered_model: str | None = Field(None, pattern=_NAME_PATTERN)
     gate: list[GateCondition] = Field(default_factory=list)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _tracking_uri_without_credentials(cls, value: str | None) -> str | None:
+        return _without_credentials(value)
+
+    def uri(self) -> str:
+        """The tracking URI to use: the spec's, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
+
+        One read from the environment is never written back into the spec, so it is never
+        logged as a parameter or saved in a model package's ``job.yaml``.
+        """
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
 BaselineName = Literal["raw_pixels", "untrained"]
@@ -803,7 +824,9 @@ class ServingSpec(StrictModel):
     index: str = Field(description="index root folder (with CURRENT), a manifest.json, or s3://bucket/prefix")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint for an s3:// index")
     cache_dir: str | None = Field(None, description="cache of s3:// index shards; default $RETRIEVAL_CACHE/indices")
-    tracking_uri: str | None = None
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI without a user or password (null: MLFLOW_TRACKING_URI)"
+    )
     layout: Literal["auto", "local", "distributed"] = Field(
         "auto",
         description=(
@@ -900,6 +923,11 @@ class ServingSpec(StrictModel):
     @classmethod
     def _endpoint_without_credentials(cls, value: str | None) -> str | None:
         return StorageSpec._endpoint_without_credentials(value)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _tracking_uri_without_credentials(cls, value: str | None) -> str | None:
+        return _without_credentials(value)
 
     @field_validator("image_formats")
     @classmethod
@@ -1212,12 +1240,20 @@ def _describe_error(item: Mapping[str, Any], data: Any, root: type[BaseModel]) -
     value = item.get("input")
     if isinstance(value, str):
         # Never echo the user:password part of a URL back into logs.
-        value = _URL_CREDENTIALS.sub(r"\1***@", value)
+        value = redact_credentials(value)
     shown = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
     return f"{key}: {message}{shown}"
 
 
-_URL_CREDENTIALS = re.compile(r"(://)[^/@\s]+@")
+def _without_credentials(value: str | None) -> str | None:
+    """Refuse a URI that carries a user or password: specs are logged to MLflow and saved in packages."""
+    if value is not None and url_has_credentials(value):
+        raise ValueError(
+            "must not contain a user or password: specs are logged to MLflow and saved with every model; "
+            "set MLFLOW_TRACKING_URI (and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD for a tracking "
+            "server) in the environment instead and leave tracking_uri null"
+        )
+    return value
 
 
 def _key_path(loc: Sequence[Any], data: Any) -> str:

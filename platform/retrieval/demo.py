@@ -19,6 +19,7 @@ import numpy as np
 import requests
 
 from retrieval.config import load_job_spec
+from retrieval.errors import redact_credentials
 from retrieval.index.gallery import gallery_dataset
 from retrieval.index.manifest import read_manifest
 from retrieval.tracking.runs import resolve_tracking_uri
@@ -63,7 +64,7 @@ def run_demo(
     print(f"registered {model_uri} (aliases: {', '.join(outcome.model.aliases)})")
 
     print(f"== 2/4 building a {spec.index.num_shards}-shard Faiss index of the held-out gallery")
-    tracking_uri = resolve_tracking_uri(spec.tracking.tracking_uri)
+    tracking_uri = resolve_tracking_uri(spec.tracking.uri())
     manifest_path = build_index_from_model(model_uri, tracking_uri=tracking_uri, out=spec.index_root)
     manifest, _ = read_manifest(manifest_path)
     print(
@@ -104,7 +105,11 @@ def run_demo(
             "uri": model_uri,
         },
         "promoted_to_champion": outcome.promoted,
-        "mlflow": {"tracking_uri": tracking_uri, "run_id": outcome.run_id, "experiment": spec.tracking.experiment},
+        "mlflow": {
+            "tracking_uri": redact_credentials(tracking_uri),
+            "run_id": outcome.run_id,
+            "experiment": spec.tracking.experiment,
+        },
         "index": {
             "manifest": str(Path(manifest_path).resolve()),
             "index_version": manifest.index_version,
@@ -126,7 +131,7 @@ def run_demo(
         f"\nserving {base_url} (POST /search/image, /search/vector, /search/id; GET /version, /readyz, /metrics;"
         f" docs at {base_url}/docs)\nsearch page: {base_url}/"
     )
-    print(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)")
+    print(f"MLflow UI: mlflow ui --backend-store-uri {redact_credentials(tracking_uri)}  (then http://127.0.0.1:5000)")
     print("Ctrl-C to stop")
     try:
         while True:

@@ -6,6 +6,9 @@ one-line message with a non-zero exit, and the HTTP layer can map them to 4xx re
 
 from __future__ import annotations
 
+import logging
+import re
+
 
 class RetrievalError(Exception):
     """Base class of the platform's own errors: a clear message for a person."""
@@ -37,3 +40,33 @@ class BadRequestError(RetrievalError):
 
 class IntegrityError(RetrievalError):
     """A stored checkpoint, carry or model package fails its checks (tampered, foreign or corrupt)."""
+
+
+# The user-info part of any URL in a message: everything between "scheme://" and the first "@"
+# that has no whitespace or '/' before a ':' (a password may itself hold '/' or ':').
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^@\s/]*:[^@\s]*|[^@\s/:]+)@")
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with the user and password of every URL in it replaced by ``***``.
+
+    ``postgresql://bob:s3cr/t@db:5432/mlflow`` -> ``postgresql://***@db:5432/mlflow``. It errs on
+    the side of hiding: ``https://host:5000/x?to=a@b`` loses ``host:5000/x?to=a`` too.
+    """
+    return _URL_USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def url_has_credentials(uri: str) -> bool:
+    """Whether ``uri`` carries a user or password (``scheme://user[:password]@host...``)."""
+    return redact_credentials(uri) != uri
+
+
+class RedactCredentials(logging.Filter):
+    """A logging filter that removes URL credentials from every record it passes (message and args)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_credentials(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True

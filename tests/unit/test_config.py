@@ -15,7 +15,7 @@ from retrieval.config import (
     ServingSpec,
     load_job_spec,
 )
-from retrieval.errors import ConfigError
+from retrieval.errors import ConfigError, redact_credentials
 
 REPO_ROOT = Path(__file__).parents[2]
 
@@ -295,3 +295,87 @@ def test_dataset_shorthand_then_a_dataset_key_expands_the_shorthand(tmp_path: Pa
         ["dataset=digits", "dataset.image_size=48", "dataset.split.mode=image_fraction", "model.weights=null"],
     )
     assert (spec.dataset.name, spec.dataset.image_size, spec.dataset.split.mode) == ("digits", 48, "image_fraction")
+
+
+PASSWORD = "s3cr/t:pa55"
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [f"postgresql://bob:{PASSWORD}@db:5432/mlflow", f"https://bob:{PASSWORD}@mlflow.example.com", "http://token@h"],
+)
+def test_a_tracking_uri_with_credentials_is_refused_without_echoing_them(tmp_path: Path, uri: str) -> None:
+    """Issue 16, item 10: specs are logged as parameters and saved in every package's job.yaml."""
+    message = _load_error(_write(tmp_path, _minimal_job(tracking={"tracking_uri": uri})))
+    assert "tracking.tracking_uri" in message and "must not contain a user or password" in message
+    assert "MLFLOW_TRACKING_URI" in message
+    assert PASSWORD not in message and "bob" not in message and "token" not in message
+    with pytest.raises(ConfigError, match="must not contain a user or password") as caught:
+        ServingSpec.from_mapping({"index": "indices/x", "tracking_uri": uri}, source="serve.yaml")
+    assert PASSWORD not in str(caught.value)
+
+
+def test_a_null_tracking_uri_comes_from_the_environment_and_is_never_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret_uri = f"postgresql://bob:{PASSWORD}@db/mlflow"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", secret_uri)
+    spec = load_job_spec(_write(tmp_path, _minimal_job(tracking={"tracking_uri": None})))
+    assert spec.tracking.uri() == secret_uri
+    assert PASSWORD not in yaml.safe_dump(spec.model_dump(mode="json"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert spec.tracking.uri() == "sqlite:///mlflow.db"
+    assert load_job_spec(_write(tmp_path, _minimal_job())).tracking.uri() == "sqlite:///mlflow.db"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            f"cannot reach postgresql://bob:{PASSWORD}@db:5432/mlflow now",
+            "cannot reach postgresql://***@db:5432/mlflow now",
+        ),
+        ("https://u:p@host/x and http://v@h", "https://***@host/x and http://***@h"),
+        ("models:/m@champion s3://bucket/a https://host/api?mail=a@b https://host:5000/x", None),
+    ],
+)
+def test_credentials_are_redacted_from_messages_even_with_a_slash_in_the_password(
+    text: str, expected: str | None
+) -> None:
+    assert redact_credentials(text) == (text if expected is None else expected)
+
+
+def test_the_cli_redacts_credentials_from_errors_and_logs(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    from retrieval import cli
+    from retrieval.errors import RetrievalError
+
+    def fail(args: Any) -> int:
+        logging.getLogger("retrieval.test").warning("connecting to %s", f"postgresql://bob:{PASSWORD}@db/m")
+        raise RetrievalError(f"cannot open postgresql://bob:{PASSWORD}@db/m")
+
+    class Parser:
+        def parse_args(self, argv: Any) -> Any:
+            import argparse
+
+            return argparse.Namespace(handler=fail, verbose=False)
+
+    monkeypatch.setattr(cli, "_parser", Parser)
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        for handler in before:
+            root.removeHandler(handler)
+        assert cli.main(["train", "job.yaml"]) == 2
+        captured = capsys.readouterr()
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in before:
+            root.addHandler(handler)
+    assert PASSWORD not in captured.err
+    assert "error: cannot open postgresql://***@db/m" in captured.err
+    assert "connecting to postgresql://***@db/m" in captured.err

@@ -19,7 +19,7 @@ def log_suite_result(result: SuiteResult, *, spec: JobSpec, model: str | None = 
     `evaluation/table.md` and `evaluation/results.json`, the primary metric as a bar plot.
     """
     run, _ = TrainingRun.start_or_resume(
-        tracking_uri=spec.tracking.tracking_uri,
+        tracking_uri=spec.tracking.uri(),
         experiment=spec.tracking.experiment,
         artifact_location=spec.tracking.artifact_location,
         run_key=f"evaluate:{spec.name}:{uuid.uuid4().hex}",  # every evaluation is a run of its own

@@ -133,7 +133,7 @@ def run_training(spec: JobSpec, *, fault: dict[str, Any] | None = None) -> Train
         ray.init()
     run_key = f"{storage_path(spec)}/{spec.name}"
     run, resumed = TrainingRun.start_or_resume(
-        tracking_uri=spec.tracking.tracking_uri,
+        tracking_uri=spec.tracking.uri(),
         experiment=spec.tracking.experiment,
         artifact_location=spec.tracking.artifact_location,
         run_key=run_key,

@@ -216,7 +216,7 @@ def run_incremental(
     if run is not None:
         return _run_tasks(spec, tasks=tasks, run=run, stop_after_task=stop_after_task, report=report, promote=promote)
     run, _ = TrainingRun.start_or_resume(
-        tracking_uri=spec.tracking.tracking_uri,
+        tracking_uri=spec.tracking.uri(),
         experiment=spec.tracking.experiment,
         artifact_location=spec.tracking.artifact_location,
         run_key=f"{storage_path(spec)}/{spec.name}/incremental",
