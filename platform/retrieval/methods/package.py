@@ -146,6 +146,21 @@ def save_model_package(
     return folder
 
 
+def package_digest(directory: str | Path) -> str:
+    """One sha256 over every file of a model package (names and contents), for the registry.
+
+    ``package.json`` records the weights' checksum beside them, which guards against a broken
+    copy but not against someone who can rewrite the folder; the registry keeps this digest
+    as a tag of the model version (a different store), and loading from the registry checks it.
+    """
+    folder = Path(directory)
+    digest = hashlib.sha256()
+    for path in sorted(item for item in folder.rglob("*") if item.is_file()):
+        name = path.relative_to(folder).as_posix()
+        digest.update(f"{name}\0{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
 def load_model_package(directory: str | Path, *, device: str = "cpu", source: str | None = None) -> ModelPackage:
     """Load a model package written by `save_model_package`.
 

@@ -23,14 +23,16 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
 from retrieval import __version__
-from retrieval.errors import ModelNotFoundError
-from retrieval.methods.package import ModelPackage, load_model_package
+from retrieval.errors import IntegrityError, ModelNotFoundError
+from retrieval.methods.package import ModelPackage, load_model_package, package_digest
 from retrieval.tracking.runs import metric_key, resolve_tracking_uri
 
 logger = logging.getLogger(__name__)
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
 PACKAGE_ARTIFACT = "package"
+# The model version tag holding `package_digest` of the registered package, checked at every load.
+PACKAGE_DIGEST_TAG = "retrieval.package_sha256"
 _PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
@@ -74,6 +76,7 @@ def register_model_package(
             pip_requirements=[f"retrieval-platform=={__version__}"],
         )
     version = str(info.registered_model_version)
+    client.set_model_version_tag(registered_model, version, PACKAGE_DIGEST_TAG, package_digest(package_dir))
     for key, value in (tags or {}).items():
         client.set_model_version_tag(registered_model, version, metric_key(key), value)
     for alias in aliases:
@@ -133,4 +136,27 @@ def load_embedder(model_uri: str, *, tracking_uri: str | None = None, device: st
             if not target.exists():
                 os.replace(staging, target)
                 os.makedirs(staging, exist_ok=True)  # so the context manager's cleanup finds it
+    _check_package_digest(tracking_uri, name, version, package_dir)
     return load_model_package(package_dir, device=device, source=f"models:/{name}/{version}")
+
+
+def _check_package_digest(tracking_uri: str | None, name: str, version: str, package_dir: Path) -> None:
+    """Refuse a downloaded (or cached) package whose files differ from what was registered."""
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri) if tracking_uri else None)
+    expected = client.get_model_version(name, version).tags.get(PACKAGE_DIGEST_TAG)
+    if expected is None:
+        logger.warning(
+            "models:/%s/%s has no %s tag (registered before packages were digested): its files cannot be "
+            "checked against the registry",
+            name,
+            version,
+            PACKAGE_DIGEST_TAG,
+        )
+        return
+    actual = package_digest(package_dir)
+    if actual != expected:
+        raise IntegrityError(
+            f"models:/{name}/{version}: the package's files (digest {actual}) differ from the registered ones "
+            f"(tag {PACKAGE_DIGEST_TAG} = {expected}): the artifact store or the cache {package_dir} was "
+            "modified; refusing to load it"
+        )

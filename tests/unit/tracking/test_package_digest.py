@@ -1,0 +1,92 @@
+"""A registered model package is checked against the registry at load (issue 16, item 11).
+
+`package.json` records the weights' checksum beside them, so someone who can rewrite the
+artifact store (or a serving node's cache) can replace both. The registry keeps a digest of
+the whole package as a model version tag, in the tracking database, and every load checks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from retrieval.config import JobSpec
+from retrieval.errors import IntegrityError
+from retrieval.methods import build_method, save_model_package
+from retrieval.methods.package import package_digest
+from retrieval.tracking.registry import PACKAGE_ARTIFACT, PACKAGE_DIGEST_TAG, load_embedder, register_model_package
+from retrieval.tracking.runs import TrainingRun
+
+SpecFactory = Callable[..., JobSpec]
+
+
+def _rewrite_weights_consistently(package_dir: Path) -> None:
+    """What an attacker with write access does: new weights and a matching package.json."""
+    weights = package_dir / "model.pt"
+    state = torch.load(weights, weights_only=True)
+    torch.save({name: torch.zeros_like(tensor) for name, tensor in state.items()}, weights)
+    info = json.loads((package_dir / "package.json").read_text())
+    info["model_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    (package_dir / "package.json").write_text(json.dumps(info))
+
+
+@pytest.fixture
+def registered(make_job_spec: SpecFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
+    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = make_job_spec(model={"backbone": "resnet18", "embedding_dim": 16})
+    weights = build_method(spec).build_model().state_dict()
+    package = save_model_package(tmp_path / "package", spec=spec, state_dict=weights)
+    run, _ = TrainingRun.start_or_resume(
+        tracking_uri=tracking,
+        experiment="digest",
+        artifact_location=str(tmp_path / "artifacts"),
+        run_key="k",
+        run_name="r",
+        params={},
+        tags={},
+    )
+    model = register_model_package(package, tracking_uri=tracking, run_id=run.run_id, registered_model="digest-test")
+    run.finish()
+    tags = MlflowClient(tracking_uri=tracking).get_model_version("digest-test", model.version).tags
+    assert tags[PACKAGE_DIGEST_TAG] == package_digest(package)
+    return tracking, tmp_path
+
+
+def _stored_packages(root: Path) -> list[Path]:
+    return [path.parent for path in root.rglob("package.json") if path.parent.name == PACKAGE_ARTIFACT]
+
+
+def test_a_package_rewritten_in_the_artifact_store_is_refused(registered: tuple[str, Path]) -> None:
+    tracking, tmp_path = registered
+    stored = _stored_packages(tmp_path / "artifacts")
+    assert stored, "the registered package's artifacts"
+    for package_dir in stored:
+        _rewrite_weights_consistently(package_dir)
+    with pytest.raises(
+        IntegrityError, match=r"models:/digest-test/1: the package's files .* differ from the registered"
+    ):
+        load_embedder("models:/digest-test@candidate", tracking_uri=tracking)
+
+
+def test_a_package_rewritten_in_the_local_cache_is_refused(registered: tuple[str, Path]) -> None:
+    tracking, tmp_path = registered
+    assert load_embedder("models:/digest-test/1", tracking_uri=tracking).dim == 16
+    (cached,) = _stored_packages(tmp_path / "cache")
+    _rewrite_weights_consistently(cached)
+    with pytest.raises(IntegrityError, match="refusing to load it"):
+        load_embedder("models:/digest-test/1", tracking_uri=tracking)
+    # A file added beside the weights changes the digest too.
+    shutil.rmtree(tmp_path / "cache")
+    assert load_embedder("models:/digest-test/1", tracking_uri=tracking).dim == 16
+    (cached,) = _stored_packages(tmp_path / "cache")
+    (cached / "extra.py").write_text("print('hi')\n")
+    with pytest.raises(IntegrityError, match="differ from the registered"):
+        load_embedder("models:/digest-test/1", tracking_uri=tracking)
