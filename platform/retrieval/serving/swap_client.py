@@ -34,6 +34,20 @@ class SwapRequestError(RetrievalError):
         self.error_type = error_type
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: urllib would send the admin token on to wherever it points."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        raise SwapRequestError(
+            f"{req.full_url} answered HTTP {code} redirecting to {newurl}; not following it with the admin token "
+            "(give the application's own URL)",
+            status=code,
+        )
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
+
+
 def request_swap(url: str, *, index: str, token: str, timeout_s: float = 300) -> dict[str, Any]:
     """Swap the application at ``url`` to the index version ``index`` names.
 
@@ -58,7 +72,7 @@ def request_swap(url: str, *, index: str, token: str, timeout_s: float = 300) ->
         method="POST",
     )
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with _OPENER.open(request, timeout=timeout_s) as response:
             summary: dict[str, Any] = json.loads(response.read().decode("utf-8"))
     except urllib.error.HTTPError as error:
         body = error.read().decode("utf-8", errors="replace")

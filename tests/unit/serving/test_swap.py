@@ -813,3 +813,44 @@ def test_abort_route_needs_the_admin_token(
     assert status == 401 and body["error"]["type"] == "unauthorized" and admin.calls == []
     status, body = asgi_call(app, "POST", "/admin/swap/abort", headers={"authorization": f"Bearer {TOKEN}"})
     assert (status, body["active"], admin.calls) == (200, "v1", ["abort"])
+
+
+def test_request_swap_never_follows_a_redirect_with_its_token() -> None:
+    """Issue 16 (low): urllib would send the Authorization header on to wherever a redirect points."""
+    seen: list[str | None] = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    elsewhere = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+
+    class Redirecting(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{elsewhere.server_address[1]}/steal")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    redirecting = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threads = [threading.Thread(target=server.serve_forever, daemon=True) for server in (elsewhere, redirecting)]
+    for thread in threads:
+        thread.start()
+    try:
+        with pytest.raises(SwapRequestError, match=r"HTTP 302 redirecting to .*/steal; not following it") as raised:
+            request_swap(f"http://127.0.0.1:{redirecting.server_address[1]}", index="v2", token=TOKEN, timeout_s=10)
+        assert raised.value.status == 302
+    finally:
+        for server in (elsewhere, redirecting):
+            server.shutdown()
+    assert seen == []
