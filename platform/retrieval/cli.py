@@ -7,11 +7,13 @@ argument is reported as one clear line on stderr with exit status 2.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +139,12 @@ def _parser() -> argparse.ArgumentParser:
     serve_run = serve_commands.add_parser("run", help="run a Serve config file (serve/...yaml) until Ctrl-C")
     serve_run.add_argument("config", help="Ray Serve config file")
     serve_run.add_argument("--address", default=None, help="Ray cluster address (default: a new local cluster)")
+    serve_run.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=300.0,
+        help="seconds to keep retrying Serve's start-up when its proxy or controller dies starting (default 300)",
+    )
     serve_run.set_defaults(handler=_serve)
     serve_swap = serve_commands.add_parser(
         "swap", help="rolling swap of a running app's index (token from RETRIEVAL_ADMIN_TOKEN)"
@@ -370,8 +378,6 @@ def _print_incremental(spec: Any, args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import time
-
     from ray import serve
 
     from retrieval.config import read_yaml_mapping
@@ -383,14 +389,20 @@ def _serve(args: argparse.Namespace) -> int:
         raise RetrievalError(f"{args.config}: no 'applications' to run")
     _init_ray(args.address)
     http = {"host": "127.0.0.1", "port": 8000, **(config.get("http_options") or {})}
-    serve.start(http_options=http)
-    for application in applications:
-        serve.run(
-            build_app(application.get("args") or {}),
-            name=application.get("name", "retrieval"),
-            route_prefix=application.get("route_prefix", "/"),
-            logging_config=application.get("logging_config") or {"enable_access_log": False},
-        )
+    # Built first: a bad spec is the user's to fix, never retried.
+    apps = [(application, build_app(application.get("args") or {})) for application in applications]
+
+    def start() -> None:
+        serve.start(http_options=http)
+        for application, app in apps:
+            serve.run(
+                app,
+                name=application.get("name", "retrieval"),
+                route_prefix=application.get("route_prefix", "/"),
+                logging_config=application.get("logging_config") or {"enable_access_log": False},
+            )
+
+    start_with_retries(start, budget_s=args.startup_timeout, reset=serve.shutdown)
     base_url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
     print(f"serving on {base_url} (search page: {base_url}/; Ctrl-C to stop)")
     try:
@@ -398,6 +410,64 @@ def _serve(args: argparse.Namespace) -> int:
             time.sleep(3600)
     finally:
         serve.shutdown()
+
+
+def start_with_retries(
+    start: Callable[[], None],
+    *,
+    budget_s: float,
+    reset: Callable[[], None],
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """Run ``start`` until it succeeds, retrying Serve's known start-up failures within ``budget_s``.
+
+    On a loaded machine Serve's proxy or controller can miss its readiness checks and be killed
+    while it starts (`ActorDiedError`, a timeout): that passes, so it is retried after ``reset``
+    with a growing pause. Any other failure (a replica's constructor refusing the index, say) is
+    reported at once. Either way the caller gets a `RetrievalError` of one line, never a traceback.
+
+    Returns:
+        The number of attempts it took.
+    """
+    import ray.exceptions
+
+    transient = (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, TimeoutError, ConnectionError)
+    deadline = clock() + budget_s
+    pause = 2.0
+    for attempt in itertools.count(1):
+        try:
+            start()
+            return attempt
+        except RetrievalError:
+            raise
+        except transient as error:
+            if clock() + pause > deadline:
+                raise RetrievalError(
+                    f"Serve did not start within {budget_s:.0f} s ({attempt} attempts; raise --startup-timeout "
+                    f"on a loaded machine): {_one_line(error)}"
+                ) from None
+            logger.warning(
+                "Serve start-up attempt %d failed (%s); retrying in %.0f s", attempt, _one_line(error), pause
+            )
+            try:
+                reset()
+            except Exception as reset_error:
+                logger.warning("cleaning up after the failed start-up: %s", _one_line(reset_error))
+            sleep(pause)
+            pause = min(pause * 2, 30.0)
+        except Exception as error:
+            raise RetrievalError(f"Serve could not deploy the application: {_one_line(error)}") from None
+    raise AssertionError("unreachable")
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception as one line: its first line, and its last when a remote traceback sits between."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    first, last = lines[0], lines[-1]
+    return first if first == last else f"{first} ... {last}"
 
 
 def _serve_swap(args: argparse.Namespace) -> int:

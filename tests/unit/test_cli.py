@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from retrieval.cli import main
+from retrieval.errors import RetrievalError
 
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "digits_deep_metric.yaml"
 
@@ -70,3 +71,75 @@ def test_index_from_a_local_model_package(
     assert manifest["num_items"] == 896  # digits 5-9, the held-out gallery of the package's job
     assert manifest["model"]["uri"] == str(model_package.resolve())
     assert "index manifest:" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- serve start-up (issue 16, item 13)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _proxy_died() -> Exception:
+    import ray.exceptions
+
+    return ray.exceptions.ActorDiedError()  # "The actor died unexpectedly before finishing this task."
+
+
+def test_serve_start_up_is_retried_through_a_dying_proxy() -> None:
+    from retrieval.cli import start_with_retries
+
+    clock, resets, failures = _Clock(), [], [_proxy_died(), _proxy_died()]
+
+    def start() -> None:
+        if failures:
+            raise failures.pop()
+
+    attempts = start_with_retries(start, budget_s=60, reset=lambda: resets.append(1), sleep=clock.sleep, clock=clock)
+    assert (attempts, len(resets), clock.sleeps) == (3, 2, [2.0, 4.0])
+
+
+def test_serve_start_up_that_keeps_failing_ends_in_one_line_within_its_budget() -> None:
+    from retrieval.cli import start_with_retries
+
+    clock = _Clock()
+
+    def start() -> None:
+        raise _proxy_died()
+
+    with pytest.raises(RetrievalError) as raised:
+        start_with_retries(start, budget_s=20, reset=lambda: None, sleep=clock.sleep, clock=clock)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("Serve did not start within 20 s (")
+    assert "--startup-timeout" in message and "The actor died unexpectedly" in message
+    assert clock.now <= 20
+
+
+def test_a_deploy_failure_is_reported_at_once_in_one_line() -> None:
+    from retrieval.cli import start_with_retries
+
+    calls = []
+
+    def start() -> None:
+        calls.append(1)
+        raise RuntimeError(
+            'Deploying application retrieval failed:\nTraceback (most recent call last):\n  File "x.py", line 1\n'
+            "retrieval.errors.IndexIntegrityError: shard-000.faiss: sha256 mismatch"
+        )
+
+    with pytest.raises(RetrievalError) as raised:
+        start_with_retries(start, budget_s=60, reset=lambda: None, sleep=lambda _: None)
+    assert calls == [1]
+    assert str(raised.value) == (
+        "Serve could not deploy the application: Deploying application retrieval failed: ... "
+        "retrieval.errors.IndexIntegrityError: shard-000.faiss: sha256 mismatch"
+    )
