@@ -9,7 +9,9 @@ The CRDs are read from ../shared/k8s-schemas/kuberay (or $RETRIEVAL_K8S_SCHEMAS)
 from __future__ import annotations
 
 import copy
+import fnmatch
 import importlib.util
+import json
 import os
 import shlex
 import shutil
@@ -346,3 +348,284 @@ def test_gpu_overlay_requests_gpus_and_dev_overlay_none() -> None:
             assert {variable["name"] for variable in container["env"]} >= {"NCCL_SOCKET_IFNAME", "NCCL_DEBUG"}
             assert container["image"].endswith("-gpu")
     assert "nvidia.com/gpu" not in yaml.safe_dump_all(_render("overlays/dev"))
+
+
+# --------------------------------------------------------------------------- least privilege (issue 16, item 12)
+
+# The image's user: Dockerfile builds FROM rayproject/ray, whose `ray` user is uid 1000, group `users` (100).
+RAY_UID = 1000
+RAY_GID = 100
+S3_SECRETS = {"train": "retrieval-s3-train", "serve": "retrieval-s3-serve", "mlflow": "retrieval-s3-mlflow"}
+
+
+def _ray_cluster_spec(item: dict[str, Any]) -> dict[str, Any]:
+    return {  # type: ignore[no-any-return]
+        "RayCluster": lambda: item["spec"],
+        "RayJob": lambda: item["spec"]["rayClusterSpec"],
+        "RayService": lambda: item["spec"]["rayClusterConfig"],
+    }[item["kind"]]()
+
+
+def _ray_cluster_spec_or_none(item: dict[str, Any], key: str) -> Any:
+    return _ray_cluster_spec(item).get(key) if item["kind"] in KUBERAY_KINDS else None
+
+
+def _pod_templates(objects: tuple[dict[str, Any], ...]) -> list[tuple[str, dict[str, Any]]]:
+    """Every pod template the manifests define, named ``Kind/name:group``: Ray heads and worker groups
+    (RayCluster, RayJob, RayService), RayJob submitter pods, and the Deployments."""
+    templates: list[tuple[str, dict[str, Any]]] = []
+    for item in objects:
+        name = f"{item['kind']}/{item['metadata']['name']}"
+        if item["kind"] in KUBERAY_KINDS:
+            cluster = _ray_cluster_spec(item)
+            templates.append((f"{name}:head", cluster["headGroupSpec"]["template"]))
+            templates += [(f"{name}:{group['groupName']}", group["template"]) for group in cluster["workerGroupSpecs"]]
+            if item["kind"] == "RayJob" and "submitterPodTemplate" in item["spec"]:
+                templates.append((f"{name}:submitter", item["spec"]["submitterPodTemplate"]))
+        elif item["kind"] == "Deployment":
+            templates.append((name, item["spec"]["template"]))
+    return templates
+
+
+def _role(where: str) -> str:
+    """``serve`` for the RayService's pods, ``mlflow`` for MLflow's, ``train`` for every other Ray pod."""
+    if where.startswith("RayService/"):
+        return "serve"
+    if where == "Deployment/mlflow":
+        return "mlflow"
+    assert where.startswith(("RayCluster/", "RayJob/")), where
+    return "train"
+
+
+def _referenced_secrets(pod: dict[str, Any]) -> set[str]:
+    spec = pod["spec"]
+    names = {volume["secret"]["secretName"] for volume in spec.get("volumes", []) if "secret" in volume}
+    for container in [*spec.get("initContainers", []), *spec["containers"]]:
+        names |= {source["secretRef"]["name"] for source in container.get("envFrom", []) if "secretRef" in source}
+        names |= {
+            variable["valueFrom"]["secretKeyRef"]["name"]
+            for variable in container.get("env", [])
+            if "secretKeyRef" in variable.get("valueFrom", {})
+        }
+    return names
+
+
+def _assert_container_locked_down(where: str, context: dict[str, Any] | None) -> None:
+    assert context is not None, f"{where}: no securityContext"
+    assert context.get("allowPrivilegeEscalation") is False, where
+    assert context.get("capabilities", {}).get("drop") == ["ALL"], where
+    assert not context.get("capabilities", {}).get("add"), where
+    assert not context.get("privileged", False), where
+    assert context.get("readOnlyRootFilesystem") is True, where
+    assert context.get("runAsUser", RAY_UID) != 0 and context.get("runAsNonRoot", True) is True, where
+
+
+def _writable_mounts(pod_spec: dict[str, Any], mounts: list[dict[str, Any]]) -> dict[str, str]:
+    """mountPath -> kind of volume ("emptyDir", "persistentVolumeClaim", ...) for the writable mounts."""
+    volumes = {volume["name"]: volume for volume in pod_spec.get("volumes", [])}
+    writable = {}
+    for mount in mounts:
+        assert mount["name"] in volumes, f"volumeMount {mount['name']} has no volume"
+        if not mount.get("readOnly"):
+            writable[mount["mountPath"]] = next(key for key in volumes[mount["name"]] if key != "name")
+    return writable
+
+
+def test_the_image_user_is_the_uid_the_manifests_run_as() -> None:
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert "FROM rayproject/ray:" in dockerfile  # its `ray` user: uid 1000, primary group users (100)
+    assert "--chown=ray:users" in dockerfile
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_runs_non_root_without_privileges_on_a_read_only_root(overlay: str) -> None:
+    templates = _pod_templates(_render(overlay))
+    assert len(templates) == 2 + 3 * 2 + 2 + 1  # RayCluster, 3 RayJobs, RayService (head + workers), MLflow
+    for where, template in templates:
+        pod = template["spec"]
+        context = pod.get("securityContext") or {}
+        assert context.get("runAsNonRoot") is True, where
+        assert context.get("runAsUser") == RAY_UID, where
+        assert context.get("runAsGroup") == RAY_GID, where
+        assert context.get("seccompProfile") == {"type": "RuntimeDefault"}, where
+        assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC"), where
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            _assert_container_locked_down(f"{where}/{container['name']}", container.get("securityContext"))
+            writable = _writable_mounts(pod, container.get("volumeMounts", []))
+            # Where a read-only root leaves the process room to write: Ray's /tmp/ray and Python's
+            # tempfile (and MLflow's staging) in /tmp, model weights and index shards in ~/.cache.
+            assert writable.get("/tmp") == "emptyDir", f"{where}/{container['name']}: {writable}"
+            if not where.startswith("Deployment/"):
+                assert writable.get("/home/ray/.cache") == "emptyDir", f"{where}/{container['name']}: {writable}"
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_autoscaler_sidecars_are_locked_down_too(overlay: str) -> None:
+    autoscaling = [item for item in _render(overlay) if _ray_cluster_spec_or_none(item, "enableInTreeAutoscaling")]
+    assert {item["kind"] for item in autoscaling} == {"RayCluster", "RayService"}
+    for item in autoscaling:
+        cluster = _ray_cluster_spec(item)
+        options = cluster.get("autoscalerOptions") or {}
+        where = f"{item['kind']}/{item['metadata']['name']}:autoscaler"
+        _assert_container_locked_down(where, options.get("securityContext"))
+        # Its mounts join the head pod: /tmp must be one of the head's emptyDirs.
+        head = cluster["headGroupSpec"]["template"]["spec"]
+        assert _writable_mounts(head, options.get("volumeMounts", [])).get("/tmp") == "emptyDir", where
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rayjobs_start_no_unhardened_submitter_pod(overlay: str) -> None:
+    # K8sJobMode (the default) makes KubeRay start a submitter pod from its own template, without
+    # any securityContext; HTTPMode submits from the operator; a submitterPodTemplate of our own is
+    # checked with the other pods above.
+    for job in _of_kind(_render(overlay), "RayJob"):
+        assert job["spec"].get("submissionMode") == "HTTPMode" or "submitterPodTemplate" in job["spec"], job[
+            "metadata"
+        ]["name"]
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_pods_that_call_the_kubernetes_api_get_a_token(overlay: str) -> None:
+    objects = _render(overlay)
+    autoscaled = {
+        f"{item['kind']}/{item['metadata']['name']}:head"
+        for item in objects
+        if item["kind"] in KUBERAY_KINDS and _ray_cluster_spec(item).get("enableInTreeAutoscaling")
+    }
+    for where, template in _pod_templates(objects):
+        if where in autoscaled:  # KubeRay's autoscaler sidecar scales the cluster through the API
+            continue
+        assert template["spec"].get("automountServiceAccountToken") is False, where
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mlflow_volume_is_writable_by_its_non_root_user(overlay: str) -> None:
+    (deployment,) = _of_kind(_render(overlay), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    # fsGroup makes the kubelet give the volume to the pod's group (and set the setgid bit), so the
+    # non-root server can create and write the sqlite file and its journal.
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"] == RAY_GID
+    assert pod["securityContext"].get("fsGroupChangePolicy") == "OnRootMismatch"  # no recursive chown per start
+    (store,) = [arg.split("=", 1)[1] for arg in container["args"] if arg.startswith("--backend-store-uri=")]
+    database = Path(store.removeprefix("sqlite:///"))
+    writable = _writable_mounts(pod, container["volumeMounts"])
+    assert writable.get(str(database.parent)) == "persistentVolumeClaim", (database, writable)
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mlflow_telemetry_is_off(overlay: str) -> None:
+    # It would write ~/.config/mlflow (read-only here) and call out of the cluster.
+    (config,) = _of_kind(_render(overlay), "ConfigMap")
+    assert config["data"]["MLFLOW_DISABLE_TELEMETRY"] == "true"
+
+
+# --------------------------------------------------------------------------- S3 credentials, one per role
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_role_references_only_its_own_s3_credential(overlay: str) -> None:
+    objects = _render(overlay)
+    seen: dict[str, set[str]] = {}
+    for where, template in _pod_templates(objects):
+        seen.setdefault(_role(where), set()).update(_referenced_secrets(template))
+    for item in objects:  # the autoscaler sidecars' environment
+        if item["kind"] in KUBERAY_KINDS:
+            options = _ray_cluster_spec(item).get("autoscalerOptions") or {}
+            assert not [source for source in options.get("envFrom", []) if "secretRef" in source]
+    # The serving pods get the read-only credential and nothing else; training pods never get it
+    # (nor MLflow's), MLflow gets its own.
+    assert seen == {role: {S3_SECRETS[role]} for role in ("train", "serve", "mlflow")}
+    assert len(set(S3_SECRETS.values())) == 3
+
+
+def _policy(role: str) -> list[dict[str, Any]]:
+    file = {"train": "train-readwrite.json", "serve": "serve-readonly.json", "mlflow": "mlflow-artifacts.json"}[role]
+    document = json.loads((K8S / "iam" / file).read_text())
+    assert document["Version"] == "2012-10-17"
+    assert all(statement["Effect"] == "Allow" for statement in document["Statement"])
+    return list(document["Statement"])
+
+
+def _allows(role: str, action: str, resource: str, *, prefix: str | None = None) -> bool:
+    """Whether the role's policy allows ``action`` on ``resource`` (``*`` wildcards, s3:prefix conditions)."""
+    for statement in _policy(role):
+        if action not in statement["Action"]:
+            continue
+        if not any(fnmatch.fnmatchcase(resource, pattern) for pattern in statement["Resource"]):
+            continue
+        condition = statement.get("Condition", {}).get("StringLike", {}).get("s3:prefix")
+        if condition is None:
+            return True
+        if prefix is not None and any(fnmatch.fnmatchcase(prefix, pattern) for pattern in condition):
+            return True
+    return False
+
+
+def _s3_prefix(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key.rstrip("/")
+
+
+@requires_kubectl
+def test_bucket_policies_match_what_each_role_reads_and_writes() -> None:
+    objects = _render("base")
+    (config,) = _of_kind(objects, "ConfigMap")
+    bucket = config["data"]["RETRIEVAL_BUCKET"]
+    arn = f"arn:aws:s3:::{bucket}"
+    # Serving: the index the RayService loads (its serveConfigV2) and its versions, read only.
+    (service,) = _of_kind(objects, "RayService")
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    index_bucket, index = _s3_prefix(serve_config["applications"][0]["args"]["index"])
+    assert index_bucket == bucket
+    for key in (f"{index}/CURRENT", f"{index}/v0001/manifest.json", f"{index}/v0001/shard-0.faiss"):
+        assert _allows("serve", "s3:GetObject", f"{arn}/{key}"), key
+    assert _allows("serve", "s3:ListBucket", arn, prefix=f"{index}/v0001/")
+    actions = {action for statement in _policy("serve") for action in statement["Action"]}
+    assert actions <= {"s3:GetObject", "s3:ListBucket"}, actions
+    assert not _allows("serve", "s3:GetObject", f"{arn}/ray_results/x/checkpoint.pt")
+    assert not _allows("serve", "s3:GetObject", f"{arn}/mlflow-artifacts/1/run/model.pt")
+    assert not _allows("serve", "s3:ListBucket", arn, prefix="")
+    # Training: checkpoints (storage.path) and indices (index.out) of every RayJob, read and write.
+    written = set()
+    for job in _of_kind(objects, "RayJob"):
+        words = shlex.split(job["spec"]["entrypoint"])
+        overrides = dict(words[position + 1].split("=", 1) for position, word in enumerate(words) if word == "--set")
+        written |= {_s3_prefix(overrides[key]) for key in ("storage.path", "index.out") if key in overrides}
+    assert {prefix for _, prefix in written} == {"ray_results", index}
+    for written_bucket, prefix in written:
+        assert written_bucket == bucket
+        for action in ("s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"):
+            assert _allows("train", action, f"{arn}/{prefix}/some/object"), (action, prefix)
+    assert not _allows("train", "s3:PutObject", f"{arn}/mlflow-artifacts/1/run/model.pt")
+    # MLflow: its --artifacts-destination, read and write, and nothing else.
+    (deployment,) = _of_kind(objects, "Deployment")
+    (destination,) = [
+        arg.split("=", 1)[1]
+        for arg in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        if arg.startswith("--artifacts-destination=")
+    ]
+    artifacts_bucket, artifacts = _s3_prefix(destination.replace("$(RETRIEVAL_BUCKET)", bucket))
+    assert artifacts_bucket == bucket
+    for action in ("s3:GetObject", "s3:PutObject", "s3:DeleteObject"):
+        assert _allows("mlflow", action, f"{arn}/{artifacts}/1/abc/artifacts/model.pt"), action
+    assert _allows("mlflow", "s3:ListBucket", arn, prefix=f"{artifacts}/1/abc/artifacts/")
+    assert not _allows("mlflow", "s3:GetObject", f"{arn}/{index}/CURRENT")
+    assert not _allows("mlflow", "s3:PutObject", f"{arn}/ray_results/x")
+
+
+def test_policy_matcher_honours_wildcards_and_prefix_conditions() -> None:
+    arn = "arn:aws:s3:::retrieval"
+    assert _allows("serve", "s3:GetObject", f"{arn}/indices/digits/CURRENT")
+    assert not _allows("serve", "s3:PutObject", f"{arn}/indices/digits/CURRENT")
+    assert not _allows("serve", "s3:GetObject", "arn:aws:s3:::other/indices/digits/CURRENT")
+    assert _allows("serve", "s3:ListBucket", arn, prefix="indices/digits/")
+    assert not _allows("serve", "s3:ListBucket", arn, prefix="ray_results/")
+    assert not _allows("serve", "s3:ListBucket", arn)
