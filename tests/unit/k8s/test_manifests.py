@@ -629,3 +629,225 @@ def test_policy_matcher_honours_wildcards_and_prefix_conditions() -> None:
     assert _allows("serve", "s3:ListBucket", arn, prefix="indices/digits/")
     assert not _allows("serve", "s3:ListBucket", arn, prefix="ray_results/")
     assert not _allows("serve", "s3:ListBucket", arn)
+
+
+# --------------------------------------------------------------------------- network policies
+
+NAMESPACE = {"kubernetes.io/metadata.name": "retrieval"}  # where the manifests are applied
+OTHER_NAMESPACE = {"kubernetes.io/metadata.name": "elsewhere"}
+OPERATOR_NAMESPACE = {"kubernetes.io/metadata.name": "kuberay-system"}
+
+
+def _selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics (an empty selector selects everything)."""
+    selector = selector or {}
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        present, value = key in labels, labels.get(key)
+        matched = {
+            "In": present and value in values,
+            "NotIn": not (present and value in values),
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[operator]
+        if not matched:
+            return False
+    return True
+
+
+def _peer_admits(peer: dict[str, Any], source: dict[str, Any]) -> bool:
+    if "ipBlock" in peer:
+        return False  # pods are not addressed by CIDR here
+    namespace_ok = (
+        _selects(peer["namespaceSelector"], source["namespace"])
+        if "namespaceSelector" in peer
+        else source["namespace"] == NAMESPACE
+    )
+    pod_ok = _selects(peer["podSelector"], source["labels"]) if "podSelector" in peer else True
+    return namespace_ok and pod_ok
+
+
+def _ingress_allowed(policies: list[dict[str, Any]], target: dict[str, str], source: dict[str, Any], port: int) -> bool:
+    """NetworkPolicy semantics for a TCP connection to a pod of this namespace: allowed when no policy
+    selects the pod for Ingress, or when a rule of one of those that do admits source and port."""
+    selecting = [
+        policy
+        for policy in policies
+        if "Ingress" in policy["spec"].get("policyTypes", ["Ingress"])
+        and _selects(policy["spec"]["podSelector"], target)
+    ]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports and not any(
+                item.get("protocol", "TCP") == "TCP" and item["port"] <= port <= item.get("endPort", item["port"])
+                for item in ports
+            ):
+                continue
+            peers = rule.get("from")
+            if not peers or any(_peer_admits(peer, source) for peer in peers):
+                return True
+    return False
+
+
+def _ray_pods(objects: tuple[dict[str, Any], ...]) -> dict[str, dict[str, str]]:
+    """``Kind/name:head|worker`` -> the labels its pods carry once KubeRay has created them: the
+    template's own plus KubeRay's (ray.io/cluster is a generated name for RayJobs and RayServices)."""
+    pods = {}
+    for item in objects:
+        if item["kind"] not in KUBERAY_KINDS:
+            continue
+        cluster = _ray_cluster_spec(item)
+        generated = item["metadata"]["name"] + ("" if item["kind"] == "RayCluster" else "-x7k2p")
+        for node_type, template in [
+            ("head", cluster["headGroupSpec"]["template"]),
+            *[("worker", group["template"]) for group in cluster["workerGroupSpecs"]],
+        ]:
+            labels = dict(template.get("metadata", {}).get("labels", {}))
+            labels |= {"ray.io/cluster": generated, "ray.io/node-type": node_type, "ray.io/is-ray-node": "yes"}
+            pods[f"{item['kind']}/{item['metadata']['name']}:{node_type}"] = labels
+    return pods
+
+
+def _source(labels: dict[str, str], namespace: dict[str, str] = NAMESPACE) -> dict[str, Any]:
+    return {"labels": labels, "namespace": namespace}
+
+
+RAY_PORTS = (6379, 8265, 10001, 52365, 12345)  # GCS, dashboard, client, dashboard agent, a worker port
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ingress_is_denied_by_default(overlay: str) -> None:
+    policies = _of_kind(_render(overlay), "NetworkPolicy")
+    default_deny = [
+        policy
+        for policy in policies
+        if policy["spec"]["podSelector"] == {}
+        and policy["spec"]["policyTypes"] == ["Ingress"]
+        and not policy["spec"].get("ingress")
+    ]
+    assert len(default_deny) == 1
+    # Every other policy opens something specific: a selected set of pods, never every pod.
+    assert all(policy["spec"]["podSelector"] for policy in policies if policy not in default_deny)
+    # A pod the manifests do not define is reachable from nobody.
+    stranger = {"app": "something-else"}
+    assert not _ingress_allowed(policies, stranger, _source({"app": "client"}), 8080)
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ray_nodes_reach_each_other_only_within_their_cluster(overlay: str) -> None:
+    objects = _render(overlay)
+    policies = _of_kind(objects, "NetworkPolicy")
+    pods = _ray_pods(objects)
+    assert len(pods) == 10
+    clusters = {where.split(":")[0] for where in pods}
+    for cluster in clusters:
+        head, worker = pods[f"{cluster}:head"], pods[f"{cluster}:worker"]
+        for port in RAY_PORTS:
+            assert _ingress_allowed(policies, head, _source(worker), port), (cluster, port)
+            assert _ingress_allowed(policies, worker, _source(head), port), (cluster, port)
+            assert _ingress_allowed(policies, worker, _source(worker), port), (cluster, port)
+        for other in clusters - {cluster}:
+            for port in (6379, 10001, 52365, 12345):
+                assert not _ingress_allowed(policies, head, _source(pods[f"{other}:worker"]), port), (cluster, other)
+                assert not _ingress_allowed(policies, worker, _source(pods[f"{other}:head"]), port), (cluster, other)
+    # Nothing else in the namespace reaches a Ray node's internal ports.
+    for labels in pods.values():
+        for port in (6379, 10001, 12345):
+            assert not _ingress_allowed(policies, labels, _source({"app": "client"}), port)
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_search_port_is_open_to_the_chosen_clients_and_nothing_else_is(overlay: str) -> None:
+    objects = _render(overlay)
+    policies = _of_kind(objects, "NetworkPolicy")
+    pods = _ray_pods(objects)
+    outside = _source({"app.kubernetes.io/name": "ingress-nginx"}, OTHER_NAMESPACE)
+    serve_worker = pods["RayService/retrieval-search:worker"]
+    # The default of the patchable policy ray-serve-http: any pod of any namespace.
+    assert _ingress_allowed(policies, serve_worker, outside, 8000)
+    assert _ingress_allowed(policies, serve_worker, _source({"app": "client"}), 8000)
+    for port in (6379, 8265, 10001, 52365):
+        assert not _ingress_allowed(policies, serve_worker, outside, port)
+    # The training clusters' Serve/HTTP ports stay closed.
+    for where, labels in pods.items():
+        if not where.startswith("RayService/"):
+            assert not _ingress_allowed(policies, labels, outside, 8000), where
+    # Narrowed by the patch k8s/README.md shows, other namespaces are out.
+    narrowed = copy.deepcopy(policies)
+    (serve_policy,) = [policy for policy in narrowed if policy["metadata"]["name"] == "ray-serve-http"]
+    serve_policy["spec"]["ingress"][0]["from"] = [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+    ]
+    assert not _ingress_allowed(narrowed, serve_worker, outside, 8000)
+    ingress_controller = _source({}, {"kubernetes.io/metadata.name": "ingress-nginx"})
+    assert _ingress_allowed(narrowed, serve_worker, ingress_controller, 8000)
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_dashboard_port_is_open_to_the_namespace_and_the_operator_only(overlay: str) -> None:
+    objects = _render(overlay)
+    policies = _of_kind(objects, "NetworkPolicy")
+    pods = _ray_pods(objects)
+    operator = _source({"app.kubernetes.io/name": "kuberay-operator"}, OPERATOR_NAMESPACE)
+    heads = {where: labels for where, labels in pods.items() if where.endswith(":head")}
+    assert len(heads) == 5
+    for where, head in heads.items():
+        assert _ingress_allowed(policies, head, _source({"app": "ray-job-submit"}), 8265), where
+        assert _ingress_allowed(policies, head, operator, 8265), where
+        assert not _ingress_allowed(policies, head, _source({"app": "ray-job-submit"}, OTHER_NAMESPACE), 8265), where
+        assert not _ingress_allowed(policies, head, operator, 6379), where  # the operator needs only the API
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mlflow_is_reachable_from_training_and_serving_pods_only(overlay: str) -> None:
+    objects = _render(overlay)
+    policies = _of_kind(objects, "NetworkPolicy")
+    (deployment,) = _of_kind(objects, "Deployment")
+    mlflow = deployment["spec"]["template"]["metadata"]["labels"]
+    (service,) = [item for item in _of_kind(objects, "Service") if item["metadata"]["name"] == "mlflow"]
+    assert _selects({"matchLabels": service["spec"]["selector"]}, mlflow)
+    for where, labels in _ray_pods(objects).items():
+        assert _ingress_allowed(policies, mlflow, _source(labels), 5000), where
+        assert not _ingress_allowed(policies, mlflow, _source(labels), 5001), where
+    assert not _ingress_allowed(policies, mlflow, _source({"app": "client"}), 5000)
+    assert not _ingress_allowed(policies, mlflow, _source({"app.kubernetes.io/component": "training"}), 5000)
+    assert not _ingress_allowed(policies, mlflow, _source({}, OTHER_NAMESPACE), 5000)
+
+
+def test_policy_evaluator_follows_networkpolicy_semantics() -> None:
+    def policy(selector: dict[str, Any], ingress: list[dict[str, Any]] | None) -> dict[str, Any]:
+        spec: dict[str, Any] = {"podSelector": selector, "policyTypes": ["Ingress"]}
+        if ingress is not None:
+            spec["ingress"] = ingress
+        return {"spec": spec}
+
+    target = {"app": "db"}
+    client = _source({"app": "api"})
+    assert _ingress_allowed([], target, client, 5432)  # not isolated
+    deny = policy({}, None)
+    assert not _ingress_allowed([deny], target, client, 5432)
+    allow_api = policy({"matchLabels": target}, [{"from": [{"podSelector": {"matchLabels": {"app": "api"}}}]}])
+    assert _ingress_allowed([deny, allow_api], target, client, 5432)
+    assert not _ingress_allowed([deny, allow_api], target, _source({"app": "api"}, OTHER_NAMESPACE), 5432)
+    with_port = policy({"matchLabels": target}, [{"ports": [{"port": 5432}]}])
+    assert _ingress_allowed([deny, with_port], target, _source({}, OTHER_NAMESPACE), 5432)
+    assert not _ingress_allowed([deny, with_port], target, client, 5433)
+    both = policy(
+        {"matchLabels": target},
+        [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "api"}}}]}],
+    )
+    assert _ingress_allowed([deny, both], target, _source({"app": "api"}, OTHER_NAMESPACE), 1)
+    assert not _ingress_allowed([deny, both], target, _source({"app": "web"}, OTHER_NAMESPACE), 1)
+    expression = {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}]}
+    assert _selects(expression, {"tier": "b"}) and not _selects(expression, {"tier": "c"})
+    assert not _selects(expression, {})
