@@ -9,7 +9,9 @@ The CRDs are read from ../shared/k8s-schemas/kuberay (or $RETRIEVAL_K8S_SCHEMAS)
 from __future__ import annotations
 
 import copy
+import fnmatch
 import importlib.util
+import json
 import os
 import shlex
 import shutil
@@ -346,3 +348,506 @@ def test_gpu_overlay_requests_gpus_and_dev_overlay_none() -> None:
             assert {variable["name"] for variable in container["env"]} >= {"NCCL_SOCKET_IFNAME", "NCCL_DEBUG"}
             assert container["image"].endswith("-gpu")
     assert "nvidia.com/gpu" not in yaml.safe_dump_all(_render("overlays/dev"))
+
+
+# --------------------------------------------------------------------------- least privilege (issue 16, item 12)
+
+# The image's user: Dockerfile builds FROM rayproject/ray, whose `ray` user is uid 1000, group `users` (100).
+RAY_UID = 1000
+RAY_GID = 100
+S3_SECRETS = {"train": "retrieval-s3-train", "serve": "retrieval-s3-serve", "mlflow": "retrieval-s3-mlflow"}
+
+
+def _ray_cluster_spec(item: dict[str, Any]) -> dict[str, Any]:
+    return {  # type: ignore[no-any-return]
+        "RayCluster": lambda: item["spec"],
+        "RayJob": lambda: item["spec"]["rayClusterSpec"],
+        "RayService": lambda: item["spec"]["rayClusterConfig"],
+    }[item["kind"]]()
+
+
+def _ray_cluster_spec_or_none(item: dict[str, Any], key: str) -> Any:
+    return _ray_cluster_spec(item).get(key) if item["kind"] in KUBERAY_KINDS else None
+
+
+def _pod_templates(objects: tuple[dict[str, Any], ...]) -> list[tuple[str, dict[str, Any]]]:
+    """Every pod template the manifests define, named ``Kind/name:group``: Ray heads and worker groups
+    (RayCluster, RayJob, RayService), RayJob submitter pods, and the Deployments."""
+    templates: list[tuple[str, dict[str, Any]]] = []
+    for item in objects:
+        name = f"{item['kind']}/{item['metadata']['name']}"
+        if item["kind"] in KUBERAY_KINDS:
+            cluster = _ray_cluster_spec(item)
+            templates.append((f"{name}:head", cluster["headGroupSpec"]["template"]))
+            templates += [(f"{name}:{group['groupName']}", group["template"]) for group in cluster["workerGroupSpecs"]]
+            if item["kind"] == "RayJob" and "submitterPodTemplate" in item["spec"]:
+                templates.append((f"{name}:submitter", item["spec"]["submitterPodTemplate"]))
+        elif item["kind"] == "Deployment":
+            templates.append((name, item["spec"]["template"]))
+    return templates
+
+
+def _role(where: str) -> str:
+    """``serve`` for the RayService's pods, ``mlflow`` for MLflow's, ``train`` for every other Ray pod."""
+    if where.startswith("RayService/"):
+        return "serve"
+    if where == "Deployment/mlflow":
+        return "mlflow"
+    assert where.startswith(("RayCluster/", "RayJob/")), where
+    return "train"
+
+
+def _referenced_secrets(pod: dict[str, Any]) -> set[str]:
+    spec = pod["spec"]
+    names = {volume["secret"]["secretName"] for volume in spec.get("volumes", []) if "secret" in volume}
+    for container in [*spec.get("initContainers", []), *spec["containers"]]:
+        names |= {source["secretRef"]["name"] for source in container.get("envFrom", []) if "secretRef" in source}
+        names |= {
+            variable["valueFrom"]["secretKeyRef"]["name"]
+            for variable in container.get("env", [])
+            if "secretKeyRef" in variable.get("valueFrom", {})
+        }
+    return names
+
+
+def _assert_container_locked_down(where: str, context: dict[str, Any] | None) -> None:
+    assert context is not None, f"{where}: no securityContext"
+    assert context.get("allowPrivilegeEscalation") is False, where
+    assert context.get("capabilities", {}).get("drop") == ["ALL"], where
+    assert not context.get("capabilities", {}).get("add"), where
+    assert not context.get("privileged", False), where
+    assert context.get("readOnlyRootFilesystem") is True, where
+    assert context.get("runAsUser", RAY_UID) != 0 and context.get("runAsNonRoot", True) is True, where
+
+
+def _writable_mounts(pod_spec: dict[str, Any], mounts: list[dict[str, Any]]) -> dict[str, str]:
+    """mountPath -> kind of volume ("emptyDir", "persistentVolumeClaim", ...) for the writable mounts."""
+    volumes = {volume["name"]: volume for volume in pod_spec.get("volumes", [])}
+    writable = {}
+    for mount in mounts:
+        assert mount["name"] in volumes, f"volumeMount {mount['name']} has no volume"
+        if not mount.get("readOnly"):
+            writable[mount["mountPath"]] = next(key for key in volumes[mount["name"]] if key != "name")
+    return writable
+
+
+def test_the_image_user_is_the_uid_the_manifests_run_as() -> None:
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert "FROM rayproject/ray:" in dockerfile  # its `ray` user: uid 1000, primary group users (100)
+    assert "--chown=ray:users" in dockerfile
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_runs_non_root_without_privileges_on_a_read_only_root(overlay: str) -> None:
+    templates = _pod_templates(_render(overlay))
+    assert len(templates) == 2 + 3 * 2 + 2 + 1  # RayCluster, 3 RayJobs, RayService (head + workers), MLflow
+    for where, template in templates:
+        pod = template["spec"]
+        context = pod.get("securityContext") or {}
+        assert context.get("runAsNonRoot") is True, where
+        assert context.get("runAsUser") == RAY_UID, where
+        assert context.get("runAsGroup") == RAY_GID, where
+        assert context.get("seccompProfile") == {"type": "RuntimeDefault"}, where
+        assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC"), where
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            _assert_container_locked_down(f"{where}/{container['name']}", container.get("securityContext"))
+            writable = _writable_mounts(pod, container.get("volumeMounts", []))
+            # Where a read-only root leaves the process room to write: Ray's /tmp/ray and Python's
+            # tempfile (and MLflow's staging) in /tmp, model weights and index shards in ~/.cache.
+            assert writable.get("/tmp") == "emptyDir", f"{where}/{container['name']}: {writable}"
+            if not where.startswith("Deployment/"):
+                assert writable.get("/home/ray/.cache") == "emptyDir", f"{where}/{container['name']}: {writable}"
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_autoscaler_sidecars_are_locked_down_too(overlay: str) -> None:
+    autoscaling = [item for item in _render(overlay) if _ray_cluster_spec_or_none(item, "enableInTreeAutoscaling")]
+    assert {item["kind"] for item in autoscaling} == {"RayCluster", "RayService"}
+    for item in autoscaling:
+        cluster = _ray_cluster_spec(item)
+        options = cluster.get("autoscalerOptions") or {}
+        where = f"{item['kind']}/{item['metadata']['name']}:autoscaler"
+        _assert_container_locked_down(where, options.get("securityContext"))
+        # Its mounts join the head pod: /tmp must be one of the head's emptyDirs.
+        head = cluster["headGroupSpec"]["template"]["spec"]
+        assert _writable_mounts(head, options.get("volumeMounts", [])).get("/tmp") == "emptyDir", where
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rayjobs_start_no_unhardened_submitter_pod(overlay: str) -> None:
+    # K8sJobMode (the default) makes KubeRay start a submitter pod from its own template, without
+    # any securityContext; HTTPMode submits from the operator; a submitterPodTemplate of our own is
+    # checked with the other pods above.
+    for job in _of_kind(_render(overlay), "RayJob"):
+        assert job["spec"].get("submissionMode") == "HTTPMode" or "submitterPodTemplate" in job["spec"], job[
+            "metadata"
+        ]["name"]
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_pods_that_call_the_kubernetes_api_get_a_token(overlay: str) -> None:
+    objects = _render(overlay)
+    autoscaled = {
+        f"{item['kind']}/{item['metadata']['name']}:head"
+        for item in objects
+        if item["kind"] in KUBERAY_KINDS and _ray_cluster_spec(item).get("enableInTreeAutoscaling")
+    }
+    for where, template in _pod_templates(objects):
+        if where in autoscaled:  # KubeRay's autoscaler sidecar scales the cluster through the API
+            continue
+        assert template["spec"].get("automountServiceAccountToken") is False, where
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mlflow_volume_is_writable_by_its_non_root_user(overlay: str) -> None:
+    (deployment,) = _of_kind(_render(overlay), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    # fsGroup makes the kubelet give the volume to the pod's group (and set the setgid bit), so the
+    # non-root server can create and write the sqlite file and its journal.
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"] == RAY_GID
+    assert pod["securityContext"].get("fsGroupChangePolicy") == "OnRootMismatch"  # no recursive chown per start
+    (store,) = [arg.split("=", 1)[1] for arg in container["args"] if arg.startswith("--backend-store-uri=")]
+    database = Path(store.removeprefix("sqlite:///"))
+    writable = _writable_mounts(pod, container["volumeMounts"])
+    assert writable.get(str(database.parent)) == "persistentVolumeClaim", (database, writable)
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mlflow_telemetry_is_off(overlay: str) -> None:
+    # It would write ~/.config/mlflow (read-only here) and call out of the cluster.
+    (config,) = _of_kind(_render(overlay), "ConfigMap")
+    assert config["data"]["MLFLOW_DISABLE_TELEMETRY"] == "true"
+
+
+# --------------------------------------------------------------------------- S3 credentials, one per role
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_role_references_only_its_own_s3_credential(overlay: str) -> None:
+    objects = _render(overlay)
+    seen: dict[str, set[str]] = {}
+    for where, template in _pod_templates(objects):
+        seen.setdefault(_role(where), set()).update(_referenced_secrets(template))
+    for item in objects:  # the autoscaler sidecars' environment
+        if item["kind"] in KUBERAY_KINDS:
+            options = _ray_cluster_spec(item).get("autoscalerOptions") or {}
+            assert not [source for source in options.get("envFrom", []) if "secretRef" in source]
+    # The serving pods get the read-only credential and nothing else; training pods never get it
+    # (nor MLflow's), MLflow gets its own.
+    assert seen == {role: {S3_SECRETS[role]} for role in ("train", "serve", "mlflow")}
+    assert len(set(S3_SECRETS.values())) == 3
+
+
+def _policy(role: str) -> list[dict[str, Any]]:
+    file = {"train": "train-readwrite.json", "serve": "serve-readonly.json", "mlflow": "mlflow-artifacts.json"}[role]
+    document = json.loads((K8S / "iam" / file).read_text())
+    assert document["Version"] == "2012-10-17"
+    assert all(statement["Effect"] == "Allow" for statement in document["Statement"])
+    return list(document["Statement"])
+
+
+def _allows(role: str, action: str, resource: str, *, prefix: str | None = None) -> bool:
+    """Whether the role's policy allows ``action`` on ``resource`` (``*`` wildcards, s3:prefix conditions)."""
+    for statement in _policy(role):
+        if action not in statement["Action"]:
+            continue
+        if not any(fnmatch.fnmatchcase(resource, pattern) for pattern in statement["Resource"]):
+            continue
+        condition = statement.get("Condition", {}).get("StringLike", {}).get("s3:prefix")
+        if condition is None:
+            return True
+        if prefix is not None and any(fnmatch.fnmatchcase(prefix, pattern) for pattern in condition):
+            return True
+    return False
+
+
+def _s3_prefix(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key.rstrip("/")
+
+
+@requires_kubectl
+def test_bucket_policies_match_what_each_role_reads_and_writes() -> None:
+    objects = _render("base")
+    (config,) = _of_kind(objects, "ConfigMap")
+    bucket = config["data"]["RETRIEVAL_BUCKET"]
+    arn = f"arn:aws:s3:::{bucket}"
+    # Serving: the index the RayService loads (its serveConfigV2) and its versions, read only.
+    (service,) = _of_kind(objects, "RayService")
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    index_bucket, index = _s3_prefix(serve_config["applications"][0]["args"]["index"])
+    assert index_bucket == bucket
+    for key in (f"{index}/CURRENT", f"{index}/v0001/manifest.json", f"{index}/v0001/shard-0.faiss"):
+        assert _allows("serve", "s3:GetObject", f"{arn}/{key}"), key
+    assert _allows("serve", "s3:ListBucket", arn, prefix=f"{index}/v0001/")
+    actions = {action for statement in _policy("serve") for action in statement["Action"]}
+    assert actions <= {"s3:GetObject", "s3:ListBucket"}, actions
+    assert not _allows("serve", "s3:GetObject", f"{arn}/ray_results/x/checkpoint.pt")
+    assert not _allows("serve", "s3:GetObject", f"{arn}/mlflow-artifacts/1/run/model.pt")
+    assert not _allows("serve", "s3:ListBucket", arn, prefix="")
+    # Training: checkpoints (storage.path) and indices (index.out) of every RayJob, read and write.
+    written = set()
+    for job in _of_kind(objects, "RayJob"):
+        words = shlex.split(job["spec"]["entrypoint"])
+        overrides = dict(words[position + 1].split("=", 1) for position, word in enumerate(words) if word == "--set")
+        written |= {_s3_prefix(overrides[key]) for key in ("storage.path", "index.out") if key in overrides}
+    assert {prefix for _, prefix in written} == {"ray_results", index}
+    for written_bucket, prefix in written:
+        assert written_bucket == bucket
+        for action in ("s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"):
+            assert _allows("train", action, f"{arn}/{prefix}/some/object"), (action, prefix)
+    assert not _allows("train", "s3:PutObject", f"{arn}/mlflow-artifacts/1/run/model.pt")
+    # MLflow: its --artifacts-destination, read and write, and nothing else.
+    (deployment,) = _of_kind(objects, "Deployment")
+    (destination,) = [
+        arg.split("=", 1)[1]
+        for arg in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        if arg.startswith("--artifacts-destination=")
+    ]
+    artifacts_bucket, artifacts = _s3_prefix(destination.replace("$(RETRIEVAL_BUCKET)", bucket))
+    assert artifacts_bucket == bucket
+    for action in ("s3:GetObject", "s3:PutObject", "s3:DeleteObject"):
+        assert _allows("mlflow", action, f"{arn}/{artifacts}/1/abc/artifacts/model.pt"), action
+    assert _allows("mlflow", "s3:ListBucket", arn, prefix=f"{artifacts}/1/abc/artifacts/")
+    assert not _allows("mlflow", "s3:GetObject", f"{arn}/{index}/CURRENT")
+    assert not _allows("mlflow", "s3:PutObject", f"{arn}/ray_results/x")
+
+
+def test_policy_matcher_honours_wildcards_and_prefix_conditions() -> None:
+    arn = "arn:aws:s3:::retrieval"
+    assert _allows("serve", "s3:GetObject", f"{arn}/indices/digits/CURRENT")
+    assert not _allows("serve", "s3:PutObject", f"{arn}/indices/digits/CURRENT")
+    assert not _allows("serve", "s3:GetObject", "arn:aws:s3:::other/indices/digits/CURRENT")
+    assert _allows("serve", "s3:ListBucket", arn, prefix="indices/digits/")
+    assert not _allows("serve", "s3:ListBucket", arn, prefix="ray_results/")
+    assert not _allows("serve", "s3:ListBucket", arn)
+
+
+# --------------------------------------------------------------------------- network policies
+
+NAMESPACE = {"kubernetes.io/metadata.name": "retrieval"}  # where the manifests are applied
+OTHER_NAMESPACE = {"kubernetes.io/metadata.name": "elsewhere"}
+OPERATOR_NAMESPACE = {"kubernetes.io/metadata.name": "kuberay-system"}
+
+
+def _selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics (an empty selector selects everything)."""
+    selector = selector or {}
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        present, value = key in labels, labels.get(key)
+        matched = {
+            "In": present and value in values,
+            "NotIn": not (present and value in values),
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[operator]
+        if not matched:
+            return False
+    return True
+
+
+def _peer_admits(peer: dict[str, Any], source: dict[str, Any]) -> bool:
+    if "ipBlock" in peer:
+        return False  # pods are not addressed by CIDR here
+    namespace_ok = (
+        _selects(peer["namespaceSelector"], source["namespace"])
+        if "namespaceSelector" in peer
+        else source["namespace"] == NAMESPACE
+    )
+    pod_ok = _selects(peer["podSelector"], source["labels"]) if "podSelector" in peer else True
+    return namespace_ok and pod_ok
+
+
+def _ingress_allowed(policies: list[dict[str, Any]], target: dict[str, str], source: dict[str, Any], port: int) -> bool:
+    """NetworkPolicy semantics for a TCP connection to a pod of this namespace: allowed when no policy
+    selects the pod for Ingress, or when a rule of one of those that do admits source and port."""
+    selecting = [
+        policy
+        for policy in policies
+        if "Ingress" in policy["spec"].get("policyTypes", ["Ingress"])
+        and _selects(policy["spec"]["podSelector"], target)
+    ]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports and not any(
+                item.get("protocol", "TCP") == "TCP" and item["port"] <= port <= item.get("endPort", item["port"])
+                for item in ports
+            ):
+                continue
+            peers = rule.get("from")
+            if not peers or any(_peer_admits(peer, source) for peer in peers):
+                return True
+    return False
+
+
+def _ray_pods(objects: tuple[dict[str, Any], ...]) -> dict[str, dict[str, str]]:
+    """``Kind/name:head|worker`` -> the labels its pods carry once KubeRay has created them: the
+    template's own plus KubeRay's (ray.io/cluster is a generated name for RayJobs and RayServices)."""
+    pods = {}
+    for item in objects:
+        if item["kind"] not in KUBERAY_KINDS:
+            continue
+        cluster = _ray_cluster_spec(item)
+        generated = item["metadata"]["name"] + ("" if item["kind"] == "RayCluster" else "-x7k2p")
+        for node_type, template in [
+            ("head", cluster["headGroupSpec"]["template"]),
+            *[("worker", group["template"]) for group in cluster["workerGroupSpecs"]],
+        ]:
+            labels = dict(template.get("metadata", {}).get("labels", {}))
+            labels |= {"ray.io/cluster": generated, "ray.io/node-type": node_type, "ray.io/is-ray-node": "yes"}
+            pods[f"{item['kind']}/{item['metadata']['name']}:{node_type}"] = labels
+    return pods
+
+
+def _source(labels: dict[str, str], namespace: dict[str, str] = NAMESPACE) -> dict[str, Any]:
+    return {"labels": labels, "namespace": namespace}
+
+
+RAY_PORTS = (6379, 8265, 10001, 52365, 12345)  # GCS, dashboard, client, dashboard agent, a worker port
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ingress_is_denied_by_default(overlay: str) -> None:
+    policies = _of_kind(_render(overlay), "NetworkPolicy")
+    default_deny = [
+        policy
+        for policy in policies
+        if policy["spec"]["podSelector"] == {}
+        and policy["spec"]["policyTypes"] == ["Ingress"]
+        and not policy["spec"].get("ingress")
+    ]
+    assert len(default_deny) == 1
+    # Every other policy opens something specific: a selected set of pods, never every pod.
+    assert all(policy["spec"]["podSelector"] for policy in policies if policy not in default_deny)
+    # A pod the manifests do not define is reachable from nobody.
+    stranger = {"app": "something-else"}
+    assert not _ingress_allowed(policies, stranger, _source({"app": "client"}), 8080)
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ray_nodes_reach_each_other_only_within_their_cluster(overlay: str) -> None:
+    objects = _render(overlay)
+    policies = _of_kind(objects, "NetworkPolicy")
+    pods = _ray_pods(objects)
+    assert len(pods) == 10
+    clusters = {where.split(":")[0] for where in pods}
+    for cluster in clusters:
+        head, worker = pods[f"{cluster}:head"], pods[f"{cluster}:worker"]
+        for port in RAY_PORTS:
+            assert _ingress_allowed(policies, head, _source(worker), port), (cluster, port)
+            assert _ingress_allowed(policies, worker, _source(head), port), (cluster, port)
+            assert _ingress_allowed(policies, worker, _source(worker), port), (cluster, port)
+        for other in clusters - {cluster}:
+            for port in (6379, 10001, 52365, 12345):
+                assert not _ingress_allowed(policies, head, _source(pods[f"{other}:worker"]), port), (cluster, other)
+                assert not _ingress_allowed(policies, worker, _source(pods[f"{other}:head"]), port), (cluster, other)
+    # Nothing else in the namespace reaches a Ray node's internal ports.
+    for labels in pods.values():
+        for port in (6379, 10001, 12345):
+            assert not _ingress_allowed(policies, labels, _source({"app": "client"}), port)
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_search_port_is_open_to_the_chosen_clients_and_nothing_else_is(overlay: str) -> None:
+    objects = _render(overlay)
+    policies = _of_kind(objects, "NetworkPolicy")
+    pods = _ray_pods(objects)
+    outside = _source({"app.kubernetes.io/name": "ingress-nginx"}, OTHER_NAMESPACE)
+    serve_worker = pods["RayService/retrieval-search:worker"]
+    # The default of the patchable policy ray-serve-http: any pod of any namespace.
+    assert _ingress_allowed(policies, serve_worker, outside, 8000)
+    assert _ingress_allowed(policies, serve_worker, _source({"app": "client"}), 8000)
+    for port in (6379, 8265, 10001, 52365):
+        assert not _ingress_allowed(policies, serve_worker, outside, port)
+    # The training clusters' Serve/HTTP ports stay closed.
+    for where, labels in pods.items():
+        if not where.startswith("RayService/"):
+            assert not _ingress_allowed(policies, labels, outside, 8000), where
+    # Narrowed by the patch k8s/README.md shows, other namespaces are out.
+    narrowed = copy.deepcopy(policies)
+    (serve_policy,) = [policy for policy in narrowed if policy["metadata"]["name"] == "ray-serve-http"]
+    serve_policy["spec"]["ingress"][0]["from"] = [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+    ]
+    assert not _ingress_allowed(narrowed, serve_worker, outside, 8000)
+    ingress_controller = _source({}, {"kubernetes.io/metadata.name": "ingress-nginx"})
+    assert _ingress_allowed(narrowed, serve_worker, ingress_controller, 8000)
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_dashboard_port_is_open_to_the_namespace_and_the_operator_only(overlay: str) -> None:
+    objects = _render(overlay)
+    policies = _of_kind(objects, "NetworkPolicy")
+    pods = _ray_pods(objects)
+    operator = _source({"app.kubernetes.io/name": "kuberay-operator"}, OPERATOR_NAMESPACE)
+    heads = {where: labels for where, labels in pods.items() if where.endswith(":head")}
+    assert len(heads) == 5
+    for where, head in heads.items():
+        assert _ingress_allowed(policies, head, _source({"app": "ray-job-submit"}), 8265), where
+        assert _ingress_allowed(policies, head, operator, 8265), where
+        assert not _ingress_allowed(policies, head, _source({"app": "ray-job-submit"}, OTHER_NAMESPACE), 8265), where
+        assert not _ingress_allowed(policies, head, operator, 6379), where  # the operator needs only the API
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mlflow_is_reachable_from_training_and_serving_pods_only(overlay: str) -> None:
+    objects = _render(overlay)
+    policies = _of_kind(objects, "NetworkPolicy")
+    (deployment,) = _of_kind(objects, "Deployment")
+    mlflow = deployment["spec"]["template"]["metadata"]["labels"]
+    (service,) = [item for item in _of_kind(objects, "Service") if item["metadata"]["name"] == "mlflow"]
+    assert _selects({"matchLabels": service["spec"]["selector"]}, mlflow)
+    for where, labels in _ray_pods(objects).items():
+        assert _ingress_allowed(policies, mlflow, _source(labels), 5000), where
+        assert not _ingress_allowed(policies, mlflow, _source(labels), 5001), where
+    assert not _ingress_allowed(policies, mlflow, _source({"app": "client"}), 5000)
+    assert not _ingress_allowed(policies, mlflow, _source({"app.kubernetes.io/component": "training"}), 5000)
+    assert not _ingress_allowed(policies, mlflow, _source({}, OTHER_NAMESPACE), 5000)
+
+
+def test_policy_evaluator_follows_networkpolicy_semantics() -> None:
+    def policy(selector: dict[str, Any], ingress: list[dict[str, Any]] | None) -> dict[str, Any]:
+        spec: dict[str, Any] = {"podSelector": selector, "policyTypes": ["Ingress"]}
+        if ingress is not None:
+            spec["ingress"] = ingress
+        return {"spec": spec}
+
+    target = {"app": "db"}
+    client = _source({"app": "api"})
+    assert _ingress_allowed([], target, client, 5432)  # not isolated
+    deny = policy({}, None)
+    assert not _ingress_allowed([deny], target, client, 5432)
+    allow_api = policy({"matchLabels": target}, [{"from": [{"podSelector": {"matchLabels": {"app": "api"}}}]}])
+    assert _ingress_allowed([deny, allow_api], target, client, 5432)
+    assert not _ingress_allowed([deny, allow_api], target, _source({"app": "api"}, OTHER_NAMESPACE), 5432)
+    with_port = policy({"matchLabels": target}, [{"ports": [{"port": 5432}]}])
+    assert _ingress_allowed([deny, with_port], target, _source({}, OTHER_NAMESPACE), 5432)
+    assert not _ingress_allowed([deny, with_port], target, client, 5433)
+    both = policy(
+        {"matchLabels": target},
+        [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "api"}}}]}],
+    )
+    assert _ingress_allowed([deny, both], target, _source({"app": "api"}, OTHER_NAMESPACE), 1)
+    assert not _ingress_allowed([deny, both], target, _source({"app": "web"}, OTHER_NAMESPACE), 1)
+    expression = {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}]}
+    assert _selects(expression, {"tier": "b"}) and not _selects(expression, {"tier": "c"})
+    assert not _selects(expression, {})
