@@ -17,22 +17,38 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from retrieval.errors import RedactCredentials, RetrievalError, redact_credentials
+from retrieval.errors import RetrievalError, redact_credentials
+from retrieval.logs import LOG_FORMATS, configure_logging
 
 logger = logging.getLogger("retrieval")
 
 DEFAULT_DEMO_SPEC = "jobs/digits_deep_metric.yaml"
+EXIT_CODES = """exit status:
+  0    success
+  2    bad input or a refused operation (the one-line message on stderr says which and why)
+  130  interrupted (Ctrl-C)
+  any other: an unexpected failure (a traceback follows; please report it)"""
+
+
+def _version_line() -> str:
+    """``retrieval-platform X`` and the versions of the stack it runs on (read without importing them)."""
+    from importlib import metadata
+
+    from retrieval import __version__
+
+    parts = []
+    for package in ("ray", "torch", "torchvision", "faiss-cpu", "mlflow"):
+        try:
+            parts.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{package} missing")
+    return f"retrieval-platform {__version__} ({', '.join(parts)}; python {sys.version.split()[0]})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(_default_serve_run(list(sys.argv[1:] if argv is None else argv)))
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactCredentials())
+    configure_logging(verbose=args.verbose, log_format=args.log_format)
     # A fresh local ray.init() turns on token authentication; a local demo needs none.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     try:
@@ -47,8 +63,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="retrieval", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(
+        prog="retrieval",
+        description=__doc__,
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=_version_line())
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging for the platform (libraries stay at WARNING)"
+    )
+    parser.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="text", help="log lines as text (default) or JSON objects"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a job spec with Ray Train, evaluate, register in MLflow")
@@ -92,10 +119,14 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--out", required=True, help="output folder (features.npy + features.json)")
     extract.add_argument("--workers", type=int, default=1, help="Ray tasks, each over a contiguous range")
     extract.add_argument("--split", choices=["test", "train", "all"], default="test", help="which split to embed")
-    extract.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    extract.add_argument("--batch-size", type=int, default=256)
+    extract.add_argument(
+        "--dtype", choices=["float32", "float16"], default="float32", help="dtype of the stored features"
+    )
+    extract.add_argument("--batch-size", type=int, default=256, help="images embedded per batch (default 256)")
     extract.add_argument("--gpu", action="store_true", help="one GPU per task")
-    extract.add_argument("--tracking-uri", default=None)
+    extract.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
     extract.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or local)")
     extract.set_defaults(handler=_extract)
 
@@ -126,8 +157,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--model", default=None, help="models:/name/version, models:/name@alias, or a model package folder"
     )
-    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    evaluate.add_argument("--tracking-uri", default=None)
+    evaluate.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a spec key"
+    )
+    evaluate.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the spec's)"
+    )
     evaluate.add_argument("--no-track", action="store_true", help="print the table only; log nothing to MLflow")
     evaluate.add_argument("--summary", type=Path, default=None, help="write the table as JSON here")
     evaluate.set_defaults(handler=_evaluate)
@@ -155,11 +190,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve_swap.add_argument("--index-root", default=None, help="the served index root (local), for --to model:N")
     serve_swap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the swap")
+    serve_status = serve_commands.add_parser(
+        "status", help="what a running app serves: active index and model, a swap in progress, every replica"
+    )
+    serve_status.add_argument("--url", default="http://127.0.0.1:8000", help="the app's base URL")
+    serve_status.add_argument("--json", action="store_true", help="print the status as JSON")
+    serve_status.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the reply")
+    serve_status.set_defaults(handler=_serve_status)
     serve_swap.set_defaults(handler=_serve_swap)
 
     demo = commands.add_parser("demo", help="train, register, index, serve and query the bundled digits, end to end")
     demo.add_argument("--spec", default=DEFAULT_DEMO_SPEC, help=f"job spec (default {DEFAULT_DEMO_SPEC})")
-    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the demo's job spec, e.g. train.epochs=3",
+    )
     demo.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default 8000)")
     demo.add_argument(
         "--once", action="store_true", help="stop after the sample queries instead of serving until Ctrl-C"
@@ -486,13 +535,47 @@ def _serve_swap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_status(args: argparse.Namespace) -> int:
+    from retrieval.serving.swap_client import request_status
+
+    token = os.environ.get("RETRIEVAL_ADMIN_TOKEN", "")
+    if not token:
+        raise RetrievalError("set RETRIEVAL_ADMIN_TOKEN to the application's admin token")
+    status = request_status(args.url, token=token, timeout_s=args.timeout)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    model = status.get("model") or {}
+    print(f"{args.url}: index {status['active']}, model {model.get('name')} version {model.get('version')}")
+    if status.get("prepared") or status.get("retiring"):
+        print(
+            f"swap in progress (owner {status.get('swap_owner')}): prepared {status.get('prepared')}, "
+            f"retiring {status.get('retiring')}"
+        )
+    outcome = status.get("last_outcome")
+    if outcome:
+        print(f"last swap: {outcome.get('outcome')}: {outcome.get('reason', '')}".rstrip(": "))
+    replicas = status.get("replicas") or {}
+    print(f"{len(replicas)} replicas:")
+    for replica, state in sorted(replicas.items(), key=lambda item: (item[1].get("deployment", ""), item[0])):
+        errors = state.get("errors") or {}
+        in_flight = sum((state.get("in_flight") or {}).values())
+        line = f"  {state.get('deployment', '?'):<16} {replica:<12} holds {', '.join(state.get('holds', [])) or '-'}"
+        if state.get("active"):
+            line += f", answers with {state['active']}, {in_flight} in flight"
+        if errors:
+            line += "; errors: " + "; ".join(f"{version}: {error}" for version, error in errors.items())
+        print(line)
+    return 0
+
+
 def _default_serve_run(argv: list[str]) -> list[str]:
     """``retrieval serve CONFIG`` (the original form) means ``retrieval serve run CONFIG``."""
     for position, token in enumerate(argv):
         if token.startswith("-"):
             continue
         following = argv[position + 1 : position + 2]
-        if token == "serve" and following and following[0] not in ("run", "swap", "-h", "--help"):
+        if token == "serve" and following and following[0] not in ("run", "swap", "status", "-h", "--help"):
             return [*argv[: position + 1], "run", *argv[position + 1 :]]
         return argv
     return argv

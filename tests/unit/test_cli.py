@@ -143,3 +143,98 @@ def test_a_deploy_failure_is_reported_at_once_in_one_line() -> None:
         "Serve could not deploy the application: Deploying application retrieval failed: ... "
         "retrieval.errors.IndexIntegrityError: shard-000.faiss: sha256 mismatch"
     )
+
+
+# --------------------------------------------------------------------------- logging, --version, help (issue 18)
+
+
+def test_version_names_the_platform_and_its_stack(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("retrieval-platform 0.1.0 (")
+    assert f"ray {metadata.version('ray')}" in out and f"torch {metadata.version('torch')}" in out
+
+
+def test_help_documents_exit_codes_and_every_option_has_help() -> None:
+    import argparse
+
+    from retrieval.cli import _parser
+
+    parser = _parser()
+    assert "exit status:" in parser.format_help() and "130" in parser.format_help()
+    missing = []
+
+    def walk(current: argparse.ArgumentParser, path: str) -> None:
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(parser, "retrieval")
+    assert missing == []
+
+
+def _log_lines(monkeypatch: pytest.MonkeyPatch, argv_flags: list[str]) -> str:
+    import io
+    import logging
+
+    from retrieval import cli
+
+    stream = io.StringIO()
+    from retrieval.logs import configure_logging as real
+
+    def emit(args: object) -> int:
+        logging.getLogger("retrieval.test").debug("ours at debug")
+        logging.getLogger("retrieval.test").info("ours at info")
+        logging.getLogger("faiss.loader").info("Loading faiss with AVX2 support.")
+        logging.getLogger("botocore.hooks").debug("Event choose-service-name")
+        logging.getLogger("urllib3").warning("a library warning")
+        return 0
+
+    class Parser:
+        def parse_args(self, argv: object) -> object:
+            import argparse
+
+            return argparse.Namespace(
+                handler=emit, verbose="-v" in argv_flags, log_format="json" if "json" in argv_flags else "text"
+            )
+
+    monkeypatch.setattr(cli, "_parser", Parser)
+    monkeypatch.setattr(cli, "configure_logging", lambda **kwargs: real(stream=stream, **kwargs))
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        assert cli.main(["train", "x.yaml"]) == 0
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+        logging.getLogger("retrieval").setLevel(logging.NOTSET)
+    return stream.getvalue()
+
+
+def test_logging_keeps_libraries_at_warning_and_verbose_is_ours_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    quiet = _log_lines(monkeypatch, [])
+    assert "ours at info" in quiet and "ours at debug" not in quiet
+    assert "Loading faiss" not in quiet and "a library warning" in quiet
+    verbose = _log_lines(monkeypatch, ["-v"])
+    assert "ours at debug" in verbose and "choose-service-name" not in verbose and "Loading faiss" not in verbose
+
+
+def test_json_log_lines_are_one_object_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    lines = [json.loads(line) for line in _log_lines(monkeypatch, ["json"]).splitlines()]
+    assert [(line["logger"], line["level"], line["message"]) for line in lines] == [
+        ("retrieval.test", "INFO", "ours at info"),
+        ("urllib3", "WARNING", "a library warning"),
+    ]
+    assert all(line["time"].endswith("+00:00") for line in lines)

@@ -361,7 +361,7 @@ def test_the_cli_redacts_credentials_from_errors_and_logs(
         def parse_args(self, argv: Any) -> Any:
             import argparse
 
-            return argparse.Namespace(handler=fail, verbose=False)
+            return argparse.Namespace(handler=fail, verbose=False, log_format="text")
 
     monkeypatch.setattr(cli, "_parser", Parser)
     root = logging.getLogger()

@@ -75,22 +75,44 @@ def request_swap(url: str, *, index: str, token: str, timeout_s: float = 300) ->
         with _OPENER.open(request, timeout=timeout_s) as response:
             summary: dict[str, Any] = json.loads(response.read().decode("utf-8"))
     except urllib.error.HTTPError as error:
-        body = error.read().decode("utf-8", errors="replace")
-        try:
-            detail = json.loads(body)["error"]
-            message, error_type = str(detail["message"]), str(detail["type"])
-        except (ValueError, KeyError, TypeError):
-            message, error_type = body.strip() or str(error.reason), None
-        raise SwapRequestError(
-            f"swap to {index!r} refused by {endpoint} (HTTP {error.code}{', ' + error_type if error_type else ''}): "
-            f"{message}",
-            status=error.code,
-            error_type=error_type,
-        ) from None
+        raise _refusal(error, f"swap to {index!r} refused by {endpoint}") from None
     except (urllib.error.URLError, OSError) as error:
         raise SwapRequestError(f"cannot reach {endpoint}: {error}") from None
     logger.info("swapped %s -> %s in %.2f s", summary.get("from"), summary.get("to"), summary.get("duration_s", 0.0))
     return summary
+
+
+def request_status(url: str, *, token: str, timeout_s: float = 30) -> dict[str, Any]:
+    """``GET /admin/status`` of the application at ``url``: its swap state and every replica's.
+
+    Raises:
+        SwapRequestError: a non-2xx reply (with the server's message) or no reply at all.
+    """
+    endpoint = url.rstrip("/") + "/admin/status"
+    request = urllib.request.Request(endpoint, headers={"Authorization": f"Bearer {token}"}, method="GET")
+    try:
+        with _OPENER.open(request, timeout=timeout_s) as response:
+            status: dict[str, Any] = json.loads(response.read().decode("utf-8"))
+    except urllib.error.HTTPError as error:
+        raise _refusal(error, f"status refused by {endpoint}") from None
+    except (urllib.error.URLError, OSError) as error:
+        raise SwapRequestError(f"cannot reach {endpoint}: {error}") from None
+    return status
+
+
+def _refusal(error: urllib.error.HTTPError, what: str) -> SwapRequestError:
+    """A non-2xx reply as an error: ``what``, the status, the reply's error type and message."""
+    body = error.read().decode("utf-8", errors="replace")
+    try:
+        detail = json.loads(body)["error"]
+        message, error_type = str(detail["message"]), str(detail["type"])
+    except (ValueError, KeyError, TypeError):
+        message, error_type = body.strip() or str(error.reason), None
+    return SwapRequestError(
+        f"{what} (HTTP {error.code}{', ' + error_type if error_type else ''}): {message}",
+        status=error.code,
+        error_type=error_type,
+    )
 
 
 def resolve_swap_target(target: str, *, index_root: str | None) -> str:

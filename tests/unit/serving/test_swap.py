@@ -804,9 +804,7 @@ def test_request_swap_returns_the_summary_or_raises_the_servers_reason(refusing_
         request_swap("http://127.0.0.1:9", index="v2", token=TOKEN, timeout_s=2)
 
 
-def test_abort_route_needs_the_admin_token(
-    admin_api: tuple[Any, FakeAdmin], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_abort_route_needs_the_admin_token(admin_api: tuple[Any, FakeAdmin], monkeypatch: pytest.MonkeyPatch) -> None:
     app, admin = admin_api
     monkeypatch.setenv("TEST_SWAP_ADMIN_TOKEN", TOKEN)
     status, body = asgi_call(app, "POST", "/admin/swap/abort", headers={})
@@ -854,3 +852,47 @@ def test_request_swap_never_follows_a_redirect_with_its_token() -> None:
         for server in (elsewhere, redirecting):
             server.shutdown()
     assert seen == []
+
+
+def test_serve_status_prints_what_the_app_serves(
+    versions: dict[str, Version], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`retrieval serve status` reads GET /admin/status (admin token) and prints it for a person or as JSON."""
+    from retrieval.cli import main
+
+    book = SwapBook(initial=versions["v1"].ref())
+    swap_with(book, replica_set(), versions["v2"].ref())
+    status = book.status()
+
+    class StatusHandler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            ok = self.path == "/admin/status" and self.headers.get("authorization") == f"Bearer {TOKEN}"
+            reply = status if ok else {"error": {"type": "unauthorized", "message": "the admin token is not valid"}}
+            data = json.dumps(reply).encode()
+            self.send_response(200 if ok else 401)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StatusHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        monkeypatch.setenv("RETRIEVAL_ADMIN_TOKEN", TOKEN)
+        assert main(["serve", "status", "--url", url]) == 0
+        out = capsys.readouterr().out
+        assert f"{url}: index v2, model m version 1" in out
+        assert "swap in progress" not in out and "3 replicas:" in out
+        assert "SearchIngress    in-a         holds v2, answers with v2, 0 in flight" in out
+        assert "Shard0           s0-a         holds v2" in out
+        assert main(["serve", "status", "--url", url, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(status))
+        monkeypatch.setenv("RETRIEVAL_ADMIN_TOKEN", "not-the-admin-token")
+        assert main(["serve", "status", "--url", url]) == 2
+        assert "status refused by" in capsys.readouterr().err
+    finally:
+        server.shutdown()
