@@ -23,8 +23,8 @@ class EmbedderPyfunc(PythonModel):  # type: ignore[misc]
 
         self.package = load_model_package(context.artifacts[PACKAGE_ARTIFACT])
 
-    # model_input is left unannotated: MLflow reads a hint here as its input schema.
-    def predict(self, context: Any, model_input, params: Any = None) -> np.ndarray:  # type: ignore[no-untyped-def]
+    # np.ndarray is a hint MLflow infers no schema from: the signature given at logging stays the schema.
+    def predict(self, context: Any, model_input: np.ndarray, params: Any = None) -> np.ndarray:
         import torch
 
         return self.package.embed_tensor(torch.as_tensor(np.asarray(model_input, dtype=np.float32)))

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,10 @@ def register_model_package(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, image_size, image_size))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, package.dim))]),
     )
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # The signature above is the schema; an input example would add an image-sized array to
+        # every version and a prediction at logging time, for nothing the signature does not say.
+        warnings.filterwarnings("ignore", message=r".*An input example was not provided", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(_PYFUNC_CODE),

@@ -90,3 +90,19 @@ def test_a_package_rewritten_in_the_local_cache_is_refused(registered: tuple[str
     (cached / "extra.py").write_text("print('hi')\n")
     with pytest.raises(IntegrityError, match="differ from the registered"):
         load_embedder("models:/digest-test/1", tracking_uri=tracking)
+
+
+def test_the_registered_version_loads_as_an_mlflow_pyfunc_that_embeds(registered: tuple[str, Path]) -> None:
+    """The pyfunc flavour: MLflow's own loader gives a model whose predict embeds like the package."""
+    import mlflow
+    import numpy as np
+
+    tracking, _ = registered
+    mlflow.set_tracking_uri(tracking)
+    pyfunc = mlflow.pyfunc.load_model("models:/digest-test/1")
+    package = load_embedder("models:/digest-test/1", tracking_uri=tracking)
+    size = package.spec.dataset.image_size
+    images = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
+    embedded = pyfunc.predict(images)
+    assert embedded.shape == (2, 16)
+    np.testing.assert_allclose(embedded, package.embed_tensor(torch.from_numpy(images)), rtol=1e-5, atol=1e-6)
