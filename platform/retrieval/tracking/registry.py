@@ -8,10 +8,13 @@ platform itself loads the package to rebuild the exact model and preprocessing.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
+import shutil
 import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,17 +122,34 @@ def resolve_model_version(model_uri: str, *, tracking_uri: str | None = None) ->
 def load_embedder(model_uri: str, *, tracking_uri: str | None = None, device: str = "cpu") -> ModelPackage:
     """Load a model for embedding from `models:/...` or from a local model-package folder.
 
-    Registry downloads are cached per version under `$RETRIEVAL_CACHE` (default
-    `~/.cache/retrieval`), so a restarted replica does not download again.
+    Registry downloads are cached per registry and version under `$RETRIEVAL_CACHE` (default
+    `~/.cache/retrieval`), so a restarted replica does not download again. A cached or
+    downloaded package is checked against the digest the registry recorded
+    (`PACKAGE_DIGEST_TAG`): a cached copy that differs is downloaded again, a download that
+    differs is refused.
+
+    Raises:
+        ModelNotFoundError: no such model, version, alias or package folder.
+        IntegrityError: the artifact store holds files other than the registered ones.
     """
     if not model_uri.startswith("models:/"):
         if not Path(model_uri).is_dir():
             raise ModelNotFoundError(f"{model_uri}: neither a models:/ URI nor a model package folder")
         return load_model_package(model_uri, device=device)
     name, version = resolve_model_version(model_uri, tracking_uri=tracking_uri)
+    registry = resolve_tracking_uri(tracking_uri) if tracking_uri else mlflow.get_tracking_uri()
+    expected = _registered_digest(registry, name, version)
     cache_root = Path(os.environ.get("RETRIEVAL_CACHE", Path.home() / ".cache" / "retrieval"))
-    target = cache_root / "models" / name / version
+    # Keyed by the registry too: two registries each have a version 1 of a model of the same name.
+    registry_key = hashlib.sha256(registry.encode("utf-8")).hexdigest()[:16]
+    target = cache_root / "models" / registry_key / name / version
     package_dir = target / "artifacts" / PACKAGE_ARTIFACT
+    if (package_dir / "package.json").is_file() and expected is not None and package_digest(package_dir) != expected:
+        logger.warning("cached models:/%s/%s in %s differs from the registered package; downloading it again",
+                       name, version, target)  # fmt: skip
+        stale = target.with_name(f".{version}.stale-{uuid.uuid4().hex[:8]}")
+        os.replace(target, stale)  # aside first: a replica reading it keeps its open files
+        shutil.rmtree(stale, ignore_errors=True)
     if not (package_dir / "package.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         if tracking_uri:
@@ -140,14 +160,17 @@ def load_embedder(model_uri: str, *, tracking_uri: str | None = None, device: st
             if not target.exists():
                 os.replace(staging, target)
                 os.makedirs(staging, exist_ok=True)  # so the context manager's cleanup finds it
-    _check_package_digest(tracking_uri, name, version, package_dir)
+    _check_package_digest(expected, name, version, package_dir)
     return load_model_package(package_dir, device=device, source=f"models:/{name}/{version}")
 
 
-def _check_package_digest(tracking_uri: str | None, name: str, version: str, package_dir: Path) -> None:
-    """Refuse a downloaded (or cached) package whose files differ from what was registered."""
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri) if tracking_uri else None)
-    expected = client.get_model_version(name, version).tags.get(PACKAGE_DIGEST_TAG)
+def _registered_digest(tracking_uri: str, name: str, version: str) -> str | None:
+    """The package digest the registry recorded for a version (None for versions registered before it)."""
+    return MlflowClient(tracking_uri=tracking_uri).get_model_version(name, version).tags.get(PACKAGE_DIGEST_TAG)
+
+
+def _check_package_digest(expected: str | None, name: str, version: str, package_dir: Path) -> None:
+    """Refuse a downloaded package whose files differ from what was registered."""
     if expected is None:
         logger.warning(
             "models:/%s/%s has no %s tag (registered before packages were digested): its files cannot be "
@@ -161,6 +184,6 @@ def _check_package_digest(tracking_uri: str | None, name: str, version: str, pac
     if actual != expected:
         raise IntegrityError(
             f"models:/{name}/{version}: the package's files (digest {actual}) differ from the registered ones "
-            f"(tag {PACKAGE_DIGEST_TAG} = {expected}): the artifact store or the cache {package_dir} was "
-            "modified; refusing to load it"
+            f"(tag {PACKAGE_DIGEST_TAG} = {expected}): the artifact store was modified after registration; "
+            "refusing to load it"
         )

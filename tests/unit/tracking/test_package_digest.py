@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,27 +37,34 @@ def _rewrite_weights_consistently(package_dir: Path) -> None:
     (package_dir / "package.json").write_text(json.dumps(info))
 
 
-@pytest.fixture
-def registered(make_job_spec: SpecFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
-    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    spec = make_job_spec(model={"backbone": "resnet18", "embedding_dim": 16})
+def _register(root: Path, spec: JobSpec, *, seed: int, model_name: str = "digest-test") -> str:
+    """A fresh registry under ``root`` with one version of ``model_name``; returns its tracking URI."""
+    root.mkdir(parents=True, exist_ok=True)
+    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    torch.manual_seed(seed)
     weights = build_method(spec).build_model().state_dict()
-    package = save_model_package(tmp_path / "package", spec=spec, state_dict=weights)
+    package = save_model_package(root / "package", spec=spec, state_dict=weights)
     run, _ = TrainingRun.start_or_resume(
         tracking_uri=tracking,
         experiment="digest",
-        artifact_location=str(tmp_path / "artifacts"),
+        artifact_location=str(root / "artifacts"),
         run_key="k",
         run_name="r",
         params={},
         tags={},
     )
-    model = register_model_package(package, tracking_uri=tracking, run_id=run.run_id, registered_model="digest-test")
+    model = register_model_package(package, tracking_uri=tracking, run_id=run.run_id, registered_model=model_name)
     run.finish()
-    tags = MlflowClient(tracking_uri=tracking).get_model_version("digest-test", model.version).tags
+    tags = MlflowClient(tracking_uri=tracking).get_model_version(model_name, model.version).tags
     assert tags[PACKAGE_DIGEST_TAG] == package_digest(package)
-    return tracking, tmp_path
+    return tracking
+
+
+@pytest.fixture
+def registered(make_job_spec: SpecFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
+    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
+    spec = make_job_spec(model={"backbone": "resnet18", "embedding_dim": 16})
+    return _register(tmp_path, spec, seed=0), tmp_path
 
 
 def _stored_packages(root: Path) -> list[Path]:
@@ -76,20 +83,41 @@ def test_a_package_rewritten_in_the_artifact_store_is_refused(registered: tuple[
         load_embedder("models:/digest-test@candidate", tracking_uri=tracking)
 
 
-def test_a_package_rewritten_in_the_local_cache_is_refused(registered: tuple[str, Path]) -> None:
+def _weights(package: object) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in package.model.state_dict().items()}  # type: ignore[attr-defined]
+
+
+def test_a_package_rewritten_in_the_local_cache_is_downloaded_again(
+    registered: tuple[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
     tracking, tmp_path = registered
-    assert load_embedder("models:/digest-test/1", tracking_uri=tracking).dim == 16
+    expected = _weights(load_embedder("models:/digest-test/1", tracking_uri=tracking))
     (cached,) = _stored_packages(tmp_path / "cache")
     _rewrite_weights_consistently(cached)
-    with pytest.raises(IntegrityError, match="refusing to load it"):
-        load_embedder("models:/digest-test/1", tracking_uri=tracking)
+    with caplog.at_level(logging.WARNING, logger="retrieval"):
+        reloaded = _weights(load_embedder("models:/digest-test/1", tracking_uri=tracking))
+    assert "differs from the registered package; downloading it again" in caplog.text
+    assert all(torch.equal(reloaded[name], expected[name]) for name in expected)
     # A file added beside the weights changes the digest too.
-    shutil.rmtree(tmp_path / "cache")
-    assert load_embedder("models:/digest-test/1", tracking_uri=tracking).dim == 16
     (cached,) = _stored_packages(tmp_path / "cache")
     (cached / "extra.py").write_text("print('hi')\n")
-    with pytest.raises(IntegrityError, match="differ from the registered"):
-        load_embedder("models:/digest-test/1", tracking_uri=tracking)
+    load_embedder("models:/digest-test/1", tracking_uri=tracking)
+    (cached,) = _stored_packages(tmp_path / "cache")
+    assert not (cached / "extra.py").exists()
+
+
+def test_two_registries_with_the_same_model_name_and_version_do_not_share_a_cache_entry(
+    make_job_spec: SpecFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache keyed by name and version alone served one registry's model for another's (found by the digest)."""
+    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
+    spec = make_job_spec(model={"backbone": "resnet18", "embedding_dim": 16})
+    first = _register(tmp_path / "a", spec, seed=1)
+    second = _register(tmp_path / "b", spec, seed=2)
+    one = _weights(load_embedder("models:/digest-test/1", tracking_uri=first))
+    two = _weights(load_embedder("models:/digest-test/1", tracking_uri=second))
+    assert any(not torch.equal(one[name], two[name]) for name in one)
+    assert len(_stored_packages(tmp_path / "cache")) == 2
 
 
 def test_the_registered_version_loads_as_an_mlflow_pyfunc_that_embeds(registered: tuple[str, Path]) -> None:
