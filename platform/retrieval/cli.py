@@ -167,6 +167,26 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--summary", type=Path, default=None, help="write the table as JSON here")
     evaluate.set_defaults(handler=_evaluate)
 
+    search = commands.add_parser("search", help="query a running search service (retrieval.client)")
+    search.add_argument("--url", default="http://127.0.0.1:8000", help="the service's base URL")
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--image", type=Path, help="an image file: its nearest gallery items")
+    query.add_argument("--id", type=int, help="a gallery item's id: its neighbours (itself excluded)")
+    query.add_argument("--text", help="a sentence (cross-modal models)")
+    query.add_argument("--vector", help="a query vector as JSON, e.g. [0.1, 0.2, ...]")
+    search.add_argument("-k", "--k", type=int, default=None, help="how many results (default: the service's)")
+    search.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help="an index setting, e.g. nprobe=16"
+    )
+    search.add_argument(
+        "--token-env",
+        default="RETRIEVAL_QUERY_TOKEN",
+        help="environment variable holding the query token, if the service needs one (default RETRIEVAL_QUERY_TOKEN)",
+    )
+    search.add_argument("--json", action="store_true", help="print the whole reply as JSON")
+    search.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the reply")
+    search.set_defaults(handler=_search)
+
     serve = commands.add_parser(
         "serve", help="`serve [run] CONFIG`: run a Serve config until Ctrl-C; `serve swap`: swap the live index"
     )
@@ -532,6 +552,44 @@ def _serve_swap(args: argparse.Namespace) -> int:
         f"swapped index {summary['from']} -> {summary['to']} (model {model.get('name')} version "
         f"{model.get('version')}) in {summary['duration_s']:.2f} s on {len(summary.get('replicas', {}))} replicas"
     )
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from retrieval.client import RetrievalClient, SearchResult
+
+    params: dict[str, int] = {}
+    for setting in args.param:
+        key, sep, value = setting.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise RetrievalError(f"--param {setting!r}: expected KEY=INTEGER, e.g. nprobe=16")
+        params[key.strip()] = int(value)
+    with RetrievalClient(args.url, token=os.environ.get(args.token_env), timeout_s=args.timeout) as client:
+        result: SearchResult
+        if args.image is not None:
+            result = client.search_image(args.image, k=args.k, params=params)
+        elif args.id is not None:
+            result = client.search_id(args.id, k=args.k, params=params)
+        elif args.text is not None:
+            result = client.search_text(args.text, k=args.k, params=params)
+        else:
+            try:
+                vector = json.loads(args.vector)
+            except ValueError as error:
+                raise RetrievalError(f"--vector: not a JSON list of numbers: {error}") from None
+            if not isinstance(vector, list):
+                raise RetrievalError("--vector: not a JSON list of numbers")
+            result = client.search_vector(vector, k=args.k, params=params)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), indent=2))
+        return 0
+    partial = f" (PARTIAL: shards {result.missing_shards} missed the deadline)" if result.partial else ""
+    print(f"index {result.index_version}, model {result.model.name} version {result.model.version}{partial}")
+    for rank, hit in enumerate(result.hits, start=1):
+        fields = ", ".join(f"{key}={value}" for key, value in hit.fields.items() if not isinstance(value, (dict, list)))
+        print(f"{rank:>3}. id {hit.id:<10} score {hit.score:.4f}  {fields}")
     return 0
 
 

@@ -10,9 +10,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import re
+import socket
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -620,3 +626,129 @@ def test_a_route_that_declares_no_access_is_protected_by_default(monkeypatch: py
         assert_error(client.get("/added-later"), 401, "unauthorized", "Authorization: Bearer")
         granted = client.get("/added-later", headers={"Authorization": "Bearer s3cret-query-token-0123"})
         assert granted.json() == {"secret": "yes"}
+
+
+# --------------------------------------------------------------------------- the Python client (issue 18)
+
+
+@contextmanager
+def running(**spec_fields: Any) -> Iterator[tuple[str, list[FakeShard]]]:
+    """The API on a real HTTP server (uvicorn, 127.0.0.1, a free port) in a thread."""
+    import uvicorn
+
+    spec = ServingSpec(index="unused", max_k=20, default_k=5, max_upload_bytes=3_000, **spec_fields)
+    shards = [FakeShard(shard * SHARD_SIZE, (shard + 1) * SHARD_SIZE - 1) for shard in range(COUNT // SHARD_SIZE)]
+    service = SearchService(manifest=manifest(), spec=spec, shards=shards, embedder=FakeEmbedder())
+    server = uvicorn.Server(uvicorn.Config(build_http_api(service), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the test server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", shards
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_the_client_answers_every_query_kind_like_brute_force() -> None:
+    from retrieval.client import RetrievalClient
+
+    with running() as (url, _), RetrievalClient(url) as client:
+        result = client.search_vector(VECTORS[3].tolist(), k=4)
+        assert [(hit.id, round(hit.score, 5)) for hit in result.hits] == [
+            (item_id, round(score, 5)) for item_id, score in brute_force(VECTORS[3], 4)
+        ]
+        assert (result.index_version, result.model.name, result.partial) == (VERSION, MODEL.name, False)
+        assert result.hits[0].fields["label"] == ITEMS[result.hits[0].id]["label"]
+        assert [hit.id for hit in client.search_id(3, k=3).hits] == [i for i, _ in brute_force(VECTORS[3], 3, 3)]
+        assert client.search_image(png_of_id(9), k=2).hits[0].id == 9
+        assert [hit.id for hit in client.search_text(TEXT_QUERY, k=2).hits] == [
+            i for i, _ in brute_force(VECTORS[17], 2)
+        ]
+        batch = client.search_vectors([VECTORS[1].tolist(), VECTORS[2].tolist()], k=2)
+        assert [[hit.id for hit in hits] for hits in batch.hits] == [
+            [i for i, _ in brute_force(VECTORS[1], 2)],
+            [i for i, _ in brute_force(VECTORS[2], 2)],
+        ]
+        assert client.item(5).fields == {"id": 5, **ITEMS[5]}
+        assert client.version().index_version == VERSION
+        assert client.readiness().ready
+
+
+def test_the_client_maps_each_error_to_its_exception(monkeypatch: pytest.MonkeyPatch) -> None:
+    from retrieval.client import BadRequest, NotFound, RetrievalClient, Unauthorized, Unavailable
+
+    monkeypatch.setenv(TOKEN_ENV, "s3cret-query-token-0123")
+    with running(query_token_env=TOKEN_ENV, on_shard_timeout="error") as (url, shards):
+        with RetrievalClient(url) as anonymous, pytest.raises(Unauthorized) as refused:
+            anonymous.search_id(1)
+        assert (refused.value.status, refused.value.type) == (401, "unauthorized")
+        with RetrievalClient(url, token="s3cret-query-token-0123\n", retries=1) as client:
+            with pytest.raises(BadRequest, match=r"HTTP 400 bad_request: .*8") as bad:
+                client.search_vector([0.1, 0.2])
+            assert bad.value.type == "bad_request"
+            with pytest.raises(NotFound):
+                client.item(COUNT + 5)
+            shards[1].dead = True
+            with pytest.raises(Unavailable) as unavailable:
+                client.search_id(3)
+            assert unavailable.value.status == 503
+            assert not client.readiness().ready
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    with RetrievalClient(nowhere, retries=1) as gone, pytest.raises(Unavailable, match="no reply"):
+        gone.search_id(1)
+
+
+def test_the_async_client_answers_and_raises_the_same() -> None:
+    from retrieval.client import AsyncRetrievalClient, BadRequest
+
+    async def scenario(url: str) -> None:
+        async with AsyncRetrievalClient(url) as client:
+            results = await asyncio.gather(*(client.search_id(item_id, k=3) for item_id in range(6)))
+            for item_id, result in enumerate(results):
+                assert [hit.id for hit in result.hits] == [i for i, _ in brute_force(VECTORS[item_id], 3, item_id)]
+            assert (await client.search_image(png_of_id(11), k=1)).hits[0].id == 11
+            with pytest.raises(BadRequest):
+                await client.search_vector([1.0], k=3)
+
+    with running() as (url, _):
+        asyncio.run(scenario(url))
+
+
+def test_retrieval_search_prints_the_hits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from retrieval.cli import main
+
+    image = tmp_path / "query.png"
+    image.write_bytes(png_of_id(9))
+    monkeypatch.setenv("MY_QUERY_TOKEN", "s3cret-query-token-0123")
+    monkeypatch.setenv(TOKEN_ENV, "s3cret-query-token-0123")
+    with running(query_token_env=TOKEN_ENV) as (url, _):
+        assert main(["search", "--url", url, "--image", str(image), "-k", "2", "--token-env", "MY_QUERY_TOKEN"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0] == f"index {VERSION}, model {MODEL.name} version {MODEL.version}"
+        assert out[1].startswith("  1. id 9 ") and f"label={ITEMS[9]['label']}" in out[1] and len(out) == 3
+        argv = [
+            "search",
+            "--url",
+            url,
+            "--vector",
+            json.dumps(VECTORS[4].tolist()),
+            "--json",
+            "--token-env",
+            "MY_QUERY_TOKEN",
+        ]
+        assert main(argv) == 0
+        reply = json.loads(capsys.readouterr().out)
+        assert [hit["id"] for hit in reply["hits"]] == [i for i, _ in brute_force(VECTORS[4], 5)]
+        assert main(["search", "--url", url, "--id", "3"]) == 2
+        assert "HTTP 401 unauthorized" in capsys.readouterr().err
+        assert main(["search", "--url", url, "--id", "3", "--param", "nprobe", "--token-env", "MY_QUERY_TOKEN"]) == 2
+        assert "expected KEY=INTEGER" in capsys.readouterr().err
