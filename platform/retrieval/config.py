@@ -331,8 +331,10 @@ class IncrementalKdMmdSpec(IncrementalMethodSpec):
 class FeatureEstimationSpec(IncrementalMethodSpec):
     """Thesis ch. 6: correlation distillation from the penultimate model and estimated older ones.
 
-    Only the penultimate model is kept; each older model's features are estimated from its
-    features with the drift statistics recorded when that task finished.
+    Only the penultimate model is kept; when task k finishes, a per-dimension backward affine map
+    from model k's features to model k-1's (and its residual std) is fitted on up to
+    `estimation_samples` of task k's training images, and at later tasks the older models'
+    features are estimated by chaining these maps back from the penultimate model's features.
     """
 
     name: Literal["feature_estimation"] = "feature_estimation"
@@ -340,18 +342,12 @@ class FeatureEstimationSpec(IncrementalMethodSpec):
     correlation_weight: float = Field(10.0, ge=0.0)
     correlation_temperature: float = Field(4.0, gt=0.0)
     estimation_gamma: float = Field(0.5, gt=0.0, le=1.0, description="descending importance of older models")
-    estimation_scale: float = Field(1.0, ge=0.0)
-    drift_low_quantile: float = Field(0.05, ge=0.0, lt=1.0)
-    drift_high_quantile: float = Field(0.95, gt=0.0, le=1.0)
-
-    @model_validator(mode="after")
-    def _quantiles_in_order(self) -> FeatureEstimationSpec:
-        if self.drift_low_quantile >= self.drift_high_quantile:
-            raise ValueError(
-                f"drift_low_quantile ({self.drift_low_quantile}) must be below drift_high_quantile "
-                f"({self.drift_high_quantile})"
-            )
-        return self
+    estimation_scale: float = Field(
+        1.0, ge=0.0, description="s: the residual noise s * sigma * eps added at each step back (0: mean estimate)"
+    )
+    estimation_samples: int = Field(
+        2000, ge=2, description="training images of a finished task the backward map is fitted on"
+    )
 
 
 class SynthesisSpec(StrictModel):

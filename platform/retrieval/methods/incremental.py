@@ -9,8 +9,8 @@ method keeps only what it needs:
 - `lwf`: the previous model, for KD on the old classes' probabilities.
 - `ewc`: each finished task's diagonal Fisher and weights (a penalty per old task).
 - `incremental_kd_mmd` (ch. 5): the previous model, for KD and multi-kernel MMD.
-- `feature_estimation` (ch. 6): the penultimate model, plus a few KB of drift statistics per
-  older task to estimate the older models' features.
+- `feature_estimation` (ch. 6): the penultimate model, plus per finished task a backward affine
+  map (3 x D floats) to estimate the older models' features.
 - `dual_distillation` (ch. 7): the previous model (old teacher), a specialist fine-tuned on the
   new task (new teacher, trained first as its own phase), and replay images synthesised from
   the old teacher's BatchNorm statistics.
@@ -51,10 +51,10 @@ from retrieval.losses.distillation import (
     multi_kernel_mmd,
 )
 from retrieval.losses.feature_estimation import (
-    DriftStatistics,
+    BackwardMap,
     descending_weights,
-    drift_statistics,
-    estimate_features,
+    estimate_older_features,
+    fit_backward_map,
 )
 from retrieval.losses.metric import MetricLoss
 from retrieval.methods.base import RetrievalMethod
@@ -78,7 +78,7 @@ class TaskCarry:
         classes: that task's class ids (the sequence's numbering, contiguous).
         previous_state: the model's state after task `task - 1` (None for the first task).
         fisher: per finished task, EWC's diagonal Fisher and the weights it is anchored at.
-        drift: per finished task k >= 1, the drift statistics between models k-1 and k.
+        drift: ch. 6, per finished task k >= 1, the backward map from model k's features to model k-1's.
         specialist_state: ch. 7, the new teacher fine-tuned on this task (None until its phase ran).
         replay_images: ch. 7, images `[R, 3, S, S]` synthesised from the old teachers.
         replay_labels: `[R]` the classes they were synthesised for.
@@ -88,7 +88,7 @@ class TaskCarry:
     classes: tuple[int, ...]
     previous_state: dict[str, torch.Tensor] | None = None
     fisher: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = field(default_factory=list)
-    drift: dict[int, DriftStatistics] = field(default_factory=dict)
+    drift: dict[int, BackwardMap] = field(default_factory=dict)
     specialist_state: dict[str, torch.Tensor] | None = None
     replay_images: torch.Tensor | None = None
     replay_labels: torch.Tensor | None = None
@@ -371,10 +371,19 @@ class FeatureEstimation(IncrementalMethod):
         super().begin_task(model=model, carry=carry, phase=phase, device=device)
         settings = self.spec.method
         assert isinstance(settings, FeatureEstimationSpec)
-        # Older models j = 0..task-2 are estimated with the drift recorded when task j+1 finished.
-        older = [carry.drift[j + 1] for j in range(carry.task - 1) if j + 1 in carry.drift]
-        self._older = older
-        self._older_weights = descending_weights(len(older), gamma=settings.estimation_gamma)
+        # At task t the penultimate model is t-1; the maps of tasks t-1, ..., 1 lead back to models t-2, ..., 0.
+        missing = [k for k in range(1, carry.task) if k not in carry.drift]
+        if missing:
+            raise ValueError(f"task {carry.task} needs the backward maps of tasks {missing}, which the carry lacks")
+        stale = [k for k in range(1, carry.task) if not isinstance(carry.drift[k], BackwardMap)]
+        if stale:
+            raise ValueError(
+                f"the carry holds {type(carry.drift[stale[0]]).__name__} for tasks {stale}, not backward maps: it "
+                "was saved by the first version of ch. 6 (drift quantiles); train the sequence again from task 0"
+            )
+        self._maps = [carry.drift[k] for k in range(carry.task - 1, 0, -1)]
+        # descending_weights is oldest first; the estimates come newest first.
+        self._older_weights = descending_weights(len(self._maps), gamma=settings.estimation_gamma)[::-1]
         self._generator = torch.Generator(device="cpu").manual_seed(self.spec.train.seed + carry.task)
 
     def training_step(
@@ -388,12 +397,12 @@ class FeatureEstimation(IncrementalMethod):
             teacher_embeddings, _ = self._teacher_outputs(images)
             terms["corr"] = correlation_distillation(embeddings, teacher_embeddings, temperature=temperature)
             distilled = terms["corr"]
-            if self._older:
+            if self._maps:
+                estimates = estimate_older_features(
+                    teacher_embeddings, self._maps, noise_scale=settings.estimation_scale, generator=self._generator
+                )
                 estimated = torch.zeros((), device=images.device)
-                for weight, stats in zip(self._older_weights, self._older, strict=True):
-                    older_features = estimate_features(
-                        teacher_embeddings, stats, scale=settings.estimation_scale, generator=self._generator
-                    )
+                for weight, older_features in zip(self._older_weights, estimates, strict=True):
                     estimated = estimated + weight * correlation_distillation(
                         embeddings, older_features, temperature=temperature
                     )
@@ -405,6 +414,7 @@ class FeatureEstimation(IncrementalMethod):
     def finish_task(
         self, *, model: nn.Module, carry: TaskCarry, task_data: TaskData, device: torch.device
     ) -> TaskCarry:
+        """Also fits the backward map from this task's model to the previous one on this task's images."""
         following = super().finish_task(model=model, carry=carry, task_data=task_data, device=device)
         if carry.previous_state is None:
             return following
@@ -413,22 +423,41 @@ class FeatureEstimation(IncrementalMethod):
         previous = _frozen(self.build_model())
         previous.load_state_dict(carry.previous_state)
         previous.to(device)
-        was_training = model.training
-        model.eval()
-        before, after = [], []
-        with torch.no_grad():
-            for images, _ in _task_batches(task_data, None, self.spec, device, augment=False):
-                before.append(network(previous).embedding(images).cpu().numpy())
-                after.append(network(model).embedding(images).cpu().numpy())
-        model.train(was_training)
-        stats = drift_statistics(
-            np.concatenate(before),
-            np.concatenate(after),
-            low_quantile=settings.drift_low_quantile,
-            high_quantile=settings.drift_high_quantile,
+        before, after = _paired_embeddings(
+            previous, model, task_data, limit=settings.estimation_samples, spec=self.spec, device=device
         )
-        following.drift = {**carry.drift, carry.task: stats}
+        following.drift = {**carry.drift, carry.task: fit_backward_map(before, after)}
         return following
+
+
+def _paired_embeddings(
+    older: nn.Module, newer: nn.Module, task_data: TaskData, *, limit: int, spec: JobSpec, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """`[N, D]` embeddings by two models (eval mode) of a seeded random sample of up to `limit` training images.
+
+    The images take the test transform (no augmentation), so both models see the same pixels.
+    """
+    dataset = task_data.train.with_transform(task_data.test.transform)
+    generator = torch.Generator().manual_seed(spec.train.seed + 104729 * task_data.index)
+    chosen = torch.randperm(len(dataset), generator=generator)[:limit].sort().values.tolist()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, chosen), batch_size=spec.train.classes_per_batch * spec.train.samples_per_class
+    )
+    modes = [(model, model.training) for model in (older, newer)]
+    before: list[np.ndarray] = []
+    after: list[np.ndarray] = []
+    try:
+        older.eval()
+        newer.eval()
+        with torch.no_grad():
+            for images, _, _ in loader:
+                images = images.to(device)
+                before.append(network(older).embedding(images).cpu().numpy())
+                after.append(network(newer).embedding(images).cpu().numpy())
+    finally:
+        for model, training in modes:
+            model.train(training)
+    return np.concatenate(before), np.concatenate(after)
 
 
 class DualDistillation(IncrementalMethod):
