@@ -310,11 +310,27 @@ class LwfSpec(IncrementalMethodSpec):
 
 
 class EwcSpec(IncrementalMethodSpec):
-    """Elastic weight consolidation: a diagonal-Fisher penalty anchored at each old model."""
+    """Elastic weight consolidation: a diagonal-Fisher penalty anchored at each old model.
+
+    The Fisher is the empirical one from per-sample gradients of the classifier's log-likelihood,
+    `F = mean_i (grad log p(y_i | x_i))^2` over `fisher_samples` training images of the finished
+    task; the classifier is trained only by cross-entropy, so `ce_weight` must be > 0.
+    """
 
     name: Literal["ewc"] = "ewc"
     ewc_weight: float = Field(100.0, ge=0.0, description="lambda; the penalty is lambda / 2 * sum F (theta - theta*)^2")
-    fisher_batches: int = Field(8, ge=1, description="batches of the finished task the Fisher is estimated on")
+    fisher_samples: int = Field(
+        256, ge=1, description="training images of the finished task whose per-sample gradients give the Fisher"
+    )
+
+    @model_validator(mode="after")
+    def _the_fisher_needs_a_trained_classifier(self) -> EwcSpec:
+        if self.ce_weight <= 0:
+            raise ValueError(
+                "ewc needs ce_weight > 0: its Fisher is of the classifier's log p(y|x), and only cross-entropy "
+                "trains the classifier (with ce_weight 0 the Fisher would be that of a random head)"
+            )
+        return self
 
 
 class IncrementalKdMmdSpec(IncrementalMethodSpec):

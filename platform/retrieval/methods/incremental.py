@@ -45,8 +45,8 @@ from retrieval.config import (
 from retrieval.data.base import ImageDataset, concatenate_datasets
 from retrieval.losses.distillation import (
     correlation_distillation,
+    empirical_fisher,
     ewc_penalty,
-    fisher_diagonal,
     knowledge_distillation,
     multi_kernel_mmd,
 )
@@ -316,15 +316,16 @@ class ElasticWeightConsolidation(IncrementalMethod):
     ) -> TaskCarry:
         settings = self.spec.method
         assert isinstance(settings, EwcSpec)
-        loss = self.build_loss().to(device)
-        self.carry = carry
-        self.phase = "student"
+        first, seen = task_data.classes[0], task_data.classes[-1] + 1
 
-        def objective(network: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            terms, _, _ = self.base_terms(model=network, loss=loss, images=images, labels=labels)
-            return terms["loss"]
+        def log_likelihood(outputs: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+            # log p(y|x) of the softmax the task's cross-entropy trained: over this task's classes.
+            _, logits = outputs
+            log_probs = F.log_softmax(logits[:, first:seen], dim=1)
+            return log_probs.gather(1, (labels - first).unsqueeze(1)).squeeze(1)
 
-        fisher = fisher_diagonal(model, _task_batches(task_data, settings.fisher_batches, self.spec, device), objective)
+        batches = _sample_batches(task_data, settings.fisher_samples, self.spec, device, salt=1)
+        fisher = empirical_fisher(model, batches, log_likelihood, max_samples=settings.fisher_samples)
         anchor = {name: parameter.detach().clone() for name, parameter in model.named_parameters() if name in fisher}
         following = super().finish_task(model=model, carry=carry, task_data=task_data, device=device)
         following.fisher = [
@@ -430,19 +431,27 @@ class FeatureEstimation(IncrementalMethod):
         return following
 
 
-def _paired_embeddings(
-    older: nn.Module, newer: nn.Module, task_data: TaskData, *, limit: int, spec: JobSpec, device: torch.device
-) -> tuple[np.ndarray, np.ndarray]:
-    """`[N, D]` embeddings by two models (eval mode) of a seeded random sample of up to `limit` training images.
+def _sample_batches(
+    task_data: TaskData, limit: int, spec: JobSpec, device: torch.device, *, salt: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches `(images, labels)` of a seeded random sample of up to `limit` of a finished task's training images.
 
-    The images take the test transform (no augmentation), so both models see the same pixels.
+    The images take the test transform (no augmentation): what the models are measured on.
     """
     dataset = task_data.train.with_transform(task_data.test.transform)
-    generator = torch.Generator().manual_seed(spec.train.seed + 104729 * task_data.index)
+    generator = torch.Generator().manual_seed(spec.train.seed + 104729 * task_data.index + 7 * salt)
     chosen = torch.randperm(len(dataset), generator=generator)[:limit].sort().values.tolist()
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, chosen), batch_size=spec.train.classes_per_batch * spec.train.samples_per_class
     )
+    for images, labels, _ in loader:
+        yield images.to(device), labels.to(device)
+
+
+def _paired_embeddings(
+    older: nn.Module, newer: nn.Module, task_data: TaskData, *, limit: int, spec: JobSpec, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """`[N, D]` embeddings by two models (eval mode) of a seeded random sample of up to `limit` training images."""
     modes = [(model, model.training) for model in (older, newer)]
     before: list[np.ndarray] = []
     after: list[np.ndarray] = []
@@ -450,8 +459,7 @@ def _paired_embeddings(
         older.eval()
         newer.eval()
         with torch.no_grad():
-            for images, _, _ in loader:
-                images = images.to(device)
+            for images, _ in _sample_batches(task_data, limit, spec, device):
                 before.append(network(older).embedding(images).cpu().numpy())
                 after.append(network(newer).embedding(images).cpu().numpy())
     finally:
@@ -563,22 +571,3 @@ class DualDistillation(IncrementalMethod):
         else:
             following.replay_images, following.replay_labels = images, targets
         return following
-
-
-def _task_batches(
-    task_data: TaskData,
-    limit: int | None,
-    spec: JobSpec,
-    device: torch.device,
-    *,
-    augment: bool = True,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches `(images [B, 3, S, S], labels [B])` of a finished task's training images, in order."""
-    dataset = task_data.train if augment else task_data.train.with_transform(task_data.test.transform)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=spec.train.classes_per_batch * spec.train.samples_per_class
-    )
-    for position, (images, labels, _) in enumerate(loader):
-        if limit is not None and position >= limit:
-            return
-        yield images.to(device), labels.to(device)

@@ -34,7 +34,7 @@ def spec_for(method: str, tmp_path: Path, tracking: str, tasks: list[dict[str, A
     if method == "dual_distillation":
         settings["synthesis"] = {"iterations": 5, "images_per_class": 2, "batch_size": 8}
     if method == "ewc":
-        settings["fisher_batches"] = 2
+        settings["fisher_samples"] = 32
     return JobSpec.model_validate(
         {
             "name": f"it-{method.replace('_', '-')}",

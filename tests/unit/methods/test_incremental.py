@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from retrieval.data.tasks import TaskData, build_task_sequence
 from retrieval.errors import DatasetError
 from retrieval.losses.feature_estimation import estimate_older_features
 from retrieval.methods import METHODS, build_method, load_model_package, save_model_package
-from retrieval.methods.incremental import IncrementalMethod, TaskCarry, network
+from retrieval.methods.incremental import IncrementalMethod, TaskCarry, _sample_batches, network
 from retrieval.train.worker import begin_task, training_loader
 
 JOBS = Path(__file__).resolve().parents[3] / "jobs"
@@ -34,7 +35,7 @@ def job(method: str, tasks: list[dict[str, Any]], **method_settings: Any) -> Job
     if method == "dual_distillation":
         settings.setdefault("synthesis", {"iterations": 2, "images_per_class": 1, "batch_size": 8})
     if method == "ewc":
-        settings.setdefault("fisher_batches", 1)
+        settings.setdefault("fisher_samples", 6)
     return JobSpec.model_validate(
         {
             "name": f"test-{method}",
@@ -220,6 +221,44 @@ def test_ewc_keeps_one_fisher_per_finished_task() -> None:
     assert len(carry.fisher) == 2
     fisher, anchor = carry.fisher[1]
     assert set(fisher) == set(anchor) and all(value.min() >= 0 for value in fisher.values())
+
+
+def test_the_ewc_fisher_of_a_finished_task_is_the_per_sample_loop_reference() -> None:
+    """F = mean_i (grad log p(y_i|x_i))^2 over the task's sampled images, BatchNorm on running statistics."""
+    torch.manual_seed(0)
+    spec = job("ewc", TWO_TASKS, fisher_samples=5)
+    method = build_method(spec)
+    assert isinstance(method, IncrementalMethod)
+    tasks = build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)  # type: ignore[arg-type]
+    carry = TaskCarry(task=0, classes=tasks[0].classes)
+    model, carry, _ = train_task(method, spec, tasks, carry)
+    fisher, anchor = carry.fisher[0]
+
+    # The same five images (the method's seeded sample), one backward per image, eval mode.
+    images, labels = next(_sample_batches(tasks[0], 5, spec, torch.device("cpu"), salt=1))
+    assert len(images) == 5
+    reference = copy.deepcopy(model).eval()
+    expected = {name: torch.zeros_like(parameter) for name, parameter in reference.named_parameters()}
+    for index in range(5):
+        reference.zero_grad()
+        _, logits = reference(images[index : index + 1])
+        torch.log_softmax(logits[:, 0:3], dim=1)[0, labels[index]].backward()
+        for name, parameter in reference.named_parameters():
+            if parameter.grad is not None:
+                expected[name] += parameter.grad**2 / 5
+    assert set(fisher) == set(expected) == set(anchor)
+    # float32 rounding: parameters with ~0 importance (e.g. a bias before BatchNorm) are compared absolutely.
+    largest = max(float(value.max()) for value in expected.values())
+    for name, value in expected.items():
+        torch.testing.assert_close(fisher[name], value, rtol=1e-3, atol=1e-6 * largest)
+    assert float(fisher["classifier.weight"].sum()) > 0
+
+
+def test_ewc_refuses_an_untrained_classifier_and_the_old_fisher_setting() -> None:
+    with pytest.raises(ValueError, match="ewc needs ce_weight > 0"):
+        job("ewc", TWO_TASKS, ce_weight=0.0)
+    with pytest.raises(ValueError, match="fisher_batches"):
+        job("ewc", TWO_TASKS, fisher_batches=8)
 
 
 def test_dual_distillation_replays_synthesised_images_of_every_old_class() -> None:
