@@ -367,16 +367,28 @@ class FeatureEstimationSpec(IncrementalMethodSpec):
 
 
 class SynthesisSpec(StrictModel):
-    """DeepInversion-style synthesis of replay images from the old teacher's BatchNorm statistics."""
+    """DeepInversion-style synthesis of replay images from the old teacher's BatchNorm statistics.
+
+    The class term aims at the old teacher's classifier head when cross-entropy trained it
+    (`class_target: auto` with the method's `ce_weight > 0`, or `head`), otherwise at the
+    old classes' mean embeddings (a softmax over cosine similarities to every old class mean,
+    `class_temperature`). Weights relative to the class term (1), as DeepInversion's.
+    """
 
     images_per_class: int = Field(4, ge=1)
     iterations: int = Field(2000, ge=1)
     lr: float = Field(0.1, gt=0.0)
     first_bn_multiplier: float = Field(10.0, ge=0.0)
-    bn_weight: float = Field(1.0, ge=0.0)
-    ce_weight: float = Field(1.0, ge=0.0)
+    bn_weight: float = Field(0.05, ge=0.0, description="R_bn; DeepInversion uses 0.01-0.05 with the class term at 1")
+    ce_weight: float = Field(1.0, ge=0.0, description="the class term")
     tv_weight: float = Field(1e-4, ge=0.0)
     l2_weight: float = Field(1e-5, ge=0.0)
+    jitter: float = Field(0.125, ge=0.0, le=0.5, description="largest random shift, as a fraction of the image side")
+    flip: bool = Field(True, description="random horizontal flips (off for classes a mirror changes, e.g. digits)")
+    class_target: Literal["auto", "head", "class_mean"] = Field(
+        "auto", description="auto: the head if the method's ce_weight > 0, else the class mean embeddings"
+    )
+    class_temperature: float = Field(0.1, gt=0.0, description="class_mean: cosine similarities / temperature")
     batch_size: int = Field(64, ge=1)
 
 
@@ -390,6 +402,22 @@ class DualDistillationSpec(IncrementalMethodSpec):
     correlation_temperature: float = Field(4.0, gt=0.0)
     specialist_epochs: int | None = Field(None, ge=1, description="epochs of the new teacher; default train.epochs")
     synthesis: SynthesisSpec = Field(default_factory=SynthesisSpec)
+
+    @model_validator(mode="after")
+    def _synthesis_aims_at_something_trained(self) -> DualDistillationSpec:
+        if self.synthesis.class_target == "head" and self.ce_weight <= 0:
+            raise ValueError(
+                "synthesis.class_target 'head' needs ce_weight > 0: only cross-entropy trains the classifier head, "
+                "and synthesis must not aim at a random head (use 'auto' or 'class_mean')"
+            )
+        return self
+
+    @property
+    def synthesis_target(self) -> Literal["head", "class_mean"]:
+        """What the synthesis class term aims at: the head only when cross-entropy trained it."""
+        if self.synthesis.class_target == "auto":
+            return "head" if self.ce_weight > 0 else "class_mean"
+        return self.synthesis.class_target
 
 
 class TextEncoderSpec(StrictModel):

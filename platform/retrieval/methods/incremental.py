@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -59,7 +60,7 @@ from retrieval.losses.feature_estimation import (
 from retrieval.losses.metric import MetricLoss
 from retrieval.methods.base import RetrievalMethod
 from retrieval.models.incremental import IncrementalNetwork
-from retrieval.models.inversion import synthesize_images
+from retrieval.models.inversion import class_mean_logits, synthesize_images
 
 if TYPE_CHECKING:
     from retrieval.data.tasks import TaskData
@@ -82,6 +83,8 @@ class TaskCarry:
         specialist_state: ch. 7, the new teacher fine-tuned on this task (None until its phase ran).
         replay_images: ch. 7, images `[R, 3, S, S]` synthesised from the old teachers.
         replay_labels: `[R]` the classes they were synthesised for.
+        class_means: ch. 7, `[C, D]` the mean embedding of each class learnt so far (row c: class
+            c), by the model after that class's task: what synthesis aims at without a trained head.
     """
 
     task: int
@@ -92,6 +95,7 @@ class TaskCarry:
     specialist_state: dict[str, torch.Tensor] | None = None
     replay_images: torch.Tensor | None = None
     replay_labels: torch.Tensor | None = None
+    class_means: torch.Tensor | None = None
 
     @property
     def old_classes(self) -> int:
@@ -503,15 +507,12 @@ class DualDistillation(IncrementalMethod):
         self, *, model: nn.Module, loss: nn.Module, images: torch.Tensor, labels: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         replay = None if self.phase == "specialist" or self.teacher is None else self._replay_batch(images.shape[0])
-        if replay is None:
-            terms, embeddings, _ = self.base_terms(model=model, loss=loss, images=images, labels=labels)
-        else:
-            # One forward over new and replay images: DDP expects one forward per backward.
-            all_embeddings, all_logits = model(torch.cat([images, replay]))
-            embeddings, student_replay = all_embeddings[: len(images)], all_embeddings[len(images) :]
-            terms = dict(loss(embeddings, labels))
-            terms["ce"] = self._ce(all_logits[: len(images)], labels)
-            terms["loss"] = self.settings.metric_weight * terms["metric"] + self.settings.ce_weight * terms["ce"]
+        terms, embeddings, _ = self.base_terms(model=model, loss=loss, images=images, labels=labels)
+        if replay is not None:
+            # A forward pass of its own, BatchNorm on running statistics: the student's batch
+            # statistics and running statistics stay those of the real images.
+            with batch_norm_in_eval(model):
+                student_replay, _ = model(replay)
         if self.phase == "specialist" or self.teacher is None:
             return terms
         settings = self.spec.method
@@ -538,20 +539,49 @@ class DualDistillation(IncrementalMethod):
     def finish_task(
         self, *, model: nn.Module, carry: TaskCarry, task_data: TaskData, device: torch.device
     ) -> TaskCarry:
-        """Synthesise replay images of this task's classes from the trained model (the next old teacher)."""
+        """Synthesise replay images of this task's classes from the trained model (the next old teacher).
+
+        Also keeps each of this task's classes' mean embedding. The synthesis class term aims at
+        the model's classifier head only when cross-entropy trained it; otherwise at the class
+        means (a softmax over cosine similarities to every class mean so far).
+        """
         following = super().finish_task(model=model, carry=carry, task_data=task_data, device=device)
         settings = self.spec.method
         assert isinstance(settings, DualDistillationSpec)
         synthesis = settings.synthesis
+        means = _class_means(model, task_data, spec=self.spec, device=device)
+        class_means = means if carry.class_means is None else torch.cat([carry.class_means, means])
+        if class_means.shape[0] != task_data.classes[-1] + 1:
+            raise ValueError(
+                f"the carry holds the means of {class_means.shape[0] - len(means)} classes before task "
+                f"{task_data.index}, whose first class is {task_data.classes[0]}: it was saved without class means "
+                "(before issue 17); train the sequence again from task 0"
+            )
+        following.class_means = class_means
         targets = torch.tensor(
             [class_id for class_id in task_data.classes for _ in range(synthesis.images_per_class)], dtype=torch.int64
         )
         teacher = network(copy.deepcopy(model).to(device))
+        seen = task_data.classes[-1] + 1
+        logits_fn: Callable[[torch.Tensor], torch.Tensor]
+        if settings.synthesis_target == "head":
+
+            def logits_fn(batch: torch.Tensor) -> torch.Tensor:
+                logits: torch.Tensor = teacher(batch)[1][:, :seen]
+                return logits
+
+        else:
+            bank = class_means.to(device)
+
+            def logits_fn(batch: torch.Tensor) -> torch.Tensor:
+                return class_mean_logits(teacher(batch)[0], bank, temperature=synthesis.class_temperature)
+
+        image_size = self.spec.dataset.image_size
         images = synthesize_images(
             teacher,
-            lambda batch: teacher(batch)[1],
+            logits_fn,
             targets=targets.to(device),
-            image_size=self.spec.dataset.image_size,
+            image_size=image_size,
             iterations=synthesis.iterations,
             lr=synthesis.lr,
             first_bn_multiplier=synthesis.first_bn_multiplier,
@@ -559,6 +589,8 @@ class DualDistillation(IncrementalMethod):
             ce_weight=synthesis.ce_weight,
             tv_weight=synthesis.tv_weight,
             l2_weight=synthesis.l2_weight,
+            jitter=round(synthesis.jitter * image_size),
+            flip=synthesis.flip,
             batch_size=synthesis.batch_size,
             seed=self.spec.train.seed + carry.task,
             device=device,
@@ -571,3 +603,39 @@ class DualDistillation(IncrementalMethod):
         else:
             following.replay_images, following.replay_labels = images, targets
         return following
+
+
+@contextmanager
+def batch_norm_in_eval(model: nn.Module) -> Iterator[None]:
+    """Every BatchNorm layer of `model` in eval mode (running statistics used, not updated) inside the block."""
+    layers = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    modes = [layer.training for layer in layers]
+    try:
+        for layer in layers:
+            layer.eval()
+        yield
+    finally:
+        for layer, training in zip(layers, modes, strict=True):
+            layer.train(training)
+
+
+def _class_means(model: nn.Module, task_data: TaskData, *, spec: JobSpec, device: torch.device) -> torch.Tensor:
+    """`[C_task, D]` the mean embedding of each of the task's classes over its training images, in class order."""
+    training = model.training
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+    try:
+        model.eval()
+        with torch.no_grad():
+            for images, labels in _sample_batches(task_data, len(task_data.train), spec, device):
+                embeddings = network(model).embedding(images).cpu()
+                for label in labels.unique().tolist():
+                    chosen = embeddings[labels.cpu() == label]
+                    sums[label] = sums.get(label, torch.zeros(embeddings.shape[1])) + chosen.sum(dim=0)
+                    counts[label] = counts.get(label, 0) + len(chosen)
+    finally:
+        model.train(training)
+    missing = [class_id for class_id in task_data.classes if class_id not in counts]
+    if missing:
+        raise ValueError(f"task {task_data.index} has no training image of class(es) {missing}")
+    return torch.stack([sums[class_id] / counts[class_id] for class_id in task_data.classes])

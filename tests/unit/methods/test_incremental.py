@@ -99,9 +99,7 @@ def train_task(
         begin_task(
             method, model, task={"index": index, "phase": phase}, carry=carry, spec=spec, device=torch.device("cpu")
         )
-        optimizer = (optimizer_factory or (lambda parameters: torch.optim.SGD(parameters, lr=0.01)))(
-            model.parameters()
-        )
+        optimizer = (optimizer_factory or (lambda parameters: torch.optim.SGD(parameters, lr=0.01)))(model.parameters())
         loss = method.build_loss()
         model.train()
         batches = batches_of(method, tasks, index, spec)
@@ -371,3 +369,128 @@ def test_every_incremental_job_file_is_valid(path: Path) -> None:
         # On the bundled data, the sequence can be built here.
         tasks = build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)
         assert [len(task.classes) for task in tasks] == [5, 5]
+
+
+# ---------------------------------------------------------------- ch. 7: synthesis targets and replay
+
+
+def _centroids(model: torch.nn.Module, method: IncrementalMethod, task: TaskData) -> torch.Tensor:
+    """`[C, D]` unit-norm class centroids of the task's training images (test transform), computed here."""
+    data = task.train.with_transform(task.test.transform)
+    images = torch.stack([data[position][0] for position in range(len(data))])
+    with torch.no_grad():
+        embeddings = method.embed(model.eval(), images)
+    labels = torch.as_tensor(np.array(data.labels))
+    return torch.nn.functional.normalize(
+        torch.stack([embeddings[labels == class_id].mean(dim=0) for class_id in task.classes]), dim=1
+    )
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 1.0], ids=["class-mean-target", "head-target"])
+def test_synthesised_images_are_embedded_as_their_target_class_by_the_old_teacher(ce_weight: float) -> None:
+    """With ce_weight 0 (the ch. 7 default) the head is untrained: synthesis must aim at the class means."""
+    torch.manual_seed(0)
+    spec = job(
+        "dual_distillation",
+        [{"classes": "0-4"}, {"classes": "5-9"}],
+        ce_weight=ce_weight,
+        # Jitter and flips off: they are augmentations, not what this test is about (a mirrored
+        # or shifted digit is another image to a teacher trained for 10 steps).
+        synthesis={"iterations": 40, "images_per_class": 4, "batch_size": 20, "jitter": 0.0, "flip": False},
+    )
+    method = build_method(spec)
+    assert isinstance(method, IncrementalMethod)
+    tasks = build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)  # type: ignore[arg-type]
+    model, carry, _ = train_task(
+        method,
+        spec,
+        tasks,
+        TaskCarry(task=0, classes=tasks[0].classes),
+        steps=10,
+        optimizer_factory=lambda p: torch.optim.Adam(p, lr=1e-3),
+    )
+    assert carry.replay_images is not None and carry.replay_labels is not None
+    assert carry.class_means is not None and carry.class_means.shape == (5, 16)
+    targets = carry.replay_labels
+    with torch.no_grad():
+        embeddings, logits = model.eval()(carry.replay_images)
+    # Nearest class centroid of the real training images under the old teacher (chance: 1/5).
+    centroids = _centroids(model, method, tasks[0])
+    nearest = (torch.nn.functional.normalize(embeddings, dim=1) @ centroids.T).argmax(dim=1)
+    embedded = float((nearest == targets).float().mean())
+    classified = float((logits[:, :5].argmax(dim=1) == targets).float().mean())
+    print(f"ce_weight {ce_weight}: right class by centroid {embedded:.2f}, by head {classified:.2f} (chance 0.2)")
+    # Without a trained head the images are embedded as their class; with one, the head classifies them so.
+    assert (embedded if ce_weight == 0 else classified) >= 0.8
+
+
+def test_synthesis_uses_the_specified_jitter_and_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    import retrieval.methods.incremental as incremental
+
+    spec = job("dual_distillation", TWO_TASKS, synthesis={"iterations": 1, "images_per_class": 1, "jitter": 0.25})
+    defaults = spec.method.synthesis  # type: ignore[union-attr]
+    assert 0.01 <= defaults.bn_weight <= 0.05 and defaults.ce_weight == 1.0
+    assert (defaults.tv_weight, defaults.l2_weight, defaults.first_bn_multiplier) == (1e-4, 1e-5, 10.0)
+    assert job("dual_distillation", TWO_TASKS).method.synthesis.jitter == 0.125  # type: ignore[union-attr]
+    seen: dict[str, Any] = {}
+    original = incremental.synthesize_images
+
+    def recording(*args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(incremental, "synthesize_images", recording)
+    method = build_method(spec)
+    assert isinstance(method, IncrementalMethod)
+    tasks = build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)  # type: ignore[arg-type]
+    model = method.build_model()
+    network(model).classifier.grow(3)
+    method.finish_task(
+        model=model, carry=TaskCarry(task=0, classes=tasks[0].classes), task_data=tasks[0], device=torch.device("cpu")
+    )
+    assert seen["jitter"] == 4  # a quarter of 16 px
+    assert seen["bn_weight"] == defaults.bn_weight and seen["tv_weight"] == 1e-4 and seen["l2_weight"] == 1e-5
+
+
+def test_synthesis_never_aims_at_an_untrained_head_and_refuses_unknown_keys() -> None:
+    with pytest.raises(ValueError, match="class_target 'head' needs ce_weight > 0"):
+        job("dual_distillation", TWO_TASKS, synthesis={"class_target": "head"})
+    with pytest.raises(ValueError, match="jiter"):
+        job("dual_distillation", TWO_TASKS, synthesis={"jiter": 0.1})
+    with pytest.raises(ValueError, match="jitter"):
+        job("dual_distillation", TWO_TASKS, synthesis={"jitter": 0.9})
+    spec = job("dual_distillation", TWO_TASKS)
+    assert spec.method.synthesis_target == "class_mean"  # type: ignore[union-attr]
+    headed = job("dual_distillation", TWO_TASKS, ce_weight=0.5)
+    assert headed.method.synthesis_target == "head"  # type: ignore[union-attr]
+
+
+def test_replay_images_go_through_the_student_in_a_pass_of_their_own() -> None:
+    """After a student step, its BatchNorm running statistics are those of the real images alone."""
+    torch.manual_seed(0)
+    spec = job("dual_distillation", TWO_TASKS)
+    method = build_method(spec)
+    assert isinstance(method, IncrementalMethod)
+    tasks = build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)  # type: ignore[arg-type]
+    _, carry, _ = train_task(method, spec, tasks, TaskCarry(task=0, classes=tasks[0].classes))
+    carry.classes = tasks[1].classes
+    student = method.build_model()
+    method.begin_task(model=student, carry=carry, phase="student", device=torch.device("cpu"))
+    student.train()
+    reference = copy.deepcopy(student)
+    images, labels = first_batch(method, tasks, 1, spec)
+    terms = method.training_step(model=student, loss=method.build_loss(), images=images, labels=labels)
+    assert "corr_replay" in terms  # the replay images were used
+    with torch.no_grad():
+        reference(images)  # the real images alone, in train mode
+    norms = [
+        (name, module)
+        for name, module in student.named_modules()
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+    ]
+    references = dict(reference.named_modules())
+    assert norms
+    for name, module in norms:
+        torch.testing.assert_close(module.running_mean, references[name].running_mean, msg=name)
+        torch.testing.assert_close(module.running_var, references[name].running_var, msg=name)
+    assert all(module.training for _, module in norms)  # the replay pass put them back in train mode
