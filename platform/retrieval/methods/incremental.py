@@ -44,6 +44,7 @@ from retrieval.config import (
     LwfSpec,
 )
 from retrieval.data.base import ImageDataset, concatenate_datasets
+from retrieval.evaluation.runs import embed_dataset, score_embeddings
 from retrieval.losses.distillation import (
     correlation_distillation,
     empirical_fisher,
@@ -171,6 +172,23 @@ class IncrementalMethod(RetrievalMethod):
     def phases(self, task: int) -> list[Phase]:
         """The training runs of a task, in order (ch. 7 trains its specialist first)."""
         return ["student"]
+
+    def score_task(
+        self, model: nn.Module, task_data: TaskData, *, ks: Sequence[int], batch_size: int
+    ) -> dict[str, float]:
+        """Recall@K and mAP@R of `model` on a task's test split (query and gallery, self-matches removed).
+
+        The runner scores the student on every task so far with it, and ch. 7's specialist on its
+        own task (the model trained on that task alone, which the student is compared with).
+        """
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                vectors = embed_dataset(lambda images: self.embed(model, images), task_data.test, batch_size=batch_size)
+        finally:
+            model.train(training)
+        return score_embeddings(vectors, task_data.test.labels, ks=ks)
 
     def needs_teacher(self, phase: Phase) -> bool:
         """Whether `phase` distils from the frozen previous model (only then is one built)."""
