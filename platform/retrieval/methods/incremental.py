@@ -7,13 +7,15 @@ method keeps only what it needs:
 - `incremental_finetune` (lower bound): nothing; fine-tunes the previous model on new data.
 - `incremental_joint` (upper bound): nothing; trains on the images of every task so far.
 - `lwf`: the previous model, for KD on the old classes' probabilities.
-- `ewc`: each finished task's diagonal Fisher and weights (a penalty per old task).
+- `ewc`: each finished task's diagonal empirical Fisher (per-sample gradients) and weights (a
+  penalty per old task).
 - `incremental_kd_mmd` (ch. 5): the previous model, for KD and multi-kernel MMD.
 - `feature_estimation` (ch. 6): the penultimate model, plus per finished task a backward affine
   map (3 x D floats) to estimate the older models' features.
 - `dual_distillation` (ch. 7): the previous model (old teacher), a specialist fine-tuned on the
-  new task (new teacher, trained first as its own phase), and replay images synthesised from
-  the old teacher's BatchNorm statistics.
+  new task (new teacher, trained first as its own phase), each class's mean embedding, and
+  replay images synthesised from the old teacher's BatchNorm statistics (aimed at the class
+  means, or at the head when cross-entropy trained it).
 
 Every method trains on a task's new images with a metric loss plus cross-entropy of the
 cosine classifier over the task's classes (joint: over all classes so far), and adds its own

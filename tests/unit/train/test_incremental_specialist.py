@@ -2,38 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from matplotlib.figure import Figure
 
 from retrieval.config import JobSpec
 from retrieval.data.tasks import build_task_sequence
 from retrieval.methods import build_method
 from retrieval.methods.incremental import IncrementalMethod, network
+from retrieval.tracking.runs import TrainingRun
 from retrieval.train.incremental import IncrementalOutcome, TaskOutcome, _evaluate, _log_matrices
-
-
-class _RecordingRun:
-    """What `_log_matrices` uses of a `TrainingRun`, recorded instead of sent to MLflow."""
-
-    run_id = "run"
-
-    def __init__(self) -> None:
-        self.metrics: dict[int, dict[str, float]] = {}
-        self.texts: dict[str, str] = {}
-        self.client = self
-
-    def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
-        self.metrics.setdefault(step, {}).update(metrics)
-
-    def log_figure(self, figure: Figure, path: str) -> None:
-        assert isinstance(figure, Figure)
-
-    def log_text(self, run_id: str, text: str, path: str) -> None:
-        self.texts[path] = text
 
 
 def _recall_at_1(embeddings: np.ndarray, labels: np.ndarray) -> float:
@@ -49,7 +29,7 @@ def _recall_at_1(embeddings: np.ndarray, labels: np.ndarray) -> float:
     return hits / len(embeddings)
 
 
-def test_the_specialist_is_scored_on_the_new_task_and_logged_beside_the_student() -> None:
+def test_the_specialist_is_scored_on_the_new_task_and_logged_beside_the_student(tmp_path: Path) -> None:
     spec = JobSpec.model_validate(
         {
             "name": "specialist",
@@ -81,17 +61,29 @@ def test_the_specialist_is_scored_on_the_new_task_and_logged_beside_the_student(
     assert second.specialist["recall@1"] == pytest.approx(expected, abs=1e-6)
 
     outcome = IncrementalOutcome(job="specialist", method="dual_distillation", task_names=["a", "b"])
-    run: Any = _RecordingRun()
+    run, _ = TrainingRun.start_or_resume(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        experiment="specialist",
+        run_key="specialist",
+        run_name="specialist",
+        params={},
+        tags={},
+        artifact_location=str(tmp_path / "artifacts"),
+    )
     for task_outcome in (first, second):
         outcome.tasks.append(task_outcome)
         _log_matrices(spec, outcome=outcome, run=run)
-    assert not any("specialist" in key for key in run.metrics[0])
-    logged = run.metrics[1]
-    for key in ("recall@1", "recall@2", "map@r"):
-        assert logged[f"task1/specialist/{key}"] == second.specialist[key]
-        assert logged[f"task1/student_minus_specialist/{key}"] == pytest.approx(
-            logged[f"task1/{key}"] - second.specialist[key]
-        )
-    assert "student vs specialist" in run.texts["incremental/matrix.md"]
+
+    def history(key: str) -> list[tuple[int, float]]:
+        return [(point.step, point.value) for point in run.client.get_metric_history(run.run_id, key)]
+
+    for key in ("recall_at_1", "recall_at_2", "map_at_r"):
+        (step, student), *_ = history(f"task1/{key}")
+        assert history(f"task1/specialist/{key}") == [(1, pytest.approx(second.specialist[key.replace("_at_", "@")]))]
+        ((_, lead),) = history(f"task1/student_minus_specialist/{key}")
+        assert step == 1 and lead == pytest.approx(student - second.specialist[key.replace("_at_", "@")])
+    assert not history("task0/specialist/recall_at_1")
+    table = (tmp_path / "artifacts" / run.run_id / "artifacts" / "incremental" / "matrix.md").read_text()
+    assert "student vs specialist" in table
     # Kept in the saved progress, so a resumed job still reports it.
     assert TaskOutcome.from_json(second.to_json()).specialist == second.specialist
