@@ -297,6 +297,9 @@ def format_incremental_summary(summary: Mapping[str, Any]) -> str:
             line += f", index {task['index_version']}"
         if task.get("swap"):
             line += ", swapped" if task["swap"].get("ok") else f", swap failed: {task['swap'].get('error')}"
+        if task.get("specialist"):
+            student = task["scores"][str(task["task"])].get("recall@1")
+            line += f"; new task recall@1: student {student:.4f}, specialist {task['specialist'].get('recall@1'):.4f}"
         lines.append(line)
     return "\n".join(lines)
 

@@ -311,11 +311,27 @@ class LwfSpec(IncrementalMethodSpec):
 
 
 class EwcSpec(IncrementalMethodSpec):
-    """Elastic weight consolidation: a diagonal-Fisher penalty anchored at each old model."""
+    """Elastic weight consolidation: a diagonal-Fisher penalty anchored at each old model.
+
+    The Fisher is the empirical one from per-sample gradients of the classifier's log-likelihood,
+    `F = mean_i (grad log p(y_i | x_i))^2` over `fisher_samples` training images of the finished
+    task; the classifier is trained only by cross-entropy, so `ce_weight` must be > 0.
+    """
 
     name: Literal["ewc"] = "ewc"
     ewc_weight: float = Field(100.0, ge=0.0, description="lambda; the penalty is lambda / 2 * sum F (theta - theta*)^2")
-    fisher_batches: int = Field(8, ge=1, description="batches of the finished task the Fisher is estimated on")
+    fisher_samples: int = Field(
+        256, ge=1, description="training images of the finished task whose per-sample gradients give the Fisher"
+    )
+
+    @model_validator(mode="after")
+    def _the_fisher_needs_a_trained_classifier(self) -> EwcSpec:
+        if self.ce_weight <= 0:
+            raise ValueError(
+                "ewc needs ce_weight > 0: its Fisher is of the classifier's log p(y|x), and only cross-entropy "
+                "trains the classifier (with ce_weight 0 the Fisher would be that of a random head)"
+            )
+        return self
 
 
 class IncrementalKdMmdSpec(IncrementalMethodSpec):
@@ -332,8 +348,10 @@ class IncrementalKdMmdSpec(IncrementalMethodSpec):
 class FeatureEstimationSpec(IncrementalMethodSpec):
     """Thesis ch. 6: correlation distillation from the penultimate model and estimated older ones.
 
-    Only the penultimate model is kept; each older model's features are estimated from its
-    features with the drift statistics recorded when that task finished.
+    Only the penultimate model is kept; when task k finishes, a per-dimension backward affine map
+    from model k's features to model k-1's (and its residual std) is fitted on up to
+    `estimation_samples` of task k's training images, and at later tasks the older models'
+    features are estimated by chaining these maps back from the penultimate model's features.
     """
 
     name: Literal["feature_estimation"] = "feature_estimation"
@@ -341,31 +359,37 @@ class FeatureEstimationSpec(IncrementalMethodSpec):
     correlation_weight: float = Field(10.0, ge=0.0)
     correlation_temperature: float = Field(4.0, gt=0.0)
     estimation_gamma: float = Field(0.5, gt=0.0, le=1.0, description="descending importance of older models")
-    estimation_scale: float = Field(1.0, ge=0.0)
-    drift_low_quantile: float = Field(0.05, ge=0.0, lt=1.0)
-    drift_high_quantile: float = Field(0.95, gt=0.0, le=1.0)
-
-    @model_validator(mode="after")
-    def _quantiles_in_order(self) -> FeatureEstimationSpec:
-        if self.drift_low_quantile >= self.drift_high_quantile:
-            raise ValueError(
-                f"drift_low_quantile ({self.drift_low_quantile}) must be below drift_high_quantile "
-                f"({self.drift_high_quantile})"
-            )
-        return self
+    estimation_scale: float = Field(
+        1.0, ge=0.0, description="s: the residual noise s * sigma * eps added at each step back (0: mean estimate)"
+    )
+    estimation_samples: int = Field(
+        2000, ge=2, description="training images of a finished task the backward map is fitted on"
+    )
 
 
 class SynthesisSpec(StrictModel):
-    """DeepInversion-style synthesis of replay images from the old teacher's BatchNorm statistics."""
+    """DeepInversion-style synthesis of replay images from the old teacher's BatchNorm statistics.
+
+    The class term aims at the old teacher's classifier head when cross-entropy trained it
+    (`class_target: auto` with the method's `ce_weight > 0`, or `head`), otherwise at the
+    old classes' mean embeddings (a softmax over cosine similarities to every old class mean,
+    `class_temperature`). Weights relative to the class term (1), as DeepInversion's.
+    """
 
     images_per_class: int = Field(4, ge=1)
     iterations: int = Field(2000, ge=1)
     lr: float = Field(0.1, gt=0.0)
     first_bn_multiplier: float = Field(10.0, ge=0.0)
-    bn_weight: float = Field(1.0, ge=0.0)
-    ce_weight: float = Field(1.0, ge=0.0)
+    bn_weight: float = Field(0.05, ge=0.0, description="R_bn; DeepInversion uses 0.01-0.05 with the class term at 1")
+    ce_weight: float = Field(1.0, ge=0.0, description="the class term")
     tv_weight: float = Field(1e-4, ge=0.0)
     l2_weight: float = Field(1e-5, ge=0.0)
+    jitter: float = Field(0.125, ge=0.0, le=0.5, description="largest random shift, as a fraction of the image side")
+    flip: bool = Field(True, description="random horizontal flips (off for classes a mirror changes, e.g. digits)")
+    class_target: Literal["auto", "head", "class_mean"] = Field(
+        "auto", description="auto: the head if the method's ce_weight > 0, else the class mean embeddings"
+    )
+    class_temperature: float = Field(0.1, gt=0.0, description="class_mean: cosine similarities / temperature")
     batch_size: int = Field(64, ge=1)
 
 
@@ -379,6 +403,22 @@ class DualDistillationSpec(IncrementalMethodSpec):
     correlation_temperature: float = Field(4.0, gt=0.0)
     specialist_epochs: int | None = Field(None, ge=1, description="epochs of the new teacher; default train.epochs")
     synthesis: SynthesisSpec = Field(default_factory=SynthesisSpec)
+
+    @model_validator(mode="after")
+    def _synthesis_aims_at_something_trained(self) -> DualDistillationSpec:
+        if self.synthesis.class_target == "head" and self.ce_weight <= 0:
+            raise ValueError(
+                "synthesis.class_target 'head' needs ce_weight > 0: only cross-entropy trains the classifier head, "
+                "and synthesis must not aim at a random head (use 'auto' or 'class_mean')"
+            )
+        return self
+
+    @property
+    def synthesis_target(self) -> Literal["head", "class_mean"]:
+        """What the synthesis class term aims at: the head only when cross-entropy trained it."""
+        if self.synthesis.class_target == "auto":
+            return "head" if self.ce_weight > 0 else "class_mean"
+        return self.synthesis.class_target
 
 
 class TextEncoderSpec(StrictModel):

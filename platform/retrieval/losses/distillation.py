@@ -6,13 +6,14 @@ only call them:
 - `knowledge_distillation`: Hinton's KD on the old classifier's outputs (ch. 5).
 - `multi_kernel_mmd`: multi-kernel Gaussian MMD between teacher and student embeddings (ch. 5).
 - `correlation_distillation`: KD on the rows of the batch's similarity matrix (ch. 6 and 7).
-- `fisher_diagonal` and `ewc_penalty`: elastic weight consolidation (Kirkpatrick et al., PNAS
-  2017), the classic regularisation baseline of the incremental experiments.
+- `empirical_fisher` (per-sample gradients) and `ewc_penalty`: elastic weight consolidation
+  (Kirkpatrick et al., PNAS 2017), the classic regularisation baseline of the incremental experiments.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -164,54 +165,77 @@ def _bare_model(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, _WRAPPERS) else model
 
 
-def fisher_diagonal(
+def empirical_fisher(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    log_likelihood: Callable[[Any, torch.Tensor], torch.Tensor],
+    *,
+    max_samples: int | None = None,
+    chunk_size: int = 32,
 ) -> dict[str, torch.Tensor]:
-    """The diagonal empirical Fisher information of EWC: mean over batches of squared gradients.
+    """The diagonal empirical Fisher information of EWC from per-sample gradients.
 
-    `F_p = (1 / |batches|) * sum_b (d loss_fn(model, images_b, labels_b) / d theta_p)^2` for every
-    parameter with `requires_grad`. The model runs in eval mode (dropout off, BatchNorm's
-    running statistics untouched, as in Avalanche's EWC) and each module's train/eval mode is
-    restored afterwards. Gradients are cleared before each batch and afterwards (set to None),
-    so any gradient the model held on entry is dropped.
+    `F_p = (1 / N) * sum_i (d log p(y_i | x_i) / d theta_p)^2` over the first N samples of
+    `batches` (all of them, or `max_samples`), for every parameter with `requires_grad`. Each
+    sample's gradient is its own (`torch.func.vmap` of `torch.func.grad` over
+    `torch.func.functional_call`), not a batch's: squaring a batch-mean gradient underestimates
+    F by about the batch size. The model runs in eval mode (dropout off, BatchNorm on its
+    running statistics, which are left untouched; a sample's gradient then depends on that
+    sample alone), and each module's train/eval mode is restored afterwards.
 
     Args:
         model: the model after the task; a DistributedDataParallel / DataParallel wrapper is
-            unwrapped, so the keys are the bare model's parameter names. Under DDP the gradients
-            are averaged over the ranks before squaring (the Fisher of the global batch, the same
-            on every rank), so every rank must pass the same number of batches.
-        batches: `(images, labels)` pairs, e.g. a DataLoader over the finished task's data.
-        loss_fn: the task's loss, called as `loss_fn(model, images, labels)` -> scalar; it
-            receives `model` as given (wrapped or not) and moves the batch where it needs it.
+            unwrapped, so the keys are the bare model's parameter names.
+        batches: `(inputs [B, ...], labels [B])` pairs, e.g. a DataLoader over the finished
+            task's data, already on the model's device.
+        log_likelihood: `(outputs, labels [1]) -> log p(y | x)` (a scalar or one-element
+            tensor), where `outputs` is what the bare model returns for one sample `[1, ...]`.
+        max_samples: N, the number of samples to use (None: every sample of `batches`).
+        chunk_size: samples whose gradients are computed together (memory, not the result).
 
     Returns:
         Parameter name -> detached `F_p` of the parameter's shape, on the parameter's device.
 
     Raises:
-        ValueError: `batches` is empty.
+        ValueError: no sample, or `max_samples` / `chunk_size` < 1.
     """
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     bare = _bare_model(model)
-    parameters = {name: parameter for name, parameter in bare.named_parameters() if parameter.requires_grad}
+    parameters = {name: parameter.detach() for name, parameter in bare.named_parameters() if parameter.requires_grad}
+    frozen = {name: parameter.detach() for name, parameter in bare.named_parameters() if not parameter.requires_grad}
+    buffers = {name: buffer.detach() for name, buffer in bare.named_buffers()}
     totals = {name: torch.zeros_like(parameter) for name, parameter in parameters.items()}
+
+    def sample_log_likelihood(
+        trainable: dict[str, torch.Tensor], inputs: torch.Tensor, label: torch.Tensor
+    ) -> torch.Tensor:
+        outputs = torch.func.functional_call(bare, (trainable, frozen, buffers), (inputs.unsqueeze(0),))
+        return log_likelihood(outputs, label.unsqueeze(0)).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(sample_log_likelihood), in_dims=(None, 0, 0))
     modes = {module: module.training for module in model.modules()}
     model.eval()
     count = 0
     try:
-        for images, labels in batches:
-            model.zero_grad(set_to_none=True)
-            loss_fn(model, images, labels).backward()
-            for name, parameter in parameters.items():
-                if parameter.grad is not None:
-                    totals[name] += parameter.grad.detach() ** 2
-            count += 1
+        for inputs, labels in batches:
+            if max_samples is not None:
+                inputs, labels = inputs[: max_samples - count], labels[: max_samples - count]
+            for start in range(0, len(inputs), chunk_size):
+                chunk = slice(start, start + chunk_size)
+                gradients = per_sample(parameters, inputs[chunk], labels[chunk])
+                for name, gradient in gradients.items():
+                    totals[name] += (gradient.detach() ** 2).sum(dim=0)
+            count += len(inputs)
+            if max_samples is not None and count >= max_samples:
+                break
     finally:
-        model.zero_grad(set_to_none=True)
         for module, training in modes.items():
             module.training = training
     if count == 0:
-        raise ValueError("batches is empty: the Fisher information needs at least one batch")
+        raise ValueError("batches is empty: the Fisher information needs at least one sample")
     return {name: total / count for name, total in totals.items()}
 
 
@@ -228,7 +252,7 @@ def ewc_penalty(
     Args:
         model: the student; a DistributedDataParallel / DataParallel wrapper is unwrapped, so
             names are matched without the "module." prefix.
-        fisher: parameter name -> `F_p`, shaped like the anchor (from `fisher_diagonal`).
+        fisher: parameter name -> `F_p`, shaped like the anchor (from `empirical_fisher`).
         anchor: parameter name -> `theta*_p`, the parameter after the previous task.
 
     Returns:

@@ -1,174 +1,179 @@
 """Feature estimation for incremental retrieval without keeping every old model (thesis ch. 6).
 
-Our specification, completing what the paper's released code leaves unfinished: only the
-penultimate model is kept. When task k finishes, the drift of the embeddings from model k-1 to
-model k on task k's data is summarised per dimension by the low and high quantiles of the
-relative change (`DriftStatistics`, a few KB stored with the checkpoint). At task t the
-features of each older model j < t-1 are estimated from the penultimate model's features,
-`f_hat_j = f_{t-1} + s * (u ⊙ f_{t-1})` with `u ~ U(low_j, high_j)` element-wise
-(`estimate_features`), and correlations are distilled from each estimate with descending
-importance (`descending_weights`).
+Our specification (METHODS.md ch. 6, revised), completing what the paper's released code leaves
+unfinished: only the penultimate model is kept. When task k finishes, a sample of task k's
+training images is embedded with model k-1 (the teacher of task k) and with model k, and a
+per-dimension least-squares **backward** affine map `f_{k-1} ≈ a_k ⊙ f_k + b_k` is fitted,
+with its residual standard deviation `sigma_k` (`BackwardMap`, 3 x D floats, `fit_backward_map`).
+At task t the penultimate model is model t-1; each older model's features are estimated by
+chaining the backward maps from it,
+
+    f_hat_{t-2} = a_{t-1} ⊙ f_{t-1} + b_{t-1} + s * sigma_{t-1} ⊙ eps
+    f_hat_j     = a_{j+1} ⊙ f_hat_{j+1} + b_{j+1} + s * sigma_{j+1} ⊙ eps,   eps ~ N(0, I)
+
+(`estimate_older_features`; s = 0 gives the mean estimate), so uncertainty grows along the
+chain. Correlations are distilled from each estimate with descending importance
+(`descending_weights`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+_KEYS = ("scale", "shift", "residual_std")
+
 
 @dataclass(frozen=True)
-class DriftStatistics:
-    """Per-dimension bounds of the relative change of the embeddings between two models.
+class BackwardMap:
+    """The per-dimension affine map from model k's features back to model k-1's: `a ⊙ f + b`, residual sigma.
 
     Attributes:
-        low: `[D]` float32, the low quantile of `(f_new - f_old) / |f_old|` per dimension.
-        high: `[D]` float32, the high quantile; `low <= high` element-wise, all finite.
+        scale: `[D]` float32, a_k.
+        shift: `[D]` float32, b_k.
+        residual_std: `[D]` float32, sigma_k >= 0, the standard deviation of the fit's residual.
     """
 
-    low: np.ndarray
-    high: np.ndarray
+    scale: np.ndarray
+    shift: np.ndarray
+    residual_std: np.ndarray
 
     def __post_init__(self) -> None:
-        low = np.asarray(self.low, dtype=np.float32)
-        high = np.asarray(self.high, dtype=np.float32)
-        if low.ndim != 1 or high.ndim != 1 or low.shape != high.shape:
-            raise ValueError(
-                f"drift statistics need low and high of the same length [D], got shapes {list(low.shape)} "
-                f"and {list(high.shape)}"
-            )
-        if not (np.isfinite(low).all() and np.isfinite(high).all()):
-            raise ValueError("drift statistics must be finite; low or high holds NaN or infinity")
-        above = np.flatnonzero(low > high)
-        if above.size:
-            first = int(above[0])
-            raise ValueError(
-                f"drift statistics need low <= high, but {above.size} dimensions break it, the first "
-                f"being {first} (low {low[first]}, high {high[first]})"
-            )
+        arrays = {key: np.asarray(getattr(self, key), dtype=np.float32) for key in _KEYS}
+        shapes = {key: list(array.shape) for key, array in arrays.items()}
+        if any(array.ndim != 1 for array in arrays.values()) or len({tuple(s) for s in shapes.values()}) != 1:
+            raise ValueError(f"a backward map needs scale, shift and residual_std of the same length [D], got {shapes}")
+        for key, array in arrays.items():
+            if not np.isfinite(array).all():
+                raise ValueError(f"a backward map must be finite; {key} holds NaN or infinity")
+        negative = np.flatnonzero(arrays["residual_std"] < 0)
+        if negative.size:
+            raise ValueError(f"residual_std must be >= 0, but dimension {int(negative[0])} is negative")
         # Frozen: the normalised arrays are set once, here.
-        object.__setattr__(self, "low", low)
-        object.__setattr__(self, "high", high)
+        for key, array in arrays.items():
+            object.__setattr__(self, key, array)
 
     @property
     def dimension(self) -> int:
-        return int(self.low.shape[0])
+        return int(self.scale.shape[0])
 
     def to_dict(self) -> dict[str, list[float]]:
-        """A JSON-ready form: `{"low": [...], "high": [...]}`."""
-        return {"low": [float(value) for value in self.low], "high": [float(value) for value in self.high]}
+        """A JSON-ready form: `{"scale": [...], "shift": [...], "residual_std": [...]}`."""
+        return {key: [float(value) for value in getattr(self, key)] for key in _KEYS}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DriftStatistics:
+    def from_dict(cls, data: Mapping[str, Any]) -> BackwardMap:
         """Reads `to_dict`'s form back, checking it.
 
         Raises:
             ValueError: a missing or extra key, values that are not numbers, lengths that differ,
-                a non-finite value, or a dimension with low > high.
+                a non-finite value or a negative residual_std.
         """
         keys = set(data)
-        if keys != {"low", "high"}:
-            raise ValueError(f"drift statistics need exactly the keys ['high', 'low'], got {sorted(keys)}")
+        if keys != set(_KEYS):
+            raise ValueError(f"a backward map needs exactly the keys {sorted(_KEYS)}, got {sorted(keys)}")
         try:
-            low = np.asarray(data["low"], dtype=np.float32)
-            high = np.asarray(data["high"], dtype=np.float32)
+            arrays = {key: np.asarray(data[key], dtype=np.float32) for key in _KEYS}
         except (TypeError, ValueError) as error:
-            raise ValueError(f"drift statistics low and high must be lists of numbers: {error}") from error
-        return cls(low=low, high=high)
+            raise ValueError(
+                f"a backward map's scale, shift and residual_std must be lists of numbers: {error}"
+            ) from error
+        return cls(**arrays)
 
 
-def drift_statistics(
-    previous: np.ndarray,
-    current: np.ndarray,
-    *,
-    low_quantile: float = 0.05,
-    high_quantile: float = 0.95,
-    eps: float = 1e-3,
-) -> DriftStatistics:
-    """How the embeddings moved from one model to the next, as per-dimension quantiles.
+def fit_backward_map(previous: np.ndarray, current: np.ndarray, *, eps: float = 1e-12) -> BackwardMap:
+    """Per dimension, the least-squares fit `previous[:, d] ≈ a_d * current[:, d] + b_d` and its residual std.
 
-    The relative change of each element is `(current - previous) / max(|previous|, eps)`; `eps`
-    keeps elements near 0 from dominating. Quantiles use NumPy's default (linear) interpolation.
+    `a_d = cov(current_d, previous_d) / var(current_d)`, `b_d = mean(previous_d) - a_d mean(current_d)`;
+    a dimension whose `current` is constant (variance <= eps) gets `a_d = 0`, `b_d = mean(previous_d)`.
+    `sigma_d` is the root mean square of the residual `previous_d - a_d current_d - b_d`.
 
     Args:
-        previous: `[N, D]` model k-1's embeddings of task k's images.
+        previous: `[N, D]` model k-1's embeddings of task k's images (the target of the map).
         current: `[N, D]` model k's embeddings of the same images, same order.
-        low_quantile: the lower quantile, in [0, 1].
-        high_quantile: the upper quantile, in [low_quantile, 1].
-        eps: floor of the denominator, > 0.
-
-    Returns:
-        The `[D]` low and high quantiles.
+        eps: variance under which a dimension counts as constant, >= 0.
 
     Raises:
-        ValueError: shapes that differ or are not `[N, D]` with N >= 1, non-finite embeddings,
-            or bad quantiles / `eps`.
+        ValueError: shapes that differ or are not `[N, D]` with N >= 2, or non-finite embeddings.
 
-    >>> stats = drift_statistics(np.array([[1.0, 2.0], [2.0, -1.0]]), np.array([[1.5, 2.0], [1.0, -2.0]]),
-    ...                          low_quantile=0.0, high_quantile=1.0)
-    >>> stats.low.tolist(), stats.high.tolist()
-    ([-0.5, -1.0], [0.5, 0.0])
+    >>> fitted = fit_backward_map(np.array([[1.0], [3.0], [5.0]]), np.array([[0.0], [1.0], [2.0]]))
+    >>> fitted.scale.tolist(), fitted.shift.tolist(), fitted.residual_std.tolist()
+    ([2.0], [1.0], [0.0])
     """
-    before = np.asarray(previous, dtype=np.float64)
-    after = np.asarray(current, dtype=np.float64)
-    if before.ndim != 2 or before.shape != after.shape or len(before) == 0:
+    target = np.asarray(previous, dtype=np.float64)
+    source = np.asarray(current, dtype=np.float64)
+    if target.ndim != 2 or target.shape != source.shape or len(target) < 2:
         raise ValueError(
-            f"previous {list(before.shape)} and current {list(after.shape)} must be [N, D] embeddings of the "
-            "same N >= 1 images"
+            f"previous {list(target.shape)} and current {list(source.shape)} must be [N, D] embeddings of the "
+            "same N >= 2 images"
         )
-    if not (np.isfinite(before).all() and np.isfinite(after).all()):
+    if not (np.isfinite(target).all() and np.isfinite(source).all()):
         raise ValueError("previous and current embeddings must be finite; one holds NaN or infinity")
-    if not 0.0 <= low_quantile <= high_quantile <= 1.0:
-        raise ValueError(
-            f"need 0 <= low_quantile <= high_quantile <= 1, got low_quantile={low_quantile}, "
-            f"high_quantile={high_quantile}"
-        )
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    relative = (after - before) / np.maximum(np.abs(before), eps)
-    low, high = np.quantile(relative, [low_quantile, high_quantile], axis=0)
-    return DriftStatistics(low=low.astype(np.float32), high=high.astype(np.float32))
+    source_mean, target_mean = source.mean(axis=0), target.mean(axis=0)
+    centred_source, centred_target = source - source_mean, target - target_mean
+    variance = (centred_source**2).mean(axis=0)
+    covariance = (centred_source * centred_target).mean(axis=0)
+    constant = variance <= eps
+    scale = np.where(constant, 0.0, covariance / np.where(constant, 1.0, variance))
+    shift = target_mean - scale * source_mean
+    residual = target - (scale * source + shift)
+    residual_std = np.sqrt((residual**2).mean(axis=0))
+    return BackwardMap(
+        scale=scale.astype(np.float32), shift=shift.astype(np.float32), residual_std=residual_std.astype(np.float32)
+    )
 
 
-def estimate_features(
+def estimate_older_features(
     features: torch.Tensor,
-    stats: DriftStatistics,
+    maps: Sequence[BackwardMap],
     *,
-    scale: float = 1.0,
+    noise_scale: float = 1.0,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """An older model's features estimated from the penultimate model's: `f + s * (u ⊙ f)`.
+) -> list[torch.Tensor]:
+    """The older models' features estimated from the penultimate model's by chaining backward maps.
 
-    `u ~ U(low, high)` is drawn element-wise, so each element of the estimate lies between
-    `f + s*low*f` and `f + s*high*f` (in either order, by the sign of `f * s`). The estimate is a
-    teacher, hence detached.
+    `maps[0]` maps the penultimate model's features one model back, `maps[1]` that estimate one
+    further back, and so on: `f_hat = a ⊙ f + b + s * sigma ⊙ eps` at each step, each step from
+    the previous (noisy) estimate. The estimates are teachers, hence detached.
 
     Args:
         features: `[B, D]` the penultimate model's features of the batch.
-        stats: the drift recorded between the older model and its successor, of dimension D.
-        scale: `s`, how much of the recorded drift to apply (1 in the thesis).
-        generator: the random source; drawn on its own device and moved to the features'.
+        maps: the backward maps, newest first (at task t: the maps of tasks t-1, t-2, ..., 1).
+        noise_scale: `s`, the residual noise applied (1 in the thesis; 0 gives the mean estimate).
+        generator: the random source of `eps`; drawn on its own device and moved to the features'.
 
     Returns:
-        `[B, D]` estimates, same device and dtype as `features`, detached.
+        One `[B, D]` estimate per map, newest first (of models t-2, t-3, ..., 0), same device
+        and dtype as `features`.
 
     Raises:
-        ValueError: `features` is not `[B, D]` with the statistics' D.
+        ValueError: `features` is not `[B, D]` with every map's D, or `noise_scale` < 0.
     """
-    if features.dim() != 2 or features.shape[1] != stats.dimension:
-        raise ValueError(
-            f"features must be [B, {stats.dimension}] to match the drift statistics, got {list(features.shape)}"
+    if noise_scale < 0:
+        raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
+    for position, backward in enumerate(maps):
+        if features.dim() != 2 or features.shape[1] != backward.dimension:
+            raise ValueError(
+                f"features must be [B, {backward.dimension}] to match backward map {position}, got "
+                f"{list(features.shape)}"
+            )
+    estimate = features.detach()
+    estimates = []
+    for backward in maps:
+        scale, shift, sigma = (
+            torch.from_numpy(getattr(backward, key)).to(device=estimate.device, dtype=estimate.dtype) for key in _KEYS
         )
-    source = features.detach()
-    device = generator.device if generator is not None else source.device
-    uniform = torch.rand(source.shape, generator=generator, device=device, dtype=torch.float32)
-    low = torch.from_numpy(stats.low).to(device)
-    high = torch.from_numpy(stats.high).to(device)
-    drift = (low + (high - low) * uniform).to(device=source.device, dtype=source.dtype)
-    return source + scale * (drift * source)
+        estimate = scale * estimate + shift
+        if noise_scale:
+            device = generator.device if generator is not None else estimate.device
+            noise = torch.randn(estimate.shape, generator=generator, device=device, dtype=torch.float32)
+            estimate = estimate + noise_scale * sigma * noise.to(device=estimate.device, dtype=estimate.dtype)
+        estimates.append(estimate)
+    return estimates
 
 
 def descending_weights(count: int, *, gamma: float = 0.5) -> list[float]:

@@ -7,13 +7,15 @@ method keeps only what it needs:
 - `incremental_finetune` (lower bound): nothing; fine-tunes the previous model on new data.
 - `incremental_joint` (upper bound): nothing; trains on the images of every task so far.
 - `lwf`: the previous model, for KD on the old classes' probabilities.
-- `ewc`: each finished task's diagonal Fisher and weights (a penalty per old task).
+- `ewc`: each finished task's diagonal empirical Fisher (per-sample gradients) and weights (a
+  penalty per old task).
 - `incremental_kd_mmd` (ch. 5): the previous model, for KD and multi-kernel MMD.
-- `feature_estimation` (ch. 6): the penultimate model, plus a few KB of drift statistics per
-  older task to estimate the older models' features.
+- `feature_estimation` (ch. 6): the penultimate model, plus per finished task a backward affine
+  map (3 x D floats) to estimate the older models' features.
 - `dual_distillation` (ch. 7): the previous model (old teacher), a specialist fine-tuned on the
-  new task (new teacher, trained first as its own phase), and replay images synthesised from
-  the old teacher's BatchNorm statistics.
+  new task (new teacher, trained first as its own phase), each class's mean embedding, and
+  replay images synthesised from the old teacher's BatchNorm statistics (aimed at the class
+  means, or at the head when cross-entropy trained it).
 
 Every method trains on a task's new images with a metric loss plus cross-entropy of the
 cosine classifier over the task's classes (joint: over all classes so far), and adds its own
@@ -24,7 +26,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -43,23 +46,24 @@ from retrieval.config import (
     LwfSpec,
 )
 from retrieval.data.base import ImageDataset, concatenate_datasets
+from retrieval.evaluation.runs import embed_dataset, score_embeddings
 from retrieval.losses.distillation import (
     correlation_distillation,
+    empirical_fisher,
     ewc_penalty,
-    fisher_diagonal,
     knowledge_distillation,
     multi_kernel_mmd,
 )
 from retrieval.losses.feature_estimation import (
-    DriftStatistics,
+    BackwardMap,
     descending_weights,
-    drift_statistics,
-    estimate_features,
+    estimate_older_features,
+    fit_backward_map,
 )
 from retrieval.losses.metric import MetricLoss
 from retrieval.methods.base import RetrievalMethod
 from retrieval.models.incremental import IncrementalNetwork
-from retrieval.models.inversion import synthesize_images
+from retrieval.models.inversion import class_mean_logits, synthesize_images
 
 if TYPE_CHECKING:
     from retrieval.data.tasks import TaskData
@@ -78,20 +82,23 @@ class TaskCarry:
         classes: that task's class ids (the sequence's numbering, contiguous).
         previous_state: the model's state after task `task - 1` (None for the first task).
         fisher: per finished task, EWC's diagonal Fisher and the weights it is anchored at.
-        drift: per finished task k >= 1, the drift statistics between models k-1 and k.
+        drift: ch. 6, per finished task k >= 1, the backward map from model k's features to model k-1's.
         specialist_state: ch. 7, the new teacher fine-tuned on this task (None until its phase ran).
         replay_images: ch. 7, images `[R, 3, S, S]` synthesised from the old teachers.
         replay_labels: `[R]` the classes they were synthesised for.
+        class_means: ch. 7, `[C, D]` the mean embedding of each class learnt so far (row c: class
+            c), by the model after that class's task: what synthesis aims at without a trained head.
     """
 
     task: int
     classes: tuple[int, ...]
     previous_state: dict[str, torch.Tensor] | None = None
     fisher: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = field(default_factory=list)
-    drift: dict[int, DriftStatistics] = field(default_factory=dict)
+    drift: dict[int, BackwardMap] = field(default_factory=dict)
     specialist_state: dict[str, torch.Tensor] | None = None
     replay_images: torch.Tensor | None = None
     replay_labels: torch.Tensor | None = None
+    class_means: torch.Tensor | None = None
 
     @property
     def old_classes(self) -> int:
@@ -167,6 +174,23 @@ class IncrementalMethod(RetrievalMethod):
     def phases(self, task: int) -> list[Phase]:
         """The training runs of a task, in order (ch. 7 trains its specialist first)."""
         return ["student"]
+
+    def score_task(
+        self, model: nn.Module, task_data: TaskData, *, ks: Sequence[int], batch_size: int
+    ) -> dict[str, float]:
+        """Recall@K and mAP@R of `model` on a task's test split (query and gallery, self-matches removed).
+
+        The runner scores the student on every task so far with it, and ch. 7's specialist on its
+        own task (the model trained on that task alone, which the student is compared with).
+        """
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                vectors = embed_dataset(lambda images: self.embed(model, images), task_data.test, batch_size=batch_size)
+        finally:
+            model.train(training)
+        return score_embeddings(vectors, task_data.test.labels, ks=ks)
 
     def needs_teacher(self, phase: Phase) -> bool:
         """Whether `phase` distils from the frozen previous model (only then is one built)."""
@@ -316,15 +340,16 @@ class ElasticWeightConsolidation(IncrementalMethod):
     ) -> TaskCarry:
         settings = self.spec.method
         assert isinstance(settings, EwcSpec)
-        loss = self.build_loss().to(device)
-        self.carry = carry
-        self.phase = "student"
+        first, seen = task_data.classes[0], task_data.classes[-1] + 1
 
-        def objective(network: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            terms, _, _ = self.base_terms(model=network, loss=loss, images=images, labels=labels)
-            return terms["loss"]
+        def log_likelihood(outputs: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+            # log p(y|x) of the softmax the task's cross-entropy trained: over this task's classes.
+            _, logits = outputs
+            log_probs = F.log_softmax(logits[:, first:seen], dim=1)
+            return log_probs.gather(1, (labels - first).unsqueeze(1)).squeeze(1)
 
-        fisher = fisher_diagonal(model, _task_batches(task_data, settings.fisher_batches, self.spec, device), objective)
+        batches = _sample_batches(task_data, settings.fisher_samples, self.spec, device, salt=1)
+        fisher = empirical_fisher(model, batches, log_likelihood, max_samples=settings.fisher_samples)
         anchor = {name: parameter.detach().clone() for name, parameter in model.named_parameters() if name in fisher}
         following = super().finish_task(model=model, carry=carry, task_data=task_data, device=device)
         following.fisher = [
@@ -371,10 +396,19 @@ class FeatureEstimation(IncrementalMethod):
         super().begin_task(model=model, carry=carry, phase=phase, device=device)
         settings = self.spec.method
         assert isinstance(settings, FeatureEstimationSpec)
-        # Older models j = 0..task-2 are estimated with the drift recorded when task j+1 finished.
-        older = [carry.drift[j + 1] for j in range(carry.task - 1) if j + 1 in carry.drift]
-        self._older = older
-        self._older_weights = descending_weights(len(older), gamma=settings.estimation_gamma)
+        # At task t the penultimate model is t-1; the maps of tasks t-1, ..., 1 lead back to models t-2, ..., 0.
+        missing = [k for k in range(1, carry.task) if k not in carry.drift]
+        if missing:
+            raise ValueError(f"task {carry.task} needs the backward maps of tasks {missing}, which the carry lacks")
+        stale = [k for k in range(1, carry.task) if not isinstance(carry.drift[k], BackwardMap)]
+        if stale:
+            raise ValueError(
+                f"the carry holds {type(carry.drift[stale[0]]).__name__} for tasks {stale}, not backward maps: it "
+                "was saved by the first version of ch. 6 (drift quantiles); train the sequence again from task 0"
+            )
+        self._maps = [carry.drift[k] for k in range(carry.task - 1, 0, -1)]
+        # descending_weights is oldest first; the estimates come newest first.
+        self._older_weights = descending_weights(len(self._maps), gamma=settings.estimation_gamma)[::-1]
         self._generator = torch.Generator(device="cpu").manual_seed(self.spec.train.seed + carry.task)
 
     def training_step(
@@ -388,12 +422,12 @@ class FeatureEstimation(IncrementalMethod):
             teacher_embeddings, _ = self._teacher_outputs(images)
             terms["corr"] = correlation_distillation(embeddings, teacher_embeddings, temperature=temperature)
             distilled = terms["corr"]
-            if self._older:
+            if self._maps:
+                estimates = estimate_older_features(
+                    teacher_embeddings, self._maps, noise_scale=settings.estimation_scale, generator=self._generator
+                )
                 estimated = torch.zeros((), device=images.device)
-                for weight, stats in zip(self._older_weights, self._older, strict=True):
-                    older_features = estimate_features(
-                        teacher_embeddings, stats, scale=settings.estimation_scale, generator=self._generator
-                    )
+                for weight, older_features in zip(self._older_weights, estimates, strict=True):
                     estimated = estimated + weight * correlation_distillation(
                         embeddings, older_features, temperature=temperature
                     )
@@ -405,6 +439,7 @@ class FeatureEstimation(IncrementalMethod):
     def finish_task(
         self, *, model: nn.Module, carry: TaskCarry, task_data: TaskData, device: torch.device
     ) -> TaskCarry:
+        """Also fits the backward map from this task's model to the previous one on this task's images."""
         following = super().finish_task(model=model, carry=carry, task_data=task_data, device=device)
         if carry.previous_state is None:
             return following
@@ -413,22 +448,48 @@ class FeatureEstimation(IncrementalMethod):
         previous = _frozen(self.build_model())
         previous.load_state_dict(carry.previous_state)
         previous.to(device)
-        was_training = model.training
-        model.eval()
-        before, after = [], []
-        with torch.no_grad():
-            for images, _ in _task_batches(task_data, None, self.spec, device, augment=False):
-                before.append(network(previous).embedding(images).cpu().numpy())
-                after.append(network(model).embedding(images).cpu().numpy())
-        model.train(was_training)
-        stats = drift_statistics(
-            np.concatenate(before),
-            np.concatenate(after),
-            low_quantile=settings.drift_low_quantile,
-            high_quantile=settings.drift_high_quantile,
+        before, after = _paired_embeddings(
+            previous, model, task_data, limit=settings.estimation_samples, spec=self.spec, device=device
         )
-        following.drift = {**carry.drift, carry.task: stats}
+        following.drift = {**carry.drift, carry.task: fit_backward_map(before, after)}
         return following
+
+
+def _sample_batches(
+    task_data: TaskData, limit: int, spec: JobSpec, device: torch.device, *, salt: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches `(images, labels)` of a seeded random sample of up to `limit` of a finished task's training images.
+
+    The images take the test transform (no augmentation): what the models are measured on.
+    """
+    dataset = task_data.train.with_transform(task_data.test.transform)
+    generator = torch.Generator().manual_seed(spec.train.seed + 104729 * task_data.index + 7 * salt)
+    chosen = torch.randperm(len(dataset), generator=generator)[:limit].sort().values.tolist()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, chosen), batch_size=spec.train.classes_per_batch * spec.train.samples_per_class
+    )
+    for images, labels, _ in loader:
+        yield images.to(device), labels.to(device)
+
+
+def _paired_embeddings(
+    older: nn.Module, newer: nn.Module, task_data: TaskData, *, limit: int, spec: JobSpec, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """`[N, D]` embeddings by two models (eval mode) of a seeded random sample of up to `limit` training images."""
+    modes = [(model, model.training) for model in (older, newer)]
+    before: list[np.ndarray] = []
+    after: list[np.ndarray] = []
+    try:
+        older.eval()
+        newer.eval()
+        with torch.no_grad():
+            for images, _ in _sample_batches(task_data, limit, spec, device):
+                before.append(network(older).embedding(images).cpu().numpy())
+                after.append(network(newer).embedding(images).cpu().numpy())
+    finally:
+        for model, training in modes:
+            model.train(training)
+    return np.concatenate(before), np.concatenate(after)
 
 
 class DualDistillation(IncrementalMethod):
@@ -466,15 +527,12 @@ class DualDistillation(IncrementalMethod):
         self, *, model: nn.Module, loss: nn.Module, images: torch.Tensor, labels: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         replay = None if self.phase == "specialist" or self.teacher is None else self._replay_batch(images.shape[0])
-        if replay is None:
-            terms, embeddings, _ = self.base_terms(model=model, loss=loss, images=images, labels=labels)
-        else:
-            # One forward over new and replay images: DDP expects one forward per backward.
-            all_embeddings, all_logits = model(torch.cat([images, replay]))
-            embeddings, student_replay = all_embeddings[: len(images)], all_embeddings[len(images) :]
-            terms = dict(loss(embeddings, labels))
-            terms["ce"] = self._ce(all_logits[: len(images)], labels)
-            terms["loss"] = self.settings.metric_weight * terms["metric"] + self.settings.ce_weight * terms["ce"]
+        terms, embeddings, _ = self.base_terms(model=model, loss=loss, images=images, labels=labels)
+        if replay is not None:
+            # A forward pass of its own, BatchNorm on running statistics: the student's batch
+            # statistics and running statistics stay those of the real images.
+            with batch_norm_in_eval(model):
+                student_replay, _ = model(replay)
         if self.phase == "specialist" or self.teacher is None:
             return terms
         settings = self.spec.method
@@ -501,20 +559,49 @@ class DualDistillation(IncrementalMethod):
     def finish_task(
         self, *, model: nn.Module, carry: TaskCarry, task_data: TaskData, device: torch.device
     ) -> TaskCarry:
-        """Synthesise replay images of this task's classes from the trained model (the next old teacher)."""
+        """Synthesise replay images of this task's classes from the trained model (the next old teacher).
+
+        Also keeps each of this task's classes' mean embedding. The synthesis class term aims at
+        the model's classifier head only when cross-entropy trained it; otherwise at the class
+        means (a softmax over cosine similarities to every class mean so far).
+        """
         following = super().finish_task(model=model, carry=carry, task_data=task_data, device=device)
         settings = self.spec.method
         assert isinstance(settings, DualDistillationSpec)
         synthesis = settings.synthesis
+        means = _class_means(model, task_data, spec=self.spec, device=device)
+        class_means = means if carry.class_means is None else torch.cat([carry.class_means, means])
+        if class_means.shape[0] != task_data.classes[-1] + 1:
+            raise ValueError(
+                f"the carry holds the means of {class_means.shape[0] - len(means)} classes before task "
+                f"{task_data.index}, whose first class is {task_data.classes[0]}: it was saved without class means "
+                "(before issue 17); train the sequence again from task 0"
+            )
+        following.class_means = class_means
         targets = torch.tensor(
             [class_id for class_id in task_data.classes for _ in range(synthesis.images_per_class)], dtype=torch.int64
         )
         teacher = network(copy.deepcopy(model).to(device))
+        seen = task_data.classes[-1] + 1
+        logits_fn: Callable[[torch.Tensor], torch.Tensor]
+        if settings.synthesis_target == "head":
+
+            def logits_fn(batch: torch.Tensor) -> torch.Tensor:
+                logits: torch.Tensor = teacher(batch)[1][:, :seen]
+                return logits
+
+        else:
+            bank = class_means.to(device)
+
+            def logits_fn(batch: torch.Tensor) -> torch.Tensor:
+                return class_mean_logits(teacher(batch)[0], bank, temperature=synthesis.class_temperature)
+
+        image_size = self.spec.dataset.image_size
         images = synthesize_images(
             teacher,
-            lambda batch: teacher(batch)[1],
+            logits_fn,
             targets=targets.to(device),
-            image_size=self.spec.dataset.image_size,
+            image_size=image_size,
             iterations=synthesis.iterations,
             lr=synthesis.lr,
             first_bn_multiplier=synthesis.first_bn_multiplier,
@@ -522,6 +609,8 @@ class DualDistillation(IncrementalMethod):
             ce_weight=synthesis.ce_weight,
             tv_weight=synthesis.tv_weight,
             l2_weight=synthesis.l2_weight,
+            jitter=round(synthesis.jitter * image_size),
+            flip=synthesis.flip,
             batch_size=synthesis.batch_size,
             seed=self.spec.train.seed + carry.task,
             device=device,
@@ -536,20 +625,37 @@ class DualDistillation(IncrementalMethod):
         return following
 
 
-def _task_batches(
-    task_data: TaskData,
-    limit: int | None,
-    spec: JobSpec,
-    device: torch.device,
-    *,
-    augment: bool = True,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches `(images [B, 3, S, S], labels [B])` of a finished task's training images, in order."""
-    dataset = task_data.train if augment else task_data.train.with_transform(task_data.test.transform)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=spec.train.classes_per_batch * spec.train.samples_per_class
-    )
-    for position, (images, labels, _) in enumerate(loader):
-        if limit is not None and position >= limit:
-            return
-        yield images.to(device), labels.to(device)
+@contextmanager
+def batch_norm_in_eval(model: nn.Module) -> Iterator[None]:
+    """Every BatchNorm layer of `model` in eval mode (running statistics used, not updated) inside the block."""
+    layers = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    modes = [layer.training for layer in layers]
+    try:
+        for layer in layers:
+            layer.eval()
+        yield
+    finally:
+        for layer, training in zip(layers, modes, strict=True):
+            layer.train(training)
+
+
+def _class_means(model: nn.Module, task_data: TaskData, *, spec: JobSpec, device: torch.device) -> torch.Tensor:
+    """`[C_task, D]` the mean embedding of each of the task's classes over its training images, in class order."""
+    training = model.training
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+    try:
+        model.eval()
+        with torch.no_grad():
+            for images, labels in _sample_batches(task_data, len(task_data.train), spec, device):
+                embeddings = network(model).embedding(images).cpu()
+                for label in labels.unique().tolist():
+                    chosen = embeddings[labels.cpu() == label]
+                    sums[label] = sums.get(label, torch.zeros(embeddings.shape[1])) + chosen.sum(dim=0)
+                    counts[label] = counts.get(label, 0) + len(chosen)
+    finally:
+        model.train(training)
+    missing = [class_id for class_id in task_data.classes if class_id not in counts]
+    if missing:
+        raise ValueError(f"task {task_data.index} has no training image of class(es) {missing}")
+    return torch.stack([sums[class_id] / counts[class_id] for class_id in task_data.classes])

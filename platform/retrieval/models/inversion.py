@@ -3,9 +3,13 @@
 DeepInversion (Yin et al., CVPR 2020): starting from noise, images are optimised so that,
 through the frozen teacher, every BatchNorm layer's batch mean and variance match the running
 statistics it kept from its training data, `R_bn = sum_l w_l (|mu_l(x) - mu_l_run|_2 +
-|var_l(x) - var_l_run|_2)` (the first layer weighted by `first_bn_multiplier`), plus
-cross-entropy towards target old classes and total-variation and L2 image priors. The images
-then serve as a tiny replay set of the old tasks for distillation.
+|var_l(x) - var_l_run|_2)` (the first layer weighted by `first_bn_multiplier`), plus a class
+term towards target old classes and total-variation and L2 image priors. The images then serve
+as a tiny replay set of the old tasks for distillation.
+
+The class term must aim at something trained: the teacher's classifier head when cross-entropy
+trained it, otherwise the old classes' mean embeddings (`class_mean_logits`: a softmax over
+cosine similarities to every old class mean, temperature 0.1).
 """
 
 from __future__ import annotations
@@ -154,6 +158,36 @@ def _restore(modes: dict[nn.Module, bool], grads: dict[nn.Parameter, bool]) -> N
         parameter.requires_grad_(requires_grad)
 
 
+def class_mean_logits(
+    embeddings: torch.Tensor, class_means: torch.Tensor, *, temperature: float = 0.1
+) -> torch.Tensor:
+    """`cos(f, m_c) / temperature` for every class mean `m_c`: logits whose cross-entropy towards
+    class c pulls an embedding to c's mean and away from the others'.
+
+    Args:
+        embeddings: `[B, D]`.
+        class_means: `[C, D]` the mean embedding of each class (need not be unit norm).
+        temperature: > 0; 0.1 as METHODS.md ch. 7 says.
+
+    Returns:
+        `[B, C]` logits, differentiable in `embeddings` (the means are constants).
+
+    Raises:
+        ValueError: shapes that are not `[B, D]` and `[C, D]`, or temperature <= 0.
+
+    >>> class_mean_logits(torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.0], [0.0, 3.0]]))
+    tensor([[10.,  0.]])
+    """
+    if embeddings.dim() != 2 or class_means.dim() != 2 or embeddings.shape[1] != class_means.shape[1]:
+        raise ValueError(
+            f"embeddings {list(embeddings.shape)} and class_means {list(class_means.shape)} must be [B, D] and [C, D]"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    means = F.normalize(class_means.detach().to(embeddings.dtype), dim=1)
+    return F.normalize(embeddings, dim=1) @ means.T / temperature
+
+
 def synthesize_images(
     teacher: nn.Module,
     logits_fn: Callable[[torch.Tensor], torch.Tensor] | None,
@@ -163,11 +197,11 @@ def synthesize_images(
     iterations: int = 2000,
     lr: float = 0.1,
     first_bn_multiplier: float = 10.0,
-    bn_weight: float = 1.0,
+    bn_weight: float = 0.05,
     ce_weight: float = 1.0,
     tv_weight: float = 1e-4,
     l2_weight: float = 1e-5,
-    jitter: int = 2,
+    jitter: int | None = None,
     flip: bool = True,
     batch_size: int = 64,
     seed: int = 0,
@@ -185,16 +219,20 @@ def synthesize_images(
         bn_weight * R_bn + ce_weight * CE(logits_fn(x'), targets) + tv_weight * TV(x')
         + l2_weight * mean_n |x'_n|_2
 
-    where `x'` is the images randomly rolled by up to `jitter` pixels each way and, with `flip`,
-    mirrored left-right with probability 1/2 at each step. The teacher is frozen (eval mode,
+    where `x'` is the images randomly rolled by up to `jitter` pixels each way (default 1/8 of the
+    image side) and, with `flip`, mirrored left-right with probability 1/2 at each step. The
+    default weights are DeepInversion's relative ones: class term 1, `R_bn` 0.05 (its range is
+    0.01-0.05), TV 1e-4, L2 1e-5, first BatchNorm layer x10. The teacher is frozen (eval mode,
     no parameter gradients) for the duration, and each module's mode and each parameter's
     `requires_grad` are restored afterwards.
 
     Args:
         teacher: the old model; its BatchNorm layers' running statistics are matched. Pass the
             whole model that `logits_fn` runs (not only its backbone) so that all of it is frozen.
-        logits_fn: `[n, C, S, S]` images -> `[n, classes]` logits over the old classes. It must run
-            the teacher (e.g. `lambda x: head(teacher(x))`), whose BatchNorm layers are hooked;
+        logits_fn: `[n, C, S, S]` images -> `[n, classes]` logits over the old classes, from
+            something trained: the teacher's head when cross-entropy trained it, else
+            `class_mean_logits` of its embeddings. It must run the teacher (e.g.
+            `lambda x: head(teacher(x))`), whose BatchNorm layers are hooked;
             any other module it uses should be frozen by the caller (its gradients would
             accumulate). None skips the cross-entropy and runs `teacher(x)` alone.
         targets: `[N]` int64 class of each image to synthesise.
@@ -203,7 +241,7 @@ def synthesize_images(
         lr: Adam's initial learning rate.
         first_bn_multiplier: weight of the first BatchNorm layer in `R_bn`.
         bn_weight, ce_weight, tv_weight, l2_weight: weights of the four terms above.
-        jitter: largest random roll in pixels (0: none).
+        jitter: largest random roll in pixels (0: none; None: `round(image_size / 8)`).
         flip: random horizontal flips.
         batch_size: images optimised together (BatchNorm statistics are over a batch).
         seed: the noise, jitter and flips are deterministic for a seed (on CPU; GPU kernels may
@@ -230,6 +268,8 @@ def synthesize_images(
     for name, value in (("image_size", image_size), ("iterations", iterations), ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if jitter is None:
+        jitter = round(image_size / 8)
     if jitter < 0:
         raise ValueError(f"jitter must be >= 0, got {jitter}")
     if (mean is None) != (std is None):

@@ -7,7 +7,9 @@ For each task k of `spec.incremental.tasks`:
    workers get a `TaskCarry` (weights and statistics of earlier tasks, never their images).
 2. evaluate the trained model on the test split of every task so far: a row of the task x task
    matrix (Recall@K, mAP@R), the forgetting of each old task; logged to MLflow with a heatmap,
-   a line plot per task and a markdown table.
+   a line plot per task and a markdown table. Ch. 7's specialist (the new teacher, trained on the
+   new task alone) is scored on the new task's test split too, logged beside the student as
+   `task<k>/specialist/<metric>` and `task<k>/student_minus_specialist/<metric>`.
 3. register the model version (alias `candidate`; `champion` when the job's gate holds on the
    mean over the tasks seen so far).
 4. with `incremental.index`, build a new version of the gallery index (test images of every
@@ -45,7 +47,7 @@ from retrieval.data.tasks import TaskData, build_task_sequence
 from retrieval.errors import ConfigError, IntegrityError
 from retrieval.evaluation.forgetting import as_matrix, forgetting, format_matrix, mean_forgetting
 from retrieval.evaluation.plots import image_grid_figure, task_lines_figure, task_matrix_figure
-from retrieval.evaluation.runs import embed_dataset, score_embeddings
+from retrieval.evaluation.runs import embed_dataset
 from retrieval.index.manifest import ModelRef, read_manifest
 from retrieval.index.shards import build_shards
 from retrieval.methods import build_method, save_model_package
@@ -73,6 +75,8 @@ class TaskOutcome:
     promoted: bool
     index_version: str | None = None
     swap: dict[str, Any] | None = None
+    #: Ch. 7: the specialist's scores on this task's test split (None for other methods and task 0).
+    specialist: dict[str, float] | None = None
 
     def seen_means(self) -> dict[str, float]:
         """Each metric's mean over the tasks seen so far (what the gate and a sweep look at)."""
@@ -87,6 +91,7 @@ class TaskOutcome:
             "promoted": self.promoted,
             "index_version": self.index_version,
             "swap": self.swap,
+            "specialist": self.specialist,
         }
 
     @classmethod
@@ -99,6 +104,7 @@ class TaskOutcome:
             promoted=bool(data["promoted"]),
             index_version=data.get("index_version"),
             swap=data.get("swap"),
+            specialist=None if data.get("specialist") is None else dict(data["specialist"]),
         )
 
 
@@ -267,6 +273,7 @@ def _run_tasks(
     for task in tasks[len(finished) :]:
         carry.task, carry.classes = task.index, task.classes
         state_dict = None
+        specialist: torch.nn.Module | None = None
         for phase in method.phases(task.index):
             epochs = _phase_epochs(spec, task.index, phase)
             logger.info("task %d/%d (%s), phase %s: %d epochs", task.index + 1, len(tasks), task.name, phase, epochs)
@@ -297,7 +304,7 @@ def _run_tasks(
         model.load_state_dict(state_dict)
         model.eval()
 
-        task_outcome = _evaluate(spec, method=method, model=model, tasks=tasks, task=task)
+        task_outcome = _evaluate(spec, method=method, model=model, tasks=tasks, task=task, specialist=specialist)
         outcome.tasks.append(task_outcome)
         _log_matrices(spec, outcome=outcome, run=run)
         task_outcome.model, task_outcome.promoted = _register(
@@ -344,16 +351,25 @@ def _phase_epochs(spec: JobSpec, task: int, phase: str) -> int:
 
 
 def _evaluate(
-    spec: JobSpec, *, method: IncrementalMethod, model: torch.nn.Module, tasks: Sequence[TaskData], task: TaskData
+    spec: JobSpec,
+    *,
+    method: IncrementalMethod,
+    model: torch.nn.Module,
+    tasks: Sequence[TaskData],
+    task: TaskData,
+    specialist: torch.nn.Module | None = None,
 ) -> TaskOutcome:
-    """Scores of the model on the test split of every task so far."""
-    embed = functools.partial(method.embed, model)
-    scores: dict[int, dict[str, float]] = {}
-    for seen in tasks[: task.index + 1]:
-        with torch.no_grad():
-            vectors = embed_dataset(embed, seen.test, batch_size=spec.train.embed_batch_size)
-        scores[seen.index] = score_embeddings(vectors, seen.test.labels, ks=spec.evaluation.recall_ks)
-    return TaskOutcome(task=task.index, name=task.name, scores=scores, model={}, promoted=False)
+    """Scores of the model on the test split of every task so far, and of ch. 7's specialist on its task."""
+    ks, batch_size = spec.evaluation.recall_ks, spec.train.embed_batch_size
+    scores = {
+        seen.index: method.score_task(model, seen, ks=ks, batch_size=batch_size) for seen in tasks[: task.index + 1]
+    }
+    specialist_scores = (
+        None if specialist is None else method.score_task(specialist, task, ks=ks, batch_size=batch_size)
+    )
+    return TaskOutcome(
+        task=task.index, name=task.name, scores=scores, model={}, promoted=False, specialist=specialist_scores
+    )
 
 
 def _log_matrices(spec: JobSpec, *, outcome: IncrementalOutcome, run: TrainingRun) -> None:
@@ -363,6 +379,12 @@ def _log_matrices(spec: JobSpec, *, outcome: IncrementalOutcome, run: TrainingRu
     for seen_index, values in last.scores.items():
         metrics.update({f"task{seen_index}/{key}": value for key, value in values.items()})
     metrics.update({f"seen_mean/{key}": value for key, value in last.seen_means().items()})
+    if last.specialist is not None:
+        # Beside the student's scores on the new task: the specialist's, and the student's lead over it.
+        student = last.scores[last.task]
+        for key, value in last.specialist.items():
+            metrics[f"task{last.task}/specialist/{key}"] = value
+            metrics[f"task{last.task}/student_minus_specialist/{key}"] = student[key] - value
     names = outcome.task_names
     first = f"recall@{spec.evaluation.recall_ks[0]}"
     matrix = outcome.matrix(first)
@@ -383,6 +405,16 @@ def _log_matrices(spec: JobSpec, *, outcome: IncrementalOutcome, run: TrainingRu
     figure = task_lines_figure(matrix, task_names=names, metric=first, title=f"{spec.name}: {first} of each task")
     run.log_figure(figure, "incremental/task_recall.png")
     plt.close(figure)
+    specialists = [
+        f"| {names[item.task]} | {item.scores[item.task][first]:.4f} | {item.specialist[first]:.4f} |"
+        for item in outcome.tasks
+        if item.specialist is not None
+    ]
+    if specialists:
+        tables.append(
+            f"New task, student vs specialist (trained on it alone), {first}:\n\n| task | student | specialist |\n"
+            "|---|---|---|\n" + "\n".join(specialists)
+        )
     run.client.log_text(run.run_id, "\n\n".join(tables) + "\n", "incremental/matrix.md")
     logger.info("after task %s:\n%s", last.name, format_matrix(matrix, task_names=names, metric=first))
 

@@ -34,7 +34,7 @@ def spec_for(method: str, tmp_path: Path, tracking: str, tasks: list[dict[str, A
     if method == "dual_distillation":
         settings["synthesis"] = {"iterations": 5, "images_per_class": 2, "batch_size": 8}
     if method == "ewc":
-        settings["fisher_batches"] = 2
+        settings["fisher_samples"] = 32
     return JobSpec.model_validate(
         {
             "name": f"it-{method.replace('_', '-')}",
@@ -177,4 +177,8 @@ def test_each_kind_of_carry_learns_a_second_task_with_two_workers(
         assert client.get_metric_history(outcome.run_id, "specialist/train/loss")
         artifacts = {item.path for item in client.list_artifacts(outcome.run_id, "incremental")}
         assert "incremental/replay_after_task0.png" in artifacts
+        # The specialist is scored on the new task beside the student.
+        specialist = client.get_metric_history(outcome.run_id, "task1/specialist/recall_at_1")
+        assert [point.step for point in specialist] == [1] and 0.0 <= specialist[0].value <= 1.0
+        assert outcome.tasks[1].specialist is not None and outcome.tasks[0].specialist is None
     assert [task.model["version"] for task in outcome.tasks] == ["1", "2"]

@@ -3,12 +3,13 @@
 References are written from the formulas in METHODS.md, one pair or one row at a time:
 KD and correlation distillation as `T^2 * mean_i sum_c p_ic (log p_ic - log q_ic)`, MMD as a
 double loop over pairs with the bandwidth rule (base = mean off-diagonal squared distance of the
-joint set, divided by multiplier^(kernels // 2)), Fisher as squared gradients of a hand-derived
-linear model, EWC as an explicit sum.
+joint set, divided by multiplier^(kernels // 2)), the Fisher as the mean of per-sample squared
+gradients from a plain loop (one backward per sample), EWC as an explicit sum.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from typing import cast
@@ -17,12 +18,13 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from retrieval.losses.distillation import (
     correlation_distillation,
+    empirical_fisher,
     ewc_penalty,
-    fisher_diagonal,
     knowledge_distillation,
     multi_kernel_mmd,
 )
@@ -176,63 +178,76 @@ def test_correlation_distillation_needs_the_same_images() -> None:
 # ---------------------------------------------------------------- Fisher and EWC
 
 
-class _TwoParameterModel(nn.Module):
-    """`y = w x + b` on scalars, so the gradients of a squared error are known by hand."""
+class _SmallConvClassifier(nn.Module):
+    """Conv + BatchNorm + dropout + linear: every part the Fisher pass must handle."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.tensor(0.5))
-        self.bias = nn.Parameter(torch.tensor(-0.25))
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = nn.BatchNorm2d(4)
         self.dropout = nn.Dropout(0.5)
+        self.head = nn.Linear(4, 3)
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.weight * inputs + self.bias)
-
-
-def _squared_error(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return ((model(inputs) - labels) ** 2).mean()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = torch.relu(self.norm(self.conv(images))).mean(dim=(2, 3))
+        return self.head(self.dropout(features))
 
 
-def test_fisher_diagonal_is_the_mean_squared_gradient_of_each_batch() -> None:
-    batches = [
-        (torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0])),
-        (torch.tensor([-1.0, 3.0, 0.5]), torch.tensor([2.0, 0.0, 1.0])),
-    ]
-    model = _TwoParameterModel()
+def _log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(logits, dim=1).gather(1, labels.unsqueeze(1)).squeeze(1)
+
+
+def test_the_empirical_fisher_is_the_mean_of_per_sample_squared_gradients() -> None:
+    torch.manual_seed(0)
+    model = _SmallConvClassifier()
+    with torch.no_grad():  # BatchNorm with running statistics of its own, as after training
+        model.norm.running_mean.uniform_(-0.5, 0.5)
+        model.norm.running_var.uniform_(0.5, 2.0)
     model.train()
     model.dropout.eval()  # a mixed state, which must come back as it was
-    fisher = fisher_diagonal(model, batches, _squared_error)
+    running = (model.norm.running_mean.clone(), model.norm.running_var.clone())
+    images, labels = torch.randn(10, 3, 6, 6), torch.randint(0, 3, (10,))
+    batches = [(images[:4], labels[:4]), (images[4:], labels[4:])]
+    fisher = empirical_fisher(model, batches, _log_likelihood, max_samples=7, chunk_size=3)
 
-    weight, bias = 0.5, -0.25
-    expected_weight, expected_bias = 0.0, 0.0
-    for inputs, labels in batches:
-        residuals = [weight * float(x) + bias - float(y) for x, y in zip(inputs, labels, strict=True)]
-        # d/dw mean (r^2) = mean(2 r x), d/db = mean(2 r); dropout is off (eval) while measuring.
-        grad_weight = sum(2 * r * float(x) for r, x in zip(residuals, inputs, strict=True)) / len(residuals)
-        grad_bias = sum(2 * r for r in residuals) / len(residuals)
-        expected_weight += grad_weight**2 / len(batches)
-        expected_bias += grad_bias**2 / len(batches)
+    # The reference: a plain loop, one backward per sample, eval mode, the first 7 samples.
+    reference = copy.deepcopy(model).eval()
+    expected = {name: torch.zeros_like(parameter) for name, parameter in reference.named_parameters()}
+    for index in range(7):
+        reference.zero_grad()
+        _log_likelihood(reference(images[index : index + 1]), labels[index : index + 1]).sum().backward()
+        for name, parameter in reference.named_parameters():
+            assert parameter.grad is not None
+            expected[name] += parameter.grad**2 / 7
+    assert set(fisher) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(fisher[name], value, rtol=1e-5, atol=1e-8)
+    assert not any(value.requires_grad for value in fisher.values())
+    # The squared gradient of a batch is about batch-size times smaller: not what EWC needs.
+    reference.zero_grad()
+    _log_likelihood(reference(images[:7]), labels[:7]).mean().backward()
+    assert reference.head.weight.grad is not None
+    assert float((reference.head.weight.grad**2).sum()) < 0.5 * float(fisher["head.weight"].sum())
+    # Modes and BatchNorm statistics as they were, and no gradient left on the model.
+    assert model.training and model.norm.training and not model.dropout.training
+    assert torch.equal(model.norm.running_mean, running[0]) and torch.equal(model.norm.running_var, running[1])
+    assert all(parameter.grad is None for parameter in model.parameters())
 
-    assert set(fisher) == {"weight", "bias"}
-    assert float(fisher["weight"]) == pytest.approx(expected_weight, rel=1e-6)
-    assert float(fisher["bias"]) == pytest.approx(expected_bias, rel=1e-6)
-    assert not fisher["weight"].requires_grad
-    assert model.training and not model.dropout.training
-    assert model.weight.grad is None and model.bias.grad is None
 
-
-def test_fisher_diagonal_skips_frozen_parameters_and_strips_the_wrapper_prefix() -> None:
-    model = _TwoParameterModel()
-    model.bias.requires_grad_(False)
+def test_the_empirical_fisher_skips_frozen_parameters_and_strips_the_wrapper_prefix() -> None:
+    torch.manual_seed(0)
+    model = _SmallConvClassifier()
+    model.conv.requires_grad_(False)
     wrapped = nn.DataParallel(model)  # on CPU a plain wrapper whose names start with "module."
-    fisher = fisher_diagonal(wrapped, [(torch.tensor([1.0]), torch.tensor([0.0]))], _squared_error)
-    assert list(fisher) == ["weight"]
-    assert float(fisher["weight"]) == pytest.approx((2 * 0.25 * 1.0) ** 2)
+    fisher = empirical_fisher(wrapped, [(torch.randn(2, 3, 6, 6), torch.tensor([0, 2]))], _log_likelihood)
+    assert sorted(fisher) == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
 
 
-def test_fisher_diagonal_needs_a_batch() -> None:
+def test_the_empirical_fisher_needs_a_sample() -> None:
     with pytest.raises(ValueError, match="batches is empty"):
-        fisher_diagonal(_TwoParameterModel(), [], _squared_error)
+        empirical_fisher(_SmallConvClassifier(), [], _log_likelihood)
+    with pytest.raises(ValueError, match="max_samples must be >= 1, got 0"):
+        empirical_fisher(_SmallConvClassifier(), [], _log_likelihood, max_samples=0)
 
 
 class _Classifier(nn.Module):
@@ -240,6 +255,9 @@ class _Classifier(nn.Module):
         super().__init__()
         self.body = nn.Linear(3, 2)
         self.head = nn.Linear(2, classes)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, self.head(self.body(inputs)))
 
 
 def test_ewc_penalty_is_the_fisher_weighted_squared_distance_over_the_old_rows_of_a_grown_head() -> None:
@@ -309,17 +327,11 @@ def test_fisher_and_ewc_see_through_distributed_data_parallel() -> None:
     wrapped = nn.parallel.DistributedDataParallel(model)
     assert next(name for name, _ in wrapped.named_parameters()).startswith("module.")
 
-    def objective(network: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        bare = cast(
-            _Classifier, network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
-        )
-        return nn.functional.cross_entropy(bare.head(bare.body(images)), labels)
-
     batches = [(torch.randn(4, 3, generator=torch.Generator().manual_seed(5)), torch.tensor([0, 1, 2, 0]))]
-    fisher = fisher_diagonal(wrapped, batches, objective)
+    fisher = empirical_fisher(wrapped, batches, _log_likelihood)
     assert fisher.keys() == dict(model.named_parameters()).keys()
     np.testing.assert_allclose(
-        fisher["head.bias"].numpy(), fisher_diagonal(model, batches, objective)["head.bias"].numpy(), rtol=1e-6
+        fisher["head.bias"].numpy(), empirical_fisher(model, batches, _log_likelihood)["head.bias"].numpy(), rtol=1e-6
     )
     anchor = {name: parameter.detach() - 0.5 for name, parameter in model.named_parameters()}
     expected = sum(float((importance * 0.25).sum()) for importance in fisher.values())

@@ -1,8 +1,8 @@
-"""Feature estimation (thesis ch. 6, our specification): drift statistics, estimates and weights.
+"""Feature estimation (thesis ch. 6, revised specification): backward maps, chained estimates, weights.
 
-Drift statistics are checked against `np.quantile` over a relative change computed element by
-element in a loop; estimates against their element-wise bounds `f + low*f .. f + high*f`; the
-descending weights against hand values.
+The backward map is checked against a plain per-dimension least-squares fit (`np.polyfit`); the
+chained estimate against features with a known exact per-dimension affine drift, which it must
+recover exactly with s = 0; the descending weights against hand values.
 """
 
 from __future__ import annotations
@@ -14,94 +14,118 @@ import pytest
 import torch
 
 from retrieval.losses.feature_estimation import (
-    DriftStatistics,
+    BackwardMap,
     descending_weights,
-    drift_statistics,
-    estimate_features,
+    estimate_older_features,
+    fit_backward_map,
 )
 
 
-def test_drift_statistics_are_quantiles_of_the_relative_change_per_dimension() -> None:
+def test_the_backward_map_is_the_per_dimension_least_squares_fit_and_its_residual_std() -> None:
     generator = np.random.default_rng(0)
-    previous = generator.normal(size=(50, 4))
-    previous[3, 1] = 1e-6  # the eps floor must apply here
-    current = previous * (1 + generator.normal(scale=0.2, size=previous.shape)) + 0.01
-    stats = drift_statistics(previous, current, low_quantile=0.1, high_quantile=0.9, eps=1e-3)
-
-    relative = np.empty_like(previous)
-    for row in range(previous.shape[0]):
-        for dim in range(previous.shape[1]):
-            denominator = max(abs(previous[row, dim]), 1e-3)
-            relative[row, dim] = (current[row, dim] - previous[row, dim]) / denominator
-    for dim in range(previous.shape[1]):
-        assert stats.low[dim] == pytest.approx(np.quantile(relative[:, dim], 0.1), rel=1e-6)
-        assert stats.high[dim] == pytest.approx(np.quantile(relative[:, dim], 0.9), rel=1e-6)
-    assert stats.low.dtype == np.float32 and stats.low.shape == (4,)
+    current = generator.normal(size=(200, 4))
+    previous = 0.7 * current + 0.1 + generator.normal(scale=0.05, size=current.shape)
+    fitted = fit_backward_map(previous, current)
+    for dim in range(4):
+        slope, intercept = np.polyfit(current[:, dim], previous[:, dim], deg=1)
+        residual = previous[:, dim] - (slope * current[:, dim] + intercept)
+        assert fitted.scale[dim] == pytest.approx(slope, rel=1e-5)
+        assert fitted.shift[dim] == pytest.approx(intercept, rel=1e-4, abs=1e-6)
+        assert fitted.residual_std[dim] == pytest.approx(np.sqrt(np.mean(residual**2)), rel=1e-4)
+    assert fitted.scale.dtype == np.float32 and fitted.scale.shape == (4,)
 
 
-def test_drift_statistics_reject_mismatched_embeddings_and_quantiles() -> None:
+def test_a_constant_dimension_maps_to_the_older_mean() -> None:
+    current = np.array([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0]])
+    previous = np.array([[2.0, 0.0], [4.0, 1.0], [6.0, 2.0]])
+    fitted = fit_backward_map(previous, current)
+    assert fitted.scale.tolist() == [0.0, 1.0] and fitted.shift.tolist() == [4.0, 0.0]
+
+
+def test_the_chained_estimate_recovers_older_features_under_an_exact_affine_drift() -> None:
+    """f_0 = a_1 ⊙ f_1 + b_1 and f_1 = a_2 ⊙ f_2 + b_2 exactly: from f_2 alone, s = 0 gives f_1 and f_0."""
+    generator = np.random.default_rng(1)
+    dim = 8
+    a1, b1 = generator.uniform(0.5, 1.5, dim) * generator.choice([-1, 1], dim), generator.normal(scale=0.3, size=dim)
+    a2, b2 = generator.uniform(0.5, 1.5, dim), generator.normal(scale=0.3, size=dim)
+
+    def models(count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        f2 = generator.normal(size=(count, dim))
+        f1 = a2 * f2 + b2
+        return a1 * f1 + b1, f1, f2
+
+    # Fitted on each task's own images (model k-1 and model k), applied to other images.
+    f0_fit, f1_fit, _ = models(300)
+    _, f1_fit2, f2_fit = models(300)
+    maps = [fit_backward_map(f1_fit2, f2_fit), fit_backward_map(f0_fit, f1_fit)]  # newest first
+    f0, f1, f2 = models(50)
+    estimates = estimate_older_features(torch.from_numpy(f2), maps, noise_scale=0.0)
+    assert len(estimates) == 2
+    np.testing.assert_allclose(estimates[0].numpy(), f1, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(estimates[1].numpy(), f0, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(maps[1].scale, a1, rtol=1e-5)
+    assert float(maps[0].residual_std.max()) < 1e-5
+
+
+def test_the_noise_is_the_residual_std_and_accumulates_along_the_chain() -> None:
+    dim = 3
+    maps = [
+        BackwardMap(scale=np.ones(dim), shift=np.zeros(dim), residual_std=np.array([0.1, 0.2, 0.0])),
+        BackwardMap(scale=np.ones(dim), shift=np.zeros(dim), residual_std=np.array([0.1, 0.2, 0.0])),
+    ]
+    features = torch.zeros(20000, dim, dtype=torch.float64, requires_grad=True)
+    estimates = estimate_older_features(features, maps, generator=torch.Generator().manual_seed(0))
+    assert all(not estimate.requires_grad and estimate.dtype == torch.float64 for estimate in estimates)
+    first, second = (estimate.std(dim=0).numpy() for estimate in estimates)
+    np.testing.assert_allclose(first, [0.1, 0.2, 0.0], atol=0.01)
+    # Independent noise per step: the variances add along the chain.
+    np.testing.assert_allclose(second, np.sqrt(2) * np.array([0.1, 0.2, 0.0]), atol=0.01)
+    again = estimate_older_features(features, maps, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again[1], estimates[1], rtol=0, atol=0)
+    halved = estimate_older_features(features, maps, noise_scale=0.5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(halved[0], estimates[0] / 2)
+
+
+def test_estimates_need_the_maps_dimension_and_a_non_negative_scale() -> None:
+    backward = BackwardMap(scale=np.ones(3), shift=np.zeros(3), residual_std=np.zeros(3))
+    with pytest.raises(ValueError, match=r"features must be \[B, 3\] to match backward map 0, got \[2, 4\]"):
+        estimate_older_features(torch.zeros(2, 4), [backward])
+    with pytest.raises(ValueError, match="noise_scale must be >= 0, got -1"):
+        estimate_older_features(torch.zeros(2, 3), [backward], noise_scale=-1)
+    assert estimate_older_features(torch.zeros(2, 3), []) == []
+
+
+def test_fit_backward_map_rejects_mismatched_embeddings() -> None:
     with pytest.raises(ValueError, match=r"previous \[3, 2\] and current \[3, 4\]"):
-        drift_statistics(np.zeros((3, 2)), np.zeros((3, 4)))
-    with pytest.raises(ValueError, match=r"low_quantile=0\.9, high_quantile=0\.1"):
-        drift_statistics(np.zeros((3, 2)), np.zeros((3, 2)), low_quantile=0.9, high_quantile=0.1)
+        fit_backward_map(np.zeros((3, 2)), np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="must be finite"):
+        fit_backward_map(np.full((3, 2), np.nan), np.zeros((3, 2)))
 
 
-def test_drift_statistics_round_trip_through_json() -> None:
-    stats = DriftStatistics(low=np.array([-0.25, 0.0]), high=np.array([0.5, 0.125]))
-    restored = DriftStatistics.from_dict(json.loads(json.dumps(stats.to_dict())))
-    np.testing.assert_array_equal(restored.low, stats.low)
-    np.testing.assert_array_equal(restored.high, stats.high)
-    assert stats.to_dict() == {"low": [-0.25, 0.0], "high": [0.5, 0.125]}
+def test_backward_maps_round_trip_through_json() -> None:
+    backward = BackwardMap(scale=np.array([0.5, -1.0]), shift=np.array([0.0, 0.25]), residual_std=np.array([0.125, 0]))
+    restored = BackwardMap.from_dict(json.loads(json.dumps(backward.to_dict())))
+    for key in ("scale", "shift", "residual_std"):
+        np.testing.assert_array_equal(getattr(restored, key), getattr(backward, key))
+    assert backward.to_dict() == {"scale": [0.5, -1.0], "shift": [0.0, 0.25], "residual_std": [0.125, 0.0]}
 
 
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"low": [0.0, 0.1], "high": [0.2]}, r"same length \[D\], got shapes \[2\] and \[1\]"),
-        ({"low": [0.0, 0.3], "high": [0.2, 0.2]}, "low <= high, but 1 dimensions break it, the first being 1"),
-        ({"low": [0.0, float("nan")], "high": [0.2, 0.2]}, "must be finite"),
+        ({"scale": [0.0, 0.1], "shift": [0.2], "residual_std": [0.0]}, r"same length \[D\]"),
+        ({"scale": [0.0], "shift": [0.2], "residual_std": [-0.1]}, "residual_std must be >= 0, but dimension 0"),
+        ({"scale": [float("nan")], "shift": [0.2], "residual_std": [0.1]}, "scale holds NaN"),
         (
-            {"low": [0.0], "high": [0.2], "gamma": 1},
-            r"exactly the keys \['high', 'low'\], got \['gamma', 'high', 'low'\]",
+            {"low": [0.0], "high": [0.2]},
+            r"exactly the keys \['residual_std', 'scale', 'shift'\], got \['high', 'low'\]",
         ),
-        ({"low": ["a"], "high": [0.2]}, "must be lists of numbers"),
+        ({"scale": ["a"], "shift": [0.2], "residual_std": [0.1]}, "must be lists of numbers"),
     ],
 )
-def test_drift_statistics_from_dict_names_the_problem(data: dict[str, object], message: str) -> None:
+def test_backward_map_from_dict_names_the_problem(data: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        DriftStatistics.from_dict(data)
-
-
-def test_estimated_features_lie_between_the_recorded_drift_bounds_whatever_the_sign() -> None:
-    features = torch.tensor([[1.0, -2.0, 0.5], [-0.5, 3.0, -1.0]], dtype=torch.float64, requires_grad=True)
-    stats = DriftStatistics(low=np.array([-0.2, 0.1, -0.5]), high=np.array([0.3, 0.4, -0.1]))
-    estimate = estimate_features(features, stats, generator=torch.Generator().manual_seed(0))
-    assert estimate.dtype == torch.float64 and not estimate.requires_grad
-
-    plain = features.detach().numpy()
-    low_end = plain + stats.low.astype(np.float64) * plain
-    high_end = plain + stats.high.astype(np.float64) * plain
-    lower, upper = np.minimum(low_end, high_end), np.maximum(low_end, high_end)
-    values = estimate.numpy()
-    assert np.all(values >= lower - 1e-7) and np.all(values <= upper + 1e-7)
-    assert not np.allclose(values, plain)
-
-
-def test_estimated_features_are_deterministic_for_a_seeded_generator_and_scale_the_drift() -> None:
-    features = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
-    stats = DriftStatistics(low=np.full(4, 0.1), high=np.full(4, 0.3))
-    first = estimate_features(features, stats, generator=torch.Generator().manual_seed(7))
-    second = estimate_features(features, stats, generator=torch.Generator().manual_seed(7))
-    torch.testing.assert_close(first, second, rtol=0, atol=0)
-    halved = estimate_features(features, stats, scale=0.5, generator=torch.Generator().manual_seed(7))
-    torch.testing.assert_close(halved - features, (first - features) / 2)
-    assert torch.equal(estimate_features(features, stats, scale=0.0), features)
-
-
-def test_estimate_features_needs_the_statistics_dimension() -> None:
-    stats = DriftStatistics(low=np.zeros(3), high=np.ones(3))
-    with pytest.raises(ValueError, match=r"features must be \[B, 3\] to match the drift statistics, got \[2, 4\]"):
-        estimate_features(torch.zeros(2, 4), stats)
+        BackwardMap.from_dict(data)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import torch
 
 from retrieval.config import JobSpec
 from retrieval.errors import ConfigError
-from retrieval.losses.feature_estimation import DriftStatistics
+from retrieval.losses.feature_estimation import BackwardMap
 from retrieval.methods.incremental import TaskCarry
 from retrieval.train.incremental import IncrementalOutcome, ProgressStore, TaskOutcome
 
@@ -47,7 +47,7 @@ def test_finished_tasks_and_their_carry_round_trip(tmp_path: Path) -> None:
         task=1,
         classes=(),
         previous_state={"weight": torch.arange(4.0)},
-        drift={1: DriftStatistics(low=np.zeros(3, np.float32), high=np.ones(3, np.float32))},
+        drift={1: BackwardMap(scale=np.ones(3), shift=np.zeros(3), residual_std=np.ones(3))},
     )
     store.save(outcome, carry)
 
@@ -55,7 +55,7 @@ def test_finished_tasks_and_their_carry_round_trip(tmp_path: Path) -> None:
     assert [item.to_json() for item in finished] == [outcome.tasks[0].to_json()]
     assert loaded is not None and loaded.task == 1
     assert torch.equal(loaded.previous_state["weight"], torch.arange(4.0))  # type: ignore[index]
-    assert loaded.drift[1].high.tolist() == [1.0, 1.0, 1.0]
+    assert loaded.drift[1].residual_std.tolist() == [1.0, 1.0, 1.0]
     summary = store.read_summary()
     assert summary is not None and summary["recall@1_matrix"] == [[0.9, None]]
     # Nothing half-written is left beside the files.
