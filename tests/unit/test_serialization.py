@@ -12,7 +12,7 @@ import torch
 
 from retrieval.config import OptimizerSpec
 from retrieval.errors import IntegrityError
-from retrieval.losses.feature_estimation import DriftStatistics
+from retrieval.losses.feature_estimation import BackwardMap
 from retrieval.methods.incremental import TaskCarry
 from retrieval.serialization import from_plain, load_state, to_plain
 from retrieval.train.worker import build_optimizer, build_scheduler
@@ -55,8 +55,13 @@ def test_the_checkpoint_a_worker_writes_loads_with_weights_only(tmp_path: Path, 
     scheduler.step()
     path = tmp_path / "state.pt"
     torch.save(
-        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-         "epoch": 1, "text_context": '{"vocab": ["a"]}'},
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": 1,
+            "text_context": '{"vocab": ["a"]}',
+        },
         path,
     )
     state = load_state(path)
@@ -74,7 +79,14 @@ def test_a_task_carry_round_trips_as_plain_state() -> None:
         classes=(4, 5),
         previous_state=weights,
         fisher=[({"layer.weight": torch.rand(3, 2)}, weights)],
-        drift={1: DriftStatistics(low=np.full(4, -0.1, np.float32), high=np.full(4, 0.2, np.float32))},
+        drift={
+            1: BackwardMap(
+                scale=np.full(4, 1.2, np.float32),
+                shift=np.full(4, -0.1, np.float32),
+                residual_std=np.ones(4, np.float32),
+            )
+        },
+        class_means=torch.rand(6, 4),
         replay_images=torch.rand(2, 3, 8, 8),
         replay_labels=torch.tensor([0, 3]),
     )
@@ -86,7 +98,9 @@ def test_a_task_carry_round_trips_as_plain_state() -> None:
     assert torch.equal(loaded.previous_state["layer.weight"], weights["layer.weight"])
     assert torch.equal(loaded.fisher[0][0]["layer.weight"], carry.fisher[0][0]["layer.weight"])
     assert isinstance(loaded.fisher[0], tuple)
-    np.testing.assert_array_equal(loaded.drift[1].high, carry.drift[1].high)
+    np.testing.assert_array_equal(loaded.drift[1].scale, carry.drift[1].scale)
+    assert isinstance(loaded.drift[1], BackwardMap)
+    assert torch.equal(loaded.class_means, carry.class_means)
     assert torch.equal(loaded.replay_labels, carry.replay_labels)
     assert loaded.specialist_state is None
 
