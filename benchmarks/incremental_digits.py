@@ -40,7 +40,10 @@ SCENARIOS = {
 def job(method: str, tasks: list[dict[str, Any]], *, epochs: int, synthesis_iterations: int) -> JobSpec:
     settings: dict[str, Any] = {"name": method}
     if method == "dual_distillation":
-        settings["synthesis"] = {"iterations": synthesis_iterations, "images_per_class": 8, "batch_size": 40}
+        # Digits are not mirror-symmetric: a flipped "2" is not a "2" to the teacher.
+        settings["synthesis"] = {
+            "iterations": synthesis_iterations, "images_per_class": 8, "batch_size": 40, "flip": False
+        }
     return JobSpec.model_validate(
         {
             "name": f"bench-{method}",
