@@ -21,8 +21,6 @@ def test_demo_once_trains_registers_indexes_serves_and_answers(ray_cluster, tmp_
     # The demo writes mlflow.db (here an empty one already: `mlflow_db`), ray_results and indices
     # in the working directory.
     monkeypatch.chdir(tmp_path)
-    # A registry download is cached by model name and version: keep another run's version 1 out.
-    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
     summary_path = tmp_path / "summary.json"
     code = main(
         [
