@@ -725,10 +725,34 @@ def build_index_from_model(
 def format_results_table(
     metrics: Mapping[str, float], baselines: Mapping[str, Mapping[str, float]], *, ks: Sequence[int]
 ) -> str:
-    """A plain-text table: one row per model, Recall@K columns and mAP@R."""
+    """A plain-text table: one row per model, Recall@K columns and mAP@R.
+
+    With scores on held-out images of the training classes (`seen_classes/...` keys), two
+    titled tables: that catalogue-search protocol first, then the unseen classes of the test split.
+    """
+    from retrieval.evaluation.runs import SEEN_CLASSES_PREFIX
     from retrieval.evaluation.suite import format_table
 
-    return format_table({"trained": metrics, **baselines}, [f"recall@{k}" for k in ks] + ["map@r"], label="model")
+    rows = {"trained": metrics, **baselines}
+    columns = [f"recall@{k}" for k in ks] + ["map@r"]
+    if not any(key.startswith(SEEN_CLASSES_PREFIX) for key in metrics):
+        return format_table(rows, columns, label="model")
+    seen = {
+        name: {
+            key.removeprefix(SEEN_CLASSES_PREFIX): value
+            for key, value in values.items()
+            if key.startswith(SEEN_CLASSES_PREFIX)
+        }
+        for name, values in rows.items()
+    }
+    return "\n".join(
+        [
+            "held-out images of the training classes (catalogue search: seen_classes/...):",
+            format_table(seen, columns, label="model"),
+            "unseen classes (the test split, metric-learning protocol):",
+            format_table(rows, columns, label="model"),
+        ]
+    )
 
 
 def _registration_line(summary: Mapping[str, Any]) -> str:

@@ -55,6 +55,11 @@ class SplitSpec(StrictModel):
     `class_ranges` and `class_fraction` are class-disjoint (the deep metric learning
     protocol: retrieval is tested on classes never seen in training); `image_fraction`
     splits the images of every class.
+
+    `seen_test_fraction` > 0 (class-disjoint modes) also holds that fraction of each training
+    class's images out of training (seeded by `seed`) as a second test set, scored as
+    `seen_classes/...`: the catalogue-search protocol, where queries and gallery are unseen
+    images of classes the model was trained on.
     """
 
     mode: Literal["class_ranges", "class_fraction", "image_fraction"] = "class_fraction"
@@ -66,11 +71,22 @@ class SplitSpec(StrictModel):
     )
     train_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     seed: int = 0
+    seen_test_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="hold out this fraction of each training class's images as a seen-classes test set; 0 = none",
+    )
 
     @model_validator(mode="after")
     def _ranges_need_classes(self) -> SplitSpec:
         if self.mode != "class_ranges" and (self.train_classes is not None or self.test_classes is not None):
             raise ValueError(f"'train_classes' / 'test_classes' apply to mode 'class_ranges', not {self.mode!r}")
+        if self.mode == "image_fraction" and self.seen_test_fraction > 0:
+            raise ValueError(
+                "seen_test_fraction applies to the class-disjoint modes; mode 'image_fraction' already tests "
+                "on held-out images of the training classes"
+            )
         return self
 
 
@@ -174,6 +190,21 @@ class DatasetSpec(StrictModel):
 # --------------------------------------------------------------------------- model and method
 
 
+StemName = Literal["auto", "imagenet", "small"]
+
+# Backbone families whose ImageNet stem (7x7 stride-2 convolution, then a stride-2 max-pool) the
+# `small` stem replaces (models.backbones.apply_stem); torchvision names start with these.
+SMALL_STEM_FAMILIES: tuple[str, ...] = ("resnet", "resnext", "wide_resnet", "densenet")
+
+# `model.stem: auto` is `small` when every image the job trains on is at most this many pixels.
+SMALL_STEM_MAX_IMAGE_SIZE = 64
+
+
+def small_stem_supported(backbone: str) -> bool:
+    """Whether `model.stem: small` applies to a torchvision backbone name (`resnet18`: yes, `vgg16`: no)."""
+    return backbone.startswith(SMALL_STEM_FAMILIES)
+
+
 class ModelSpec(StrictModel):
     """Backbone, pooling, optional layer fusion, embedding head and multi-scale extraction.
 
@@ -184,6 +215,15 @@ class ModelSpec(StrictModel):
     (retrieval); training always embeds at `dataset.image_size`.
     `fusion_layers` concatenates the L2-normalised pooled features of named layers
     (`layer3`, `layer4` for ResNets; `features.<i>` for VGG and other `features` trunks).
+    `stem`: `imagenet` keeps the backbone's own first layers (a 7x7 stride-2 convolution and a
+    max-pool: 32x downsampling, so a 32 px image leaves a 1x1 last feature map); `small` is the
+    CIFAR ResNet stem for inputs of 64 px or less (a 3x3 stride-1 first convolution, no
+    max-pool: 8x downsampling, 4x4 at 32 px), for the ResNet, ResNeXt, Wide ResNet and DenseNet
+    families; with pretrained `weights` its first convolution is freshly initialised. `auto` is
+    resolved by the job: `small` when the backbone has that stem and every image the job trains
+    on is at most 64 px (`dataset.image_size`, and each task's), else `imagenet`; the resolved
+    value is what a model package stores. The default is `imagenet`: on the digits demo (32 px)
+    `small` did not score better and trained about 10x slower (README, "The demo's figures").
     """
 
     backbone: str = "resnet18"
@@ -197,6 +237,9 @@ class ModelSpec(StrictModel):
     embedding_dim: int | None = Field(128, ge=2, le=8192)
     scales: list[Annotated[float, Field(gt=0.0, le=4.0)]] = Field(default_factory=lambda: [1.0], min_length=1)
     fusion_layers: list[str] | None = Field(None, min_length=1)
+    stem: StemName = Field(
+        "imagenet", description="'imagenet', 'small' (3x3 stride-1 first convolution, no max-pool; <= 64 px), or 'auto'"
+    )
 
     @field_validator("fusion_layers")
     @classmethod
@@ -204,6 +247,23 @@ class ModelSpec(StrictModel):
         if layers is not None and len(set(layers)) != len(layers):
             raise ValueError(f"fusion_layers must name each layer once, got {layers}")
         return layers
+
+    @model_validator(mode="after")
+    def _small_stem_needs_an_imagenet_stem(self) -> ModelSpec:
+        if self.stem == "small" and not small_stem_supported(self.backbone):
+            raise ValueError(
+                f"stem 'small' is not available for backbone {self.backbone!r}: it replaces the 7x7 stride-2 "
+                f"convolution and max-pool of the {', '.join(SMALL_STEM_FAMILIES)} families (e.g. resnet18); "
+                f"use stem 'imagenet' with {self.backbone!r}"
+            )
+        return self
+
+    def resolved_stem(self, image_sizes: Sequence[int]) -> Literal["imagenet", "small"]:
+        """The stem `auto` stands for with images of these sizes (`small` and `imagenet` stay as they are)."""
+        if self.stem != "auto":
+            return self.stem
+        small_images = bool(image_sizes) and max(image_sizes) <= SMALL_STEM_MAX_IMAGE_SIZE
+        return "small" if small_images and small_stem_supported(self.backbone) else "imagenet"
 
 
 class DeepMetricSpec(StrictModel):
@@ -578,12 +638,16 @@ class StorageSpec(StrictModel):
         return self
 
 
-_GATE_PATTERN = re.compile(r"^\s*([A-Za-z0-9_@.]+)\s*(>=|<=|>|<|==)\s*([-+0-9.eE]+)\s*$")
+_GATE_PATTERN = re.compile(r"^\s*([A-Za-z0-9_@./]+)\s*(>=|<=|>|<|==)\s*([-+0-9.eE]+)\s*$")
 _GATE_OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 
 
 class GateCondition(StrictModel):
-    """One condition of a promotion gate, written `recall@1 >= 0.9` in YAML."""
+    """One condition of a promotion gate, written `recall@1 >= 0.9` in YAML.
+
+    `recall@1` is scored on the test split; `seen_classes/recall@1` on the held-out images of
+    the training classes (`dataset.split.seen_test_fraction`).
+    """
 
     metric: str
     op: Literal[">=", "<=", ">", "<", "=="]
@@ -798,6 +862,16 @@ class JobSpec(StrictModel):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     index: IndexSpec = Field(default_factory=IndexSpec)
     incremental: IncrementalSpec | None = None
+
+    @model_validator(mode="after")
+    def _resolve_auto_stem(self) -> JobSpec:
+        # Resolved here, where the image sizes are known, so the saved spec names the stem built.
+        if self.model.stem == "auto":
+            sizes = [self.dataset.image_size]
+            if self.incremental is not None:
+                sizes += [task.dataset.image_size for task in self.incremental.tasks if task.dataset is not None]
+            self.model.stem = self.model.resolved_stem(sizes)
+        return self
 
     @model_validator(mode="after")
     def _incremental_methods_need_tasks(self) -> JobSpec:

@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 import requests
 
-from retrieval.config import load_job_spec
+from retrieval.config import JobSpec, load_job_spec
+from retrieval.data.from_spec import datasets_from_spec
 from retrieval.errors import redact_credentials
+from retrieval.evaluation.runs import SEEN_CLASSES_PREFIX
 from retrieval.index.gallery import gallery_dataset
 from retrieval.index.manifest import read_manifest
 from retrieval.tracking.runs import resolve_tracking_uri
@@ -60,6 +62,13 @@ def run_demo(
     )
     outcome = run_training(spec)
     print(format_results_table(outcome.metrics, outcome.baselines, ks=spec.evaluation.recall_ks))
+    protocols = protocol_summary(outcome.metrics, outcome.baselines, spec=spec)
+    for name, protocol in protocols.items():
+        scores = ", ".join(
+            f"{row} {values.get('recall@1', float('nan')):.3f}" for row, values in protocol["scores"].items()
+        )
+        mark = "headline" if protocol["headline"] else "also reported"
+        print(f"{name} ({mark}): {protocol['description']}: Recall@1 {scores}")
     model_uri = outcome.model.uri
     print(f"registered {model_uri} (aliases: {', '.join(outcome.model.aliases)})")
 
@@ -98,6 +107,8 @@ def run_demo(
         "job": spec.name,
         "metrics": outcome.metrics,
         "baselines": outcome.baselines,
+        "protocols": protocols,
+        "gate": outcome.gate,
         "model": {
             "name": outcome.model.name,
             "version": outcome.model.version,
@@ -141,6 +152,55 @@ def run_demo(
     finally:
         serve.shutdown()
     return summary
+
+
+def protocol_summary(
+    metrics: dict[str, float], baselines: dict[str, dict[str, float]], *, spec: JobSpec
+) -> dict[str, dict[str, Any]]:
+    """The scores of each evaluation protocol, the trained model beside the baselines.
+
+    `seen_classes` (when the split holds out images of the training classes) is the catalogue
+    search a demo user expects, and the headline; `unseen_classes` is the test split, classes
+    the model never trained on (the metric-learning protocol).
+    """
+    rows = {"trained": metrics, **baselines}
+    split = spec.dataset.split
+    splits = datasets_from_spec(spec.dataset)
+    protocols: dict[str, dict[str, Any]] = {}
+    if any(key.startswith(SEEN_CLASSES_PREFIX) for key in metrics):
+        protocols["seen_classes"] = {
+            "description": (
+                f"held-out images ({split.seen_test_fraction:.0%} of each) of the training classes "
+                f"{_classes_text(split.train_classes)}, each a query against the rest"
+            ),
+            "headline": True,
+            "images": 0 if splits.seen_test is None else len(splits.seen_test),
+            "scores": {
+                name: {
+                    key.removeprefix(SEEN_CLASSES_PREFIX): value
+                    for key, value in values.items()
+                    if key.startswith(SEEN_CLASSES_PREFIX)
+                }
+                for name, values in rows.items()
+            },
+        }
+    protocols["unseen_classes"] = {
+        "description": (
+            f"classes never trained on {_classes_text(split.test_classes)}, each image a query against the rest"
+        ),
+        "headline": not protocols,
+        "images": len(splits.test),
+        "scores": {
+            name: {key: value for key, value in values.items() if "/" not in key} for name, values in rows.items()
+        },
+    }
+    return protocols
+
+
+def _classes_text(classes: str | list[int] | None) -> str:
+    if classes is None:
+        return "(per the split)"
+    return classes if isinstance(classes, str) else ",".join(str(class_id) for class_id in classes)
 
 
 def sample_queries(base_url: str, *, package: Any, gallery: str, timeout: float = 60.0) -> list[dict[str, Any]]:

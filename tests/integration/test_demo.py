@@ -10,6 +10,7 @@ import requests
 from mlflow import MlflowClient
 
 from retrieval.cli import main
+from retrieval.config import load_job_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -42,8 +43,29 @@ def test_demo_once_trains_registers_indexes_serves_and_answers(ray_cluster, tmp_
     assert code == 0
     summary = json.loads(summary_path.read_text())
 
-    assert set(summary["metrics"]) == {"recall@1", "recall@2", "recall@4", "recall@8", "map@r"}
+    scores = {"recall@1", "recall@2", "recall@4", "recall@8", "map@r"}
+    both_protocols = scores | {f"seen_classes/{key}" for key in scores}
+    assert set(summary["metrics"]) == both_protocols
     assert set(summary["baselines"]) == {"raw_pixels", "untrained"}
+    for values in summary["baselines"].values():
+        assert set(values) == both_protocols
+    # Both protocols, the catalogue search (held-out images of the training classes) as the headline.
+    protocols = summary["protocols"]
+    assert list(protocols) == ["seen_classes", "unseen_classes"]
+    assert [protocols[name]["headline"] for name in protocols] == [True, False]
+    # 30% of the 901 images of digits 0-4 (per class, rounded) and all 896 images of digits 5-9.
+    assert (protocols["seen_classes"]["images"], protocols["unseen_classes"]["images"]) == (270, 896)
+    for name, prefix in (("seen_classes", "seen_classes/"), ("unseen_classes", "")):
+        rows = protocols[name]["scores"]
+        assert list(rows) == ["trained", "raw_pixels", "untrained"]
+        assert rows["trained"] == {key: summary["metrics"][f"{prefix}{key}"] for key in scores}
+        for baseline in ("raw_pixels", "untrained"):
+            assert rows[baseline] == {key: summary["baselines"][baseline][f"{prefix}{key}"] for key in scores}
+        assert all(0.0 <= value <= 1.0 for row in rows.values() for value in row.values())
+    assert summary["gate"] == []  # emptied above; the committed spec gates on the catalogue protocol
+    assert [str(condition) for condition in load_job_spec(str(JOB), []).tracking.gate] == [
+        "seen_classes/recall@1 >= 0.9"
+    ]
     assert summary["model"] == {
         "name": "digits-deep-metric",
         "version": "1",

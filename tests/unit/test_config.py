@@ -69,7 +69,9 @@ def test_the_repository_job_spec_loads() -> None:
     assert spec.method.name == "deep_metric"
     assert spec.dataset.name == "digits"
     assert spec.registered_model_name == "digits-deep-metric"
-    assert [str(condition) for condition in spec.tracking.gate] == ["recall@1 >= 0.9"]
+    # The gate is on the catalogue protocol (held-out images of the training classes).
+    assert [str(condition) for condition in spec.tracking.gate] == ["seen_classes/recall@1 >= 0.9"]
+    assert spec.dataset.split.seen_test_fraction == 0.3
 
 
 @pytest.mark.parametrize(
@@ -379,3 +381,10 @@ def test_the_cli_redacts_credentials_from_errors_and_logs(
     assert PASSWORD not in captured.err
     assert "error: cannot open postgresql://***@db/m" in captured.err
     assert "connecting to postgresql://***@db/m" in captured.err
+
+
+def test_a_gate_can_name_a_seen_classes_metric() -> None:
+    condition = GateCondition.model_validate("seen_classes/recall@1 >= 0.9")
+    assert (condition.metric, condition.op, condition.value) == ("seen_classes/recall@1", ">=", 0.9)
+    assert condition.holds({"recall@1": 0.5, "seen_classes/recall@1": 0.95})
+    assert not condition.holds({"recall@1": 0.95})  # not measured: fails

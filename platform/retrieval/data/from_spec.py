@@ -36,6 +36,7 @@ def datasets_from_spec(spec: DatasetSpec) -> DatasetSplits:
         test_classes=_classes(spec.split.test_classes),
         train_fraction=spec.split.train_fraction,
         seed=spec.split.seed,
+        seen_test_fraction=spec.split.seen_test_fraction,
     )
 
 

@@ -38,10 +38,15 @@ SPLIT_MODES: tuple[str, ...] = ("class_ranges", "class_fraction", "image_fractio
 
 @dataclass(frozen=True)
 class DatasetSplits:
-    """A job's two datasets: `train` with the training transform, `test` with the eval one."""
+    """A job's datasets: `train` with the training transform, `test` with the eval one.
+
+    `seen_test` (eval transform), when the split holds one out, is images of the training
+    classes that training never sees (the catalogue-search protocol); else None.
+    """
 
     train: ImageDataset
     test: ImageDataset
+    seen_test: ImageDataset | None = None
 
 
 # Fine-grained benchmarks read from their own published folder layout; the default
@@ -105,6 +110,7 @@ def build_datasets(
     test_classes: Sequence[int] | None,
     train_fraction: float,
     seed: int,
+    seen_test_fraction: float = 0.0,
 ) -> DatasetSplits:
     """Loads a dataset and splits it into a train and a test dataset.
 
@@ -130,6 +136,8 @@ def build_datasets(
         train_fraction: Fraction of classes ("class_fraction") or of each class's
             images ("image_fraction") used for training.
         seed: Seed of the random split modes.
+        seen_test_fraction: With a class-disjoint mode, this fraction of each training class's
+            images (seeded by `seed`) is held out of `train` as `seen_test`; 0 holds none out.
 
     Returns:
         The train and test datasets.
@@ -152,12 +160,29 @@ def build_datasets(
         )
     else:
         raise DatasetError(f"unknown split_mode {split_mode!r}; expected one of {list(SPLIT_MODES)}")
+    seen_test = None
+    if seen_test_fraction > 0:
+        if split_mode == "image_fraction":
+            raise DatasetError("seen_test_fraction applies to the class-disjoint split modes, not 'image_fraction'")
+        kept, held_out = split_by_image_fraction(
+            labels=dataset.labels[train_indices], train_fraction=1.0 - seen_test_fraction, seed=seed
+        )
+        train_indices, seen_indices = train_indices[kept], train_indices[held_out]
+        seen_test = dataset.subset(seen_indices).with_transform(
+            eval_transform(image_size=image_size, mean=mean, std=std)
+        )
     logger.info(
-        "dataset %s split %s: %d train images, %d test images", name, split_mode, len(train_indices), len(test_indices)
+        "dataset %s split %s: %d train images, %d test images, %d held-out images of the training classes",
+        name,
+        split_mode,
+        len(train_indices),
+        len(test_indices),
+        0 if seen_test is None else len(seen_test),
     )
     return DatasetSplits(
         train=dataset.subset(train_indices).with_transform(
             train_transform(image_size=image_size, mean=mean, std=std, augment=augment)
         ),
         test=dataset.subset(test_indices).with_transform(eval_transform(image_size=image_size, mean=mean, std=std)),
+        seen_test=seen_test,
     )

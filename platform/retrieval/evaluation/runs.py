@@ -16,6 +16,9 @@ logger = logging.getLogger(__name__)
 
 EmbedFunction = Callable[[torch.Tensor], torch.Tensor]
 
+# Scores on held-out images of the training classes (`DatasetSplits.seen_test`) carry this prefix.
+SEEN_CLASSES_PREFIX = "seen_classes/"
+
 
 @torch.no_grad()
 def embed_dataset(

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from retrieval.config import JobSpec
+from retrieval.config import JobSpec, small_stem_supported
 from retrieval.data.base import ImageDataset
 from retrieval.data.from_spec import benchmark_from_spec, datasets_from_spec
 from retrieval.data.landmarks import LandmarkBenchmark
@@ -151,6 +151,8 @@ def off_the_shelf_network(spec: JobSpec, *, pooling: str | None = None, backbone
     if backbone is not None:
         update["backbone"] = backbone
         update["fusion_layers"] = None
+        # A late-fusion partner keeps the job's small stem where it has one (`auto` is resolved already).
+        update["stem"] = spec.model.stem if small_stem_supported(backbone) else "imagenet"
     torch.manual_seed(spec.train.seed)
     return EmbeddingNetwork.from_spec(spec.model.model_copy(update=update)).eval()
 

@@ -40,7 +40,8 @@ def gallery_dataset(package: ModelPackage, gallery: GalleryName) -> ImageDataset
     """The images to index, preprocessed exactly as the model's evaluation transform.
 
     `test` is the held-out split of the model's own job spec (the retrieval protocol);
-    `all` is train followed by test.
+    `all` is train followed by test (then the held-out images of the training classes, when
+    the split has them).
     """
     splits = datasets_from_spec(package.spec.dataset)
     transform = package.preprocess()
@@ -48,7 +49,10 @@ def gallery_dataset(package: ModelPackage, gallery: GalleryName) -> ImageDataset
         return splits.test
     if gallery == "train":
         return splits.train.with_transform(transform)
-    return concatenate_datasets([splits.train.with_transform(transform), splits.test])
+    parts = [splits.train.with_transform(transform), splits.test]
+    if splits.seen_test is not None:
+        parts.append(splits.seen_test)
+    return concatenate_datasets(parts)
 
 
 class RawImages(Protocol):

@@ -207,6 +207,7 @@ class CrossModalMethod(ABC):
             weights=model_spec.weights,
             pooling=model_spec.pooling,
             gem_p=model_spec.gem_p,
+            stem=model_spec.stem,
             text_encoder=build_text_encoder(
                 self.settings.text,
                 output_dim=text_dim,

@@ -179,7 +179,9 @@ def load_model_package(directory: str | Path, *, device: str = "cpu", source: st
         raise ModelNotFoundError(
             f"{weights}: checksum mismatch (expected {info.get('model_sha256')}, got {actual}); refusing to load"
         )
-    spec = JobSpec.from_mapping(yaml.safe_load((folder / "job.yaml").read_text()), source=str(folder / "job.yaml"))
+    spec = JobSpec.from_mapping(
+        _stored_spec(yaml.safe_load((folder / "job.yaml").read_text())), source=str(folder / "job.yaml")
+    )
     method: RetrievalMethod | CrossModalMethod
     if spec.is_cross_modal:
         context_file = folder / TEXT_CONTEXT_FILE
@@ -223,3 +225,17 @@ def _embedding_dim(spec: JobSpec) -> int | None:
     if common is not None:
         return int(common)
     return spec.model.embedding_dim
+
+
+def _stored_spec(data: Any) -> Any:
+    """A stored `job.yaml` as the current spec reads it.
+
+    Packages written before `model.stem` existed were all built with the backbone's ImageNet
+    stem: say so, so that their spec never takes a later default (e.g. `auto`, which is `small`
+    for small images) that the stored weights would not fit.
+    """
+    if isinstance(data, dict) and isinstance(data.get("model"), dict) and "stem" not in data["model"]:
+        data["model"]["stem"] = "imagenet"
+    elif isinstance(data, dict) and "model" not in data:
+        data["model"] = {"stem": "imagenet"}
+    return data

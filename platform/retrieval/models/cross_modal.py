@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retrieval.config import StemName
 from retrieval.losses.cross_modal import ModalityClassifier
 from retrieval.models.backbones import build_backbone
 from retrieval.models.pooling import build_pooling
@@ -51,7 +52,7 @@ class CrossModalNetwork(nn.Module):
     """Two encoders into a common space; `forward` runs both so DDP sees one call.
 
     Args:
-        backbone, weights, pooling, gem_p: the image trunk (see `models.backbones`, `models.pooling`).
+        backbone, weights, pooling, gem_p, stem: the image trunk (see `models.backbones`, `models.pooling`).
         text_encoder: the text side, its `output_dim` the text feature size before the head.
         common_dim: `D`.
         bits: `K` for a hashing network, None for a real-valued one.
@@ -71,9 +72,10 @@ class CrossModalNetwork(nn.Module):
         bits: int | None,
         normalize: bool,
         num_labels: int | None = None,
+        stem: StemName = "imagenet",
     ) -> None:
         super().__init__()
-        self.trunk, channels = build_backbone(name=backbone, weights=weights)
+        self.trunk, channels = build_backbone(name=backbone, weights=weights, stem=stem)
         self.pool = build_pooling(name=pooling, gem_p=gem_p)
         self.text = text_encoder
         self.normalize = normalize

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrieval.config import ModelSpec
+from retrieval.config import ModelSpec, StemName
 from retrieval.models.backbones import build_backbone
 from retrieval.models.fusion import build_layer_fusion
 from retrieval.models.multiscale import multiscale_embed
@@ -44,6 +44,7 @@ class EmbeddingNetwork(nn.Module):
         scales: image scales averaged in eval mode; `(1.0,)` is single-scale.
         fusion_layers: layers to pool and concatenate (`layer3`, `layer4`; `features.23`), or
             None to pool the last feature map only.
+        stem: `imagenet` or `small` (see `models.backbones.apply_stem`).
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class EmbeddingNetwork(nn.Module):
         rmac_levels: int = 3,
         scales: Sequence[float] = (1.0,),
         fusion_layers: Sequence[str] | None = None,
+        stem: StemName = "imagenet",
     ) -> None:
         super().__init__()
         if len(scales) == 0 or any(scale <= 0 for scale in scales):
@@ -68,11 +70,11 @@ class EmbeddingNetwork(nn.Module):
         self.trunk: nn.Module
         self.pool: nn.Module
         if fusion_layers is None:
-            self.trunk, channels = build_backbone(name=backbone, weights=weights)
+            self.trunk, channels = build_backbone(name=backbone, weights=weights, stem=stem)
             self.pool = make_pooling()
         else:
             self.trunk, channels = build_layer_fusion(
-                backbone=backbone, weights=weights, layers=fusion_layers, make_pooling=make_pooling
+                backbone=backbone, weights=weights, layers=fusion_layers, make_pooling=make_pooling, stem=stem
             )
             self.pool = nn.Identity()
         self.head: nn.Module = nn.Identity() if embedding_dim is None else nn.Linear(channels, embedding_dim)
@@ -91,6 +93,7 @@ class EmbeddingNetwork(nn.Module):
             rmac_levels=spec.rmac_levels,
             scales=spec.scales,
             fusion_layers=spec.fusion_layers,
+            stem=spec.stem,
         )
 
     def embed_single_scale(self, images: torch.Tensor) -> torch.Tensor:

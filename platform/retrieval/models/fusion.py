@@ -19,7 +19,9 @@ import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from retrieval.config import StemName
 from retrieval.errors import ConfigError
+from retrieval.models.backbones import apply_stem
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,7 @@ def build_layer_fusion(
     weights: str | None,
     layers: Sequence[str],
     make_pooling: Callable[[], nn.Module],
+    stem: StemName = "imagenet",
 ) -> tuple[LayerFusion, int]:
     """A torchvision backbone that returns the fused pooled features of `layers`.
 
@@ -85,6 +88,7 @@ def build_layer_fusion(
         layers: layer names, at least one, each once (see `fusion_layer_names`).
         make_pooling: builds a fresh pooling layer; one per fused layer, so a learnable GeM
             exponent is learnt per layer.
+        stem: `imagenet` or `small` (see `models.backbones.apply_stem`).
 
     Returns:
         The fused trunk `[B, 3, H, W] -> [B, C]` and `C`, the sum of the layers' channels.
@@ -102,7 +106,9 @@ def build_layer_fusion(
         raise ValueError(f"unknown backbone {backbone!r}; torchvision offers e.g. resnet18, resnet50, vgg16")
     if weights is not None:
         logger.info("loading %s weights %s (torchvision downloads them on first use)", backbone, weights)
-    network = torchvision.models.get_model(backbone, weights=weights)
+    network = apply_stem(
+        torchvision.models.get_model(backbone, weights=weights), name=backbone, weights=weights, stem=stem
+    )
     available = fusion_layer_names(network)
     unknown = [name for name in layers if name not in available]
     if unknown:

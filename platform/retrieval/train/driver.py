@@ -25,12 +25,14 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from retrieval.config import JobSpec
+from retrieval.data.base import ImageDataset
 from retrieval.data.from_spec import datasets_from_spec
 from retrieval.errors import DatasetError
 from retrieval.evaluation.plots import recall_curve_figure, training_curve_figure, variant_bar_figure
-from retrieval.evaluation.runs import embed_dataset, raw_pixel_embeddings, score_embeddings
+from retrieval.evaluation.runs import SEEN_CLASSES_PREFIX, embed_dataset, raw_pixel_embeddings, score_embeddings
 from retrieval.evaluation.suite import format_table
 from retrieval.methods import build_method, load_model_package, save_model_package
+from retrieval.methods.package import ModelPackage
 from retrieval.serialization import load_state
 from retrieval.tracking.registry import RegisteredModel, register_model_package, set_alias
 from retrieval.tracking.runs import TrainingRun, code_version
@@ -327,30 +329,52 @@ def apply_gate(
 
 
 def evaluate_with_baselines(spec: JobSpec, package_dir: Path) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Scores of the trained model and of the spec's baselines on the held-out split."""
-    test = datasets_from_spec(spec.dataset).test
-    ks = spec.evaluation.recall_ks
+    """Scores of the trained model and of the spec's baselines on the held-out split(s).
+
+    Keys as `score_embeddings` names them (`recall@1`, `map@r`, ...) are the test split; when
+    the split holds out images of the training classes (`dataset.split.seen_test_fraction`),
+    the same scores on those images follow under `seen_classes/` (`seen_classes/recall@1`).
+    """
+    splits = datasets_from_spec(spec.dataset)
     package = load_model_package(package_dir)
-    trained = score_embeddings(
-        embed_dataset(
-            functools.partial(package.method.embed, package.model), test, batch_size=spec.train.embed_batch_size
-        ),
-        test.labels,
-        ks=ks,
+    trained: dict[str, float] = {}
+    baselines: dict[str, dict[str, float]] = {baseline: {} for baseline in spec.evaluation.baselines}
+    held_out = [("", splits.test)]
+    if splits.seen_test is not None:
+        held_out.append((SEEN_CLASSES_PREFIX, splits.seen_test))
+    for prefix, test in held_out:
+        trained.update(_prefixed(prefix, _score_trained(spec, package, test)))
+        for baseline, values in _score_baselines(spec, test).items():
+            baselines[baseline].update(_prefixed(prefix, values))
+    return trained, baselines
+
+
+def _prefixed(prefix: str, values: Mapping[str, float]) -> dict[str, float]:
+    return {f"{prefix}{key}": value for key, value in values.items()}
+
+
+def _score_trained(spec: JobSpec, package: ModelPackage, test: ImageDataset) -> dict[str, float]:
+    vectors = embed_dataset(
+        functools.partial(package.method.embed, package.model), test, batch_size=spec.train.embed_batch_size
     )
-    baselines: dict[str, dict[str, float]] = {}
+    return score_embeddings(vectors, test.labels, ks=spec.evaluation.recall_ks)
+
+
+def _score_baselines(spec: JobSpec, test: ImageDataset) -> dict[str, dict[str, float]]:
+    scores: dict[str, dict[str, float]] = {}
     for baseline in spec.evaluation.baselines:
         if baseline == "raw_pixels":
             vectors = raw_pixel_embeddings(test, batch_size=spec.train.embed_batch_size)
         else:
+            # Seeded by the job: the same untrained network on every split.
             torch.manual_seed(spec.train.seed)
             method = build_method(spec)
             untrained = method.build_model().eval()
             vectors = embed_dataset(
                 functools.partial(method.embed, untrained), test, batch_size=spec.train.embed_batch_size
             )
-        baselines[baseline] = score_embeddings(vectors, test.labels, ks=ks)
-    return trained, baselines
+        scores[baseline] = score_embeddings(vectors, test.labels, ks=spec.evaluation.recall_ks)
+    return scores
 
 
 def _history(result: ray.train.Result) -> list[dict[str, float]]:

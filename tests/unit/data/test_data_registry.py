@@ -195,3 +195,45 @@ def test_job_spec_with_cub200_root_builds_its_datasets(tmp_path: Path) -> None:
 def test_job_spec_rejects_a_published_layout_without_root(name: str) -> None:
     with pytest.raises(ValidationError, match=f"dataset '{name}' needs 'root'"):
         DatasetSpec(name=name)  # type: ignore[arg-type]
+
+
+def _sources(dataset: object) -> list[str]:
+    return [dataset.source(position) for position in range(len(dataset))]  # type: ignore[attr-defined]
+
+
+def test_seen_test_fraction_holds_out_images_of_every_training_class() -> None:
+    whole = _build(name="digits", split_mode="class_ranges")
+    splits = _build(name="digits", split_mode="class_ranges", seen_test_fraction=0.3)
+    assert whole.seen_test is None
+    assert splits.seen_test is not None
+    train, seen = _sources(splits.train), _sources(splits.seen_test)
+    assert len(set(train)) == len(train) and len(set(seen)) == len(seen)
+    # The held-out images are the training classes' images that training no longer sees.
+    assert not set(train) & set(seen)
+    assert set(train) | set(seen) == set(_sources(whole.train))
+    np.testing.assert_array_equal(splits.test.labels, whole.test.labels)
+    for class_id in range(5):
+        total = int(np.sum(whole.train.labels == class_id))
+        assert int(np.sum(splits.seen_test.labels == class_id)) == total - round(0.7 * total)
+    # Evaluated without augmentation, like the test split; seeded, so the same every time.
+    image = splits.seen_test[0][0]
+    torch.testing.assert_close(splits.seen_test[0][0], image)
+    again = _build(name="digits", split_mode="class_ranges", seen_test_fraction=0.3)
+    assert again.seen_test is not None and _sources(again.seen_test) == seen
+    other_seed = _build(name="digits", split_mode="class_ranges", seen_test_fraction=0.3, seed=1)
+    assert other_seed.seen_test is not None and _sources(other_seed.seen_test) != seen
+
+
+def test_seen_test_fraction_reaches_the_splits_from_a_job_spec() -> None:
+    spec = load_job_spec("jobs/digits_deep_metric.yaml", ["dataset.split.seen_test_fraction=0.2"])
+    splits = datasets_from_spec(spec.dataset)
+    assert splits.seen_test is not None
+    assert set(splits.seen_test.labels.tolist()) == {0, 1, 2, 3, 4}
+    assert len(splits.seen_test) + len(splits.train) + len(splits.test) == 1797
+
+
+def test_seen_test_fraction_is_refused_with_image_fraction() -> None:
+    with pytest.raises(ValidationError, match="seen_test_fraction applies to the class-disjoint modes"):
+        DatasetSpec.model_validate({"split": {"mode": "image_fraction", "seen_test_fraction": 0.3}})
+    with pytest.raises(DatasetError, match="seen_test_fraction"):
+        _build(name="digits", split_mode="image_fraction", seen_test_fraction=0.3)
