@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,16 @@ def model_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_job_spec() -> object:
     """The `small_job_spec` factory, for tests that tweak a section."""
     return small_job_spec
+
+
+@pytest.fixture(autouse=True)
+def _cli_logging_stays_in_its_test() -> Iterator[None]:
+    """A test that runs `retrieval.cli.main` installs the CLI's log handler; later tests must not inherit it."""
+    import logging
+
+    yield
+    root = logging.getLogger()
+    for handler in [handler for handler in root.handlers if handler.get_name() == "retrieval-cli"]:
+        root.removeHandler(handler)
+        handler.close()
+    logging.getLogger("retrieval").setLevel(logging.NOTSET)

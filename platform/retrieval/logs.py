@@ -20,6 +20,7 @@ LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _OURS = "retrieval"
+_HANDLER_NAME = "retrieval-cli"
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,8 +38,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (it may be replaced after set-up)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def configure_logging(*, verbose: bool = False, log_format: LogFormat = "text", stream: TextIO | None = None) -> None:
-    """Set up the process's logging for the CLI (replaces any handler the root logger had).
+    """Set up the process's logging for the CLI (replaces the handler an earlier call installed).
+
+    Handlers someone else put on the root logger stay (an embedding program's, a test runner's).
 
     Args:
         verbose: DEBUG for the platform's own loggers (third-party ones stay at WARNING).
@@ -47,12 +58,14 @@ def configure_logging(*, verbose: bool = False, log_format: LogFormat = "text", 
     """
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {list(LOG_FORMATS)}, got {log_format!r}")
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderr()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     handler.addFilter(RedactCredentials())
+    handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()
-    for old in list(root.handlers):
+    for old in [old for old in root.handlers if old.get_name() == _HANDLER_NAME]:
         root.removeHandler(old)
+        old.close()
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger(_OURS).setLevel(logging.DEBUG if verbose else logging.INFO)
