@@ -285,6 +285,24 @@ def _raise_for(response: httpx.Response) -> None:
     )
 
 
+def _attempts(call: _Call, retries: int) -> list[tuple[bool, float]]:
+    """``(last, pause after it)`` per attempt: a retryable call gets ``retries`` more, pausing 0.2 s, 0.4 s, ..."""
+    count = retries + 1 if call.retry else 1
+    return [(attempt == count - 1, 0.2 * 2**attempt) for attempt in range(count)]
+
+
+def _no_reply(call: _Call, error: Exception) -> Unavailable:
+    return Unavailable(f"{call.method} {call.path}: no reply: {error}")
+
+
+def _readiness(response: httpx.Response) -> Readiness:
+    """``GET /readyz``'s reply: 200 and 503 both carry the readiness; anything else is an error."""
+    if response.status_code not in (200, 503):
+        _raise_for(response)
+    body = response.json()
+    return Readiness(ready=bool(body["ready"]), index_version=str(body["index_version"]), detail=body)
+
+
 def _headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token.strip()}"} if token else {}
 
@@ -383,11 +401,7 @@ class RetrievalClient:
         return VersionInfo.from_json(self._send(_Call("GET", "/version")))
 
     def readiness(self) -> Readiness:
-        response = self._request(_Call("GET", "/readyz", retry=False))
-        if response.status_code not in (200, 503):
-            _raise_for(response)
-        body = response.json()
-        return Readiness(ready=bool(body["ready"]), index_version=str(body["index_version"]), detail=body)
+        return _readiness(self._request(_Call("GET", "/readyz", retry=False)))
 
     def _send(self, call: _Call) -> Any:
         response = self._request(call)
@@ -395,19 +409,16 @@ class RetrievalClient:
         return response.json()
 
     def _request(self, call: _Call) -> httpx.Response:
-        pause = 0.2
-        for attempt in range(self._retries + 1):
-            last = attempt == self._retries or not call.retry
+        for last, pause in _attempts(call, self._retries):
             try:
                 response = self._http.request(call.method, call.path, json=call.json, files=call.files, data=call.data)
             except httpx.TransportError as error:
                 if last:
-                    raise Unavailable(f"{call.method} {call.path}: no reply: {error}") from None
+                    raise _no_reply(call, error) from None
             else:
                 if last or response.status_code not in _RETRY_STATUSES:
                     return response
             time.sleep(pause)
-            pause *= 2
         raise AssertionError("unreachable")
 
 
@@ -477,11 +488,7 @@ class AsyncRetrievalClient:
         return VersionInfo.from_json(await self._send(_Call("GET", "/version")))
 
     async def readiness(self) -> Readiness:
-        response = await self._request(_Call("GET", "/readyz", retry=False))
-        if response.status_code not in (200, 503):
-            _raise_for(response)
-        body = response.json()
-        return Readiness(ready=bool(body["ready"]), index_version=str(body["index_version"]), detail=body)
+        return _readiness(await self._request(_Call("GET", "/readyz", retry=False)))
 
     async def _send(self, call: _Call) -> Any:
         response = await self._request(call)
@@ -489,19 +496,16 @@ class AsyncRetrievalClient:
         return response.json()
 
     async def _request(self, call: _Call) -> httpx.Response:
-        pause = 0.2
-        for attempt in range(self._retries + 1):
-            last = attempt == self._retries or not call.retry
+        for last, pause in _attempts(call, self._retries):
             try:
                 response = await self._http.request(
                     call.method, call.path, json=call.json, files=call.files, data=call.data
                 )
             except httpx.TransportError as error:
                 if last:
-                    raise Unavailable(f"{call.method} {call.path}: no reply: {error}") from None
+                    raise _no_reply(call, error) from None
             else:
                 if last or response.status_code not in _RETRY_STATUSES:
                     return response
             await asyncio.sleep(pause)
-            pause *= 2
         raise AssertionError("unreachable")

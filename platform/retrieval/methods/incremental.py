@@ -183,13 +183,8 @@ class IncrementalMethod(RetrievalMethod):
         The runner scores the student on every task so far with it, and ch. 7's specialist on its
         own task (the model trained on that task alone, which the student is compared with).
         """
-        training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                vectors = embed_dataset(lambda images: self.embed(model, images), task_data.test, batch_size=batch_size)
-        finally:
-            model.train(training)
+        with eval_mode(model), torch.no_grad():
+            vectors = embed_dataset(lambda images: self.embed(model, images), task_data.test, batch_size=batch_size)
         return score_embeddings(vectors, task_data.test.labels, ks=ks)
 
     def needs_teacher(self, phase: Phase) -> bool:
@@ -400,12 +395,6 @@ class FeatureEstimation(IncrementalMethod):
         missing = [k for k in range(1, carry.task) if k not in carry.drift]
         if missing:
             raise ValueError(f"task {carry.task} needs the backward maps of tasks {missing}, which the carry lacks")
-        stale = [k for k in range(1, carry.task) if not isinstance(carry.drift[k], BackwardMap)]
-        if stale:
-            raise ValueError(
-                f"the carry holds {type(carry.drift[stale[0]]).__name__} for tasks {stale}, not backward maps: it "
-                "was saved by the first version of ch. 6 (drift quantiles); train the sequence again from task 0"
-            )
         self._maps = [carry.drift[k] for k in range(carry.task - 1, 0, -1)]
         # descending_weights is oldest first; the estimates come newest first.
         self._older_weights = descending_weights(len(self._maps), gamma=settings.estimation_gamma)[::-1]
@@ -476,19 +465,12 @@ def _paired_embeddings(
     older: nn.Module, newer: nn.Module, task_data: TaskData, *, limit: int, spec: JobSpec, device: torch.device
 ) -> tuple[np.ndarray, np.ndarray]:
     """`[N, D]` embeddings by two models (eval mode) of a seeded random sample of up to `limit` training images."""
-    modes = [(model, model.training) for model in (older, newer)]
     before: list[np.ndarray] = []
     after: list[np.ndarray] = []
-    try:
-        older.eval()
-        newer.eval()
-        with torch.no_grad():
-            for images, _ in _sample_batches(task_data, limit, spec, device):
-                before.append(network(older).embedding(images).cpu().numpy())
-                after.append(network(newer).embedding(images).cpu().numpy())
-    finally:
-        for model, training in modes:
-            model.train(training)
+    with eval_mode(older, newer), torch.no_grad():
+        for images, _ in _sample_batches(task_data, limit, spec, device):
+            before.append(network(older).embedding(images).cpu().numpy())
+            after.append(network(newer).embedding(images).cpu().numpy())
     return np.concatenate(before), np.concatenate(after)
 
 
@@ -626,6 +608,19 @@ class DualDistillation(IncrementalMethod):
 
 
 @contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """``models`` in eval mode inside the block, each back in the mode it had after it."""
+    modes = [model.training for model in models]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for model, training in zip(models, modes, strict=True):
+            model.train(training)
+
+
+@contextmanager
 def batch_norm_in_eval(model: nn.Module) -> Iterator[None]:
     """Every BatchNorm layer of `model` in eval mode (running statistics used, not updated) inside the block."""
     layers = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
@@ -641,20 +636,15 @@ def batch_norm_in_eval(model: nn.Module) -> Iterator[None]:
 
 def _class_means(model: nn.Module, task_data: TaskData, *, spec: JobSpec, device: torch.device) -> torch.Tensor:
     """`[C_task, D]` the mean embedding of each of the task's classes over its training images, in class order."""
-    training = model.training
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
-    try:
-        model.eval()
-        with torch.no_grad():
-            for images, labels in _sample_batches(task_data, len(task_data.train), spec, device):
-                embeddings = network(model).embedding(images).cpu()
-                for label in labels.unique().tolist():
-                    chosen = embeddings[labels.cpu() == label]
-                    sums[label] = sums.get(label, torch.zeros(embeddings.shape[1])) + chosen.sum(dim=0)
-                    counts[label] = counts.get(label, 0) + len(chosen)
-    finally:
-        model.train(training)
+    with eval_mode(model), torch.no_grad():
+        for images, labels in _sample_batches(task_data, len(task_data.train), spec, device):
+            embeddings = network(model).embedding(images).cpu()
+            for label in labels.unique().tolist():
+                chosen = embeddings[labels.cpu() == label]
+                sums[label] = sums.get(label, torch.zeros(embeddings.shape[1])) + chosen.sum(dim=0)
+                counts[label] = counts.get(label, 0) + len(chosen)
     missing = [class_id for class_id in task_data.classes if class_id not in counts]
     if missing:
         raise ValueError(f"task {task_data.index} has no training image of class(es) {missing}")

@@ -65,19 +65,8 @@ def request_swap(url: str, *, index: str, token: str, timeout_s: float = 300) ->
             the status and type), or no reply at all.
     """
     endpoint = url.rstrip("/") + "/admin/swap"
-    request = urllib.request.Request(
-        endpoint,
-        data=json.dumps({"index": index}).encode("utf-8"),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
-        method="POST",
-    )
-    try:
-        with _OPENER.open(request, timeout=timeout_s) as response:
-            summary: dict[str, Any] = json.loads(response.read().decode("utf-8"))
-    except urllib.error.HTTPError as error:
-        raise _refusal(error, f"swap to {index!r} refused by {endpoint}") from None
-    except (urllib.error.URLError, OSError) as error:
-        raise SwapRequestError(f"cannot reach {endpoint}: {error}") from None
+    summary = _admin_call(endpoint, token=token, body={"index": index}, timeout_s=timeout_s,
+                          refused=f"swap to {index!r} refused by {endpoint}")  # fmt: skip
     logger.info("swapped %s -> %s in %.2f s", summary.get("from"), summary.get("to"), summary.get("duration_s", 0.0))
     return summary
 
@@ -89,30 +78,42 @@ def request_status(url: str, *, token: str, timeout_s: float = 30) -> dict[str, 
         SwapRequestError: a non-2xx reply (with the server's message) or no reply at all.
     """
     endpoint = url.rstrip("/") + "/admin/status"
-    request = urllib.request.Request(endpoint, headers={"Authorization": f"Bearer {token}"}, method="GET")
+    return _admin_call(endpoint, token=token, body=None, timeout_s=timeout_s, refused=f"status refused by {endpoint}")
+
+
+def _admin_call(
+    endpoint: str, *, token: str, body: dict[str, Any] | None, timeout_s: float, refused: str
+) -> dict[str, Any]:
+    """One admin request (POST with a JSON ``body``, else GET) and its JSON reply.
+
+    Raises:
+        SwapRequestError: ``refused`` with the status, the reply's error type and message; or
+            no reply at all.
+    """
+    headers = {"Authorization": f"Bearer {token}"}
+    data = None
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+        data = json.dumps(body).encode("utf-8")
+    request = urllib.request.Request(endpoint, data=data, headers=headers, method="GET" if body is None else "POST")
     try:
         with _OPENER.open(request, timeout=timeout_s) as response:
-            status: dict[str, Any] = json.loads(response.read().decode("utf-8"))
+            reply: dict[str, Any] = json.loads(response.read().decode("utf-8"))
+            return reply
     except urllib.error.HTTPError as error:
-        raise _refusal(error, f"status refused by {endpoint}") from None
+        text = error.read().decode("utf-8", errors="replace")
+        try:
+            detail = json.loads(text)["error"]
+            message, error_type = str(detail["message"]), str(detail["type"])
+        except (ValueError, KeyError, TypeError):
+            message, error_type = text.strip() or str(error.reason), None
+        raise SwapRequestError(
+            f"{refused} (HTTP {error.code}{', ' + error_type if error_type else ''}): {message}",
+            status=error.code,
+            error_type=error_type,
+        ) from None
     except (urllib.error.URLError, OSError) as error:
         raise SwapRequestError(f"cannot reach {endpoint}: {error}") from None
-    return status
-
-
-def _refusal(error: urllib.error.HTTPError, what: str) -> SwapRequestError:
-    """A non-2xx reply as an error: ``what``, the status, the reply's error type and message."""
-    body = error.read().decode("utf-8", errors="replace")
-    try:
-        detail = json.loads(body)["error"]
-        message, error_type = str(detail["message"]), str(detail["type"])
-    except (ValueError, KeyError, TypeError):
-        message, error_type = body.strip() or str(error.reason), None
-    return SwapRequestError(
-        f"{what} (HTTP {error.code}{', ' + error_type if error_type else ''}): {message}",
-        status=error.code,
-        error_type=error_type,
-    )
 
 
 def resolve_swap_target(target: str, *, index_root: str | None) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
@@ -102,6 +103,12 @@ def resolve_model_version(model_uri: str, *, tracking_uri: str | None = None) ->
     Raises:
         ModelNotFoundError: malformed URI, unknown model, version or alias.
     """
+    found = _model_version(model_uri, tracking_uri=tracking_uri)
+    return found.name, str(found.version)
+
+
+def _model_version(model_uri: str, *, tracking_uri: str | None) -> ModelVersion:
+    """The registry's record of the version ``model_uri`` names (name, version, tags)."""
     match = _MODELS_URI.match(model_uri)
     if not match:
         raise ModelNotFoundError(
@@ -111,12 +118,10 @@ def resolve_model_version(model_uri: str, *, tracking_uri: str | None = None) ->
     name = match.group("name")
     try:
         if match.group("alias"):
-            version = client.get_model_version_by_alias(name, match.group("alias")).version
-        else:
-            version = client.get_model_version(name, match.group("version")).version
+            return client.get_model_version_by_alias(name, match.group("alias"))
+        return client.get_model_version(name, match.group("version"))
     except MlflowException as error:
         raise ModelNotFoundError(f"{model_uri}: no such registered model, version or alias ({error.message})") from None
-    return name, str(version)
 
 
 def load_embedder(model_uri: str, *, tracking_uri: str | None = None, device: str = "cpu") -> ModelPackage:
@@ -136,9 +141,10 @@ def load_embedder(model_uri: str, *, tracking_uri: str | None = None, device: st
         if not Path(model_uri).is_dir():
             raise ModelNotFoundError(f"{model_uri}: neither a models:/ URI nor a model package folder")
         return load_model_package(model_uri, device=device)
-    name, version = resolve_model_version(model_uri, tracking_uri=tracking_uri)
+    found = _model_version(model_uri, tracking_uri=tracking_uri)
+    name, version = found.name, str(found.version)
     registry = resolve_tracking_uri(tracking_uri) if tracking_uri else mlflow.get_tracking_uri()
-    expected = _registered_digest(registry, name, version)
+    expected = found.tags.get(PACKAGE_DIGEST_TAG)
     cache_root = Path(os.environ.get("RETRIEVAL_CACHE", Path.home() / ".cache" / "retrieval"))
     # Keyed by the registry too: two registries each have a version 1 of a model of the same name.
     registry_key = hashlib.sha256(registry.encode("utf-8")).hexdigest()[:16]
@@ -162,11 +168,6 @@ def load_embedder(model_uri: str, *, tracking_uri: str | None = None, device: st
                 os.makedirs(staging, exist_ok=True)  # so the context manager's cleanup finds it
     _check_package_digest(expected, name, version, package_dir)
     return load_model_package(package_dir, device=device, source=f"models:/{name}/{version}")
-
-
-def _registered_digest(tracking_uri: str, name: str, version: str) -> str | None:
-    """The package digest the registry recorded for a version (None for versions registered before it)."""
-    return MlflowClient(tracking_uri=tracking_uri).get_model_version(name, version).tags.get(PACKAGE_DIGEST_TAG)
 
 
 def _check_package_digest(expected: str | None, name: str, version: str, package_dir: Path) -> None:
