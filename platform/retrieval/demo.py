@@ -11,13 +11,14 @@ import io
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import requests
 
+from retrieval.client import ApiError, RetrievalClient, SearchResult
 from retrieval.config import JobSpec, load_job_spec
 from retrieval.data.from_spec import datasets_from_spec
 from retrieval.errors import redact_credentials
@@ -204,68 +205,69 @@ def _classes_text(classes: str | list[int] | None) -> str:
 
 
 def sample_queries(base_url: str, *, package: Any, gallery: str, timeout: float = 60.0) -> list[dict[str, Any]]:
-    """Query the live service three ways for a few gallery items of different classes."""
+    """Query the live service three ways (through `retrieval.client`) for a few gallery items of different classes."""
     dataset = gallery_dataset(package, gallery)  # type: ignore[arg-type]
     first_of_class: dict[int, int] = {}
     for position, label in enumerate(dataset.labels):
         first_of_class.setdefault(int(label), position)
     chosen = sorted(first_of_class.values())[:SAMPLE_QUERY_COUNT]
-    version = requests.get(f"{base_url}/version", timeout=timeout).json()
 
     queries: list[dict[str, Any]] = []
-    for position in chosen:
-        image = dataset.load_image(position)
-        png = io.BytesIO()
-        image.save(png, format="PNG")
-        vector = np.asarray(package.embed_images([image])[0]).tolist()
-        label_name = dataset.class_names[int(dataset.labels[position])]
-        sent = {
-            "image": requests.post(
-                f"{base_url}/search/image",
-                files={"file": ("query.png", png.getvalue(), "image/png")},
-                data={"k": str(SAMPLE_K)},
-                timeout=timeout,
-            ),
-            "vector": requests.post(
-                f"{base_url}/search/vector", json={"vector": vector, "k": SAMPLE_K}, timeout=timeout
-            ),
-            "id": requests.post(f"{base_url}/search/id", json={"id": position, "k": SAMPLE_K}, timeout=timeout),
-        }
-        for kind, response in sent.items():
-            queries.append(
-                _query_record(
-                    kind,
-                    response,
-                    query_id=position,
-                    label=label_name,
-                    source=dataset.source(position),
-                    index_version=version["index_version"],
+    with RetrievalClient(base_url, timeout_s=timeout) as client:
+        index_version = client.version().index_version
+        for position in chosen:
+            image = dataset.load_image(position)
+            png = io.BytesIO()
+            image.save(png, format="PNG")
+            vector = np.asarray(package.embed_images([image])[0]).tolist()
+            label_name = dataset.class_names[int(dataset.labels[position])]
+            sent: dict[str, Callable[[], SearchResult]] = {
+                "image": partial(client.search_image, png.getvalue(), k=SAMPLE_K),
+                "vector": partial(client.search_vector, vector, k=SAMPLE_K),
+                "id": partial(client.search_id, position, k=SAMPLE_K),
+            }
+            for kind, search in sent.items():
+                queries.append(
+                    _query_record(
+                        kind,
+                        search,
+                        query_id=position,
+                        label=label_name,
+                        source=dataset.source(position),
+                        index_version=index_version,
+                    )
                 )
-            )
     return queries
 
 
 def _query_record(
-    kind: str, response: requests.Response, *, query_id: int, label: str, source: str, index_version: str
+    kind: str, search: Callable[[], SearchResult], *, query_id: int, label: str, source: str, index_version: str
 ) -> dict[str, Any]:
-    """One sample query's outcome; `ok` means HTTP 200 from the index version the service announced."""
-    body = response.json()
+    """One sample query's outcome; `ok` means an answer from the index version the service announced."""
+    record: dict[str, Any] = {"kind": kind, "query_id": query_id, "query_label": label, "query_source": source}
+    try:
+        result = search()
+    except ApiError as error:
+        return {
+            **record,
+            "status": error.status,
+            "ok": False,
+            "model_version": None,
+            "index_version": None,
+            "results": [],
+            "precision_at_k": 0.0,
+            "error": {"type": error.type, "message": error.reason},
+        }
     results = [
-        {"id": hit["id"], "score": hit["score"], "label": hit.get("label"), "source": hit.get("source")}
-        for hit in body.get("results", [])
+        {"id": hit.id, "score": hit.score, "label": hit.fields.get("label"), "source": hit.fields.get("source")}
+        for hit in result.hits
     ]
-    record: dict[str, Any] = {
-        "kind": kind,
-        "query_id": query_id,
-        "query_label": label,
-        "query_source": source,
-        "status": response.status_code,
-        "ok": response.status_code == 200 and body.get("index_version") == index_version,
-        "model_version": body.get("model", {}).get("version"),
-        "index_version": body.get("index_version"),
+    return {
+        **record,
+        "status": 200,
+        "ok": result.index_version == index_version,
+        "model_version": result.model.version,
+        "index_version": result.index_version,
         "results": results,
         "precision_at_k": float(np.mean([hit["label"] == label for hit in results])) if results else 0.0,
     }
-    if response.status_code != 200:
-        record["error"] = body.get("error")
-    return record

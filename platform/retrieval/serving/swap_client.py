@@ -8,13 +8,12 @@ the old version keeps serving.
 
 from __future__ import annotations
 
-import json
 import logging
-import urllib.error
-import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from retrieval.client import ApiError, RetrievalClient
 from retrieval.errors import RetrievalError
 
 logger = logging.getLogger(__name__)
@@ -34,20 +33,6 @@ class SwapRequestError(RetrievalError):
         self.error_type = error_type
 
 
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    """Never follow a redirect: urllib would send the admin token on to wherever it points."""
-
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
-        raise SwapRequestError(
-            f"{req.full_url} answered HTTP {code} redirecting to {newurl}; not following it with the admin token "
-            "(give the application's own URL)",
-            status=code,
-        )
-
-
-_OPENER = urllib.request.build_opener(_RefuseRedirects)
-
-
 def request_swap(url: str, *, index: str, token: str, timeout_s: float = 300) -> dict[str, Any]:
     """Swap the application at ``url`` to the index version ``index`` names.
 
@@ -62,11 +47,13 @@ def request_swap(url: str, *, index: str, token: str, timeout_s: float = 300) ->
 
     Raises:
         SwapRequestError: a non-2xx reply (the message is the server's error message, with
-            the status and type), or no reply at all.
+            the status and type), a redirect (never followed: it would carry the token), or no
+            reply at all.
     """
     endpoint = url.rstrip("/") + "/admin/swap"
-    summary = _admin_call(endpoint, token=token, body={"index": index}, timeout_s=timeout_s,
-                          refused=f"swap to {index!r} refused by {endpoint}")  # fmt: skip
+    with _admin_client(url, token, timeout_s) as client:
+        summary = _admin_call(lambda: client.swap(index, timeout_s=timeout_s), endpoint,
+                              refused=f"swap to {index!r} refused by {endpoint}")  # fmt: skip
     logger.info("swapped %s -> %s in %.2f s", summary.get("from"), summary.get("to"), summary.get("duration_s", 0.0))
     return summary
 
@@ -78,42 +65,34 @@ def request_status(url: str, *, token: str, timeout_s: float = 30) -> dict[str, 
         SwapRequestError: a non-2xx reply (with the server's message) or no reply at all.
     """
     endpoint = url.rstrip("/") + "/admin/status"
-    return _admin_call(endpoint, token=token, body=None, timeout_s=timeout_s, refused=f"status refused by {endpoint}")
+    with _admin_client(url, token, timeout_s) as client:
+        return _admin_call(client.swap_status, endpoint, refused=f"status refused by {endpoint}")
 
 
-def _admin_call(
-    endpoint: str, *, token: str, body: dict[str, Any] | None, timeout_s: float, refused: str
-) -> dict[str, Any]:
-    """One admin request (POST with a JSON ``body``, else GET) and its JSON reply.
+def _admin_client(url: str, token: str, timeout_s: float) -> RetrievalClient:
+    # No retries: an admin call is answered once (a second swap while one runs is refused, not repeated).
+    return RetrievalClient(url, admin_token=token, timeout_s=timeout_s, retries=0)
+
+
+def _admin_call(call: Callable[[], dict[str, Any]], endpoint: str, *, refused: str) -> dict[str, Any]:
+    """One admin call through `retrieval.client`, its `ApiError` told as a `SwapRequestError`.
 
     Raises:
-        SwapRequestError: ``refused`` with the status, the reply's error type and message; or
-            no reply at all.
+        SwapRequestError: ``refused`` with the status, the reply's error type and message; a
+            redirect with where it pointed; or no reply at all.
     """
-    headers = {"Authorization": f"Bearer {token}"}
-    data = None
-    if body is not None:
-        headers["Content-Type"] = "application/json"
-        data = json.dumps(body).encode("utf-8")
-    request = urllib.request.Request(endpoint, data=data, headers=headers, method="GET" if body is None else "POST")
     try:
-        with _OPENER.open(request, timeout=timeout_s) as response:
-            reply: dict[str, Any] = json.loads(response.read().decode("utf-8"))
-            return reply
-    except urllib.error.HTTPError as error:
-        text = error.read().decode("utf-8", errors="replace")
-        try:
-            detail = json.loads(text)["error"]
-            message, error_type = str(detail["message"]), str(detail["type"])
-        except (ValueError, KeyError, TypeError):
-            message, error_type = text.strip() or str(error.reason), None
+        return call()
+    except ApiError as error:
+        if error.status is None:
+            raise SwapRequestError(f"cannot reach {endpoint}: {error.reason}") from None
+        if 300 <= error.status < 400:
+            raise SwapRequestError(f"{endpoint}: {error.message.split(': ', 1)[1]}", status=error.status) from None
         raise SwapRequestError(
-            f"{refused} (HTTP {error.code}{', ' + error_type if error_type else ''}): {message}",
-            status=error.code,
-            error_type=error_type,
+            f"{refused} (HTTP {error.status}{', ' + error.type if error.type else ''}): {error.reason}",
+            status=error.status,
+            error_type=error.type,
         ) from None
-    except (urllib.error.URLError, OSError) as error:
-        raise SwapRequestError(f"cannot reach {endpoint}: {error}") from None
 
 
 def resolve_swap_target(target: str, *, index_root: str | None) -> str:

@@ -631,15 +631,44 @@ def test_a_route_that_declares_no_access_is_protected_by_default(monkeypatch: py
 # --------------------------------------------------------------------------- the Python client (issue 18)
 
 
+class RecordingAdmin:
+    """The swap controller's routes' other side: records what it was asked and answers like the real one."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def swap(self, index: str) -> dict[str, Any]:
+        self.calls.append(f"swap {index}")
+        return {"from": VERSION, "to": index, "model": {}, "duration_s": 0.5, "replicas": {}}
+
+    async def abort(self) -> dict[str, Any]:
+        self.calls.append("abort")
+        return {"active": VERSION, "prepared": None, "retiring": None, "replicas": {}}
+
+    async def status(self) -> dict[str, Any]:
+        self.calls.append("status")
+        return {"active": VERSION, "prepared": None, "retiring": None, "replicas": {}}
+
+
 @contextmanager
-def running(**spec_fields: Any) -> Iterator[tuple[str, list[FakeShard]]]:
+def running(*, admin: RecordingAdmin | None = None, **spec_fields: Any) -> Iterator[tuple[str, list[FakeShard]]]:
     """The API on a real HTTP server (uvicorn, 127.0.0.1, a free port) in a thread."""
+    with running_api(admin=admin, **spec_fields) as (url, shards, _):
+        yield url, shards
+
+
+@contextmanager
+def running_api(
+    *, admin: RecordingAdmin | None = None, **spec_fields: Any
+) -> Iterator[tuple[str, list[FakeShard], Any]]:
+    """`running`, and the FastAPI application it serves."""
     import uvicorn
 
     spec = ServingSpec(index="unused", max_k=20, default_k=5, max_upload_bytes=3_000, **spec_fields)
     shards = [FakeShard(shard * SHARD_SIZE, (shard + 1) * SHARD_SIZE - 1) for shard in range(COUNT // SHARD_SIZE)]
     service = SearchService(manifest=manifest(), spec=spec, shards=shards, embedder=FakeEmbedder())
-    server = uvicorn.Server(uvicorn.Config(build_http_api(service), host="127.0.0.1", port=0, log_level="warning"))
+    api = build_http_api(service, admin=admin)
+    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -648,7 +677,7 @@ def running(**spec_fields: Any) -> Iterator[tuple[str, list[FakeShard]]]:
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{port}", shards
+        yield f"http://127.0.0.1:{port}", shards, api
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -677,6 +706,130 @@ def test_the_client_answers_every_query_kind_like_brute_force() -> None:
         assert client.item(5).fields == {"id": 5, **ITEMS[5]}
         assert client.version().index_version == VERSION
         assert client.readiness().ready
+
+
+def test_the_client_has_a_method_for_every_route_and_each_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18: the client cannot drift from the API. Every public client method is called here (a new one
+    fails the first assertion until it is), and every route of the application (but the page's) must be hit."""
+    import httpx
+    from fastapi.routing import APIRoute
+
+    from retrieval.client import RetrievalClient
+
+    sent: list[tuple[str, str]] = []
+
+    class Recording(httpx.HTTPTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            sent.append((request.method, request.url.path))
+            return super().handle_request(request)
+
+    monkeypatch.setenv("TEST_CLIENT_ADMIN_TOKEN", "s3cret-admin-token-0123")
+    admin = RecordingAdmin()
+    with running_api(admin=admin, admin_token_env="TEST_CLIENT_ADMIN_TOKEN") as (url, _, api):
+        client = RetrievalClient(url, admin_token="s3cret-admin-token-0123", transport=Recording())
+        calls: dict[str, Any] = {
+            "search_vector": lambda: client.search_vector(VECTORS[3].tolist(), k=4).hits[0].id == 3,
+            "search_vectors": lambda: [hits[0].id for hits in client.search_vectors(VECTORS[:2].tolist()).hits]
+            == [0, 1],
+            "search_id": lambda: 3 not in [hit.id for hit in client.search_id(3, k=4).hits],
+            "search_text": lambda: client.search_text(TEXT_QUERY, k=1).hits[0].id == 17,
+            "search_image": lambda: client.search_image(png_of_id(9), k=1).hits[0].id == 9,
+            "search": lambda: [
+                client.search(vector=VECTORS[5].tolist(), k=1).hits[0].id,
+                client.search(item_id=5, k=1).hits[0].id != 5,
+                client.search(text=TEXT_QUERY, k=1).hits[0].id,
+                client.search(image=png_of_id(12), k=1).hits[0].id,
+            ]
+            == [5, True, 17, 12],
+            "item": lambda: client.item(5).fields == {"id": 5, **ITEMS[5]},
+            "thumbnail": lambda: Image.open(io.BytesIO(client.thumbnail(5))).format == "PNG",
+            "version": lambda: client.version().index_version == VERSION,
+            "health": lambda: client.health() is True,
+            "readiness": lambda: client.readiness().ready,
+            "metrics": lambda: "search" in client.metrics(),
+            "swap": lambda: client.swap("v-next")["to"] == "v-next",
+            "abort_swap": lambda: client.abort_swap()["active"] == VERSION,
+            "swap_status": lambda: client.swap_status()["active"] == VERSION,
+        }
+        public = {name for name in dir(RetrievalClient) if not name.startswith("_") and name != "close"}
+        assert public == set(calls), f"call every client method here: {sorted(public ^ set(calls))}"
+        with client:
+            answers = {name: call() for name, call in calls.items()}
+        assert [name for name, answer in answers.items() if answer is not True] == []
+        assert admin.calls == ["swap v-next", "abort", "status"]
+        routes = [route for route in api.routes if isinstance(route, APIRoute) and route.include_in_schema]
+        unreached = [
+            f"{method} {route.path}"
+            for route in routes
+            for method in route.methods
+            if not any(verb == method and route.path_regex.match(path) for verb, path in sent)
+        ]
+        assert unreached == [], f"routes without a client method: {unreached}"
+
+
+def test_the_async_client_has_the_sync_clients_methods() -> None:
+    import inspect
+
+    from retrieval.client import AsyncRetrievalClient, RetrievalClient
+
+    def public(cls: type) -> dict[str, inspect.Signature]:
+        return {
+            name: inspect.signature(getattr(cls, name))
+            for name in dir(cls)
+            if not name.startswith("_") and callable(getattr(cls, name))
+        }
+
+    sync, asynchronous = public(RetrievalClient), public(AsyncRetrievalClient)
+    assert sync.keys() == asynchronous.keys()
+    for name, signature in sync.items():
+        assert inspect.iscoroutinefunction(getattr(AsyncRetrievalClient, name)), name
+        assert list(signature.parameters) == list(asynchronous[name].parameters), name
+
+
+def test_admin_calls_need_the_admin_token_and_a_redirect_is_never_followed() -> None:
+    import http.server
+
+    from retrieval.client import ApiError, RetrievalClient, Unauthorized
+
+    with running() as (url, _), RetrievalClient(url) as client, pytest.raises(Unauthorized, match="admin_token="):
+        client.swap_status()
+
+    seen: list[str | None] = []
+
+    class Redirecting(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(307)
+            self.send_header("Location", "http://127.0.0.1:9/steal")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with (
+            RetrievalClient(url, token="query-token-0123456") as client,
+            pytest.raises(ApiError, match=r"HTTP 307 redirecting to http://127.0.0.1:9/steal; not following"),
+        ):
+            client.version()
+    finally:
+        server.shutdown()
+    assert seen == ["Bearer query-token-0123456"]  # one request: the redirect was not followed
+
+
+def test_search_takes_exactly_one_query() -> None:
+    from retrieval.client import BadRequest, RetrievalClient
+
+    with RetrievalClient("http://127.0.0.1:9") as client:
+        with pytest.raises(BadRequest, match=r"exactly one of .* got \['vector', 'text'\]"):
+            client.search(vector=[0.0], text="a seven")
+        with pytest.raises(BadRequest, match="got none"):
+            client.search()
 
 
 def test_the_client_maps_each_error_to_its_exception(monkeypatch: pytest.MonkeyPatch) -> None:
