@@ -39,11 +39,13 @@ browser: $(BROWSER)
 test: $(STAMP) $(BROWSER)
 	$(BIN)/ruff check platform tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check platform tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) mlflow.db mlruns ray_results indices demo-summary.json

@@ -29,7 +29,7 @@ import ray
 import torch
 
 from retrieval.config import JobSpec
-from retrieval.evaluation.features import FeaturePart, extract_features
+from retrieval.index.extraction import FeaturePart, extract_features
 from retrieval.index.gallery import gallery_dataset
 from retrieval.methods.package import load_model_package, save_model_package
 from retrieval.methods.registry import build_method

@@ -248,6 +248,7 @@ def _train(args: argparse.Namespace) -> int:
     spec = load_job_spec(args.spec, args.overrides)
     if spec.incremental is not None:
         return _train_incremental(spec, args)
+    from retrieval.evaluation.suite import format_results_table
     from retrieval.train import run_training
     from retrieval.train.driver import check_job_inputs
 
@@ -364,6 +365,8 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _index(args: argparse.Namespace) -> int:
+    from retrieval.tracking.indexing import build_index_from_model
+
     manifest = build_index_from_model(
         args.model,
         tracking_uri=_tracking_uri(args.tracking_uri),
@@ -657,102 +660,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- shared pieces
-
-
-def build_index_from_model(
-    model_uri: str,
-    *,
-    tracking_uri: str,
-    out: str | None = None,
-    shards: int | None = None,
-    factory: str | None = None,
-    gallery: str | None = None,
-    modality: str | None = None,
-) -> Path | str:
-    """`retrieval index`: settings default to the model's own job spec.
-
-    An ``s3://bucket/prefix`` out is built in a temporary local folder, then published there
-    (shards, manifest, ``CURRENT`` last) to the spec's ``index.endpoint_url`` or, without one,
-    ``AWS_ENDPOINT_URL`` / AWS, and the manifest's ``s3://`` URI is returned.
-    """
-    import tempfile
-
-    from retrieval.index.gallery import build_gallery_index
-    from retrieval.index.manifest import ModelRef
-    from retrieval.index.object_store import is_s3_uri, publish_index
-    from retrieval.tracking import load_embedder
-    from retrieval.tracking.registry import resolve_model_version
-
-    package = load_embedder(model_uri, tracking_uri=tracking_uri)
-    if model_uri.startswith("models:/"):
-        name, version = resolve_model_version(model_uri, tracking_uri=tracking_uri)
-        reference = ModelRef(name=name, version=version, uri=f"models:/{name}/{version}")
-    else:
-        folder = str(Path(model_uri).resolve())
-        reference = ModelRef(name=package.spec.registered_model_name, version="local", uri=folder)
-    spec = package.spec
-    out_root = out or spec.index_root
-
-    def build(root: str | Path) -> Path:
-        return build_gallery_index(
-            package,
-            model=reference,
-            out_root=root,
-            gallery=gallery or spec.index.gallery,  # type: ignore[arg-type]
-            num_shards=shards or spec.index.num_shards,
-            factory=factory or spec.index.factory,
-            metric=spec.index.metric,
-            batch_size=spec.train.embed_batch_size,
-            modality="text" if (modality or spec.index.modality) == "text" else "image",
-            train_sample=spec.index.train_sample,
-            add_batch_size=spec.index.add_batch_size,
-            search_defaults={
-                name: value
-                for name, value in (("nprobe", spec.index.nprobe), ("ef_search", spec.index.ef_search))
-                if value is not None
-            },
-            thumbnail_px=spec.index.thumbnail_px,
-        )
-
-    if not is_s3_uri(out_root):
-        return build(out_root)
-    with tempfile.TemporaryDirectory(prefix="retrieval-index-") as staging:
-        build(staging)
-        published = publish_index(staging, out_root, endpoint_url=spec.index.endpoint_url)
-    return f"{out_root.rstrip('/')}/{published}/manifest.json"
-
-
-def format_results_table(
-    metrics: Mapping[str, float], baselines: Mapping[str, Mapping[str, float]], *, ks: Sequence[int]
-) -> str:
-    """A plain-text table: one row per model, Recall@K columns and mAP@R.
-
-    With scores on held-out images of the training classes (`seen_classes/...` keys), two
-    titled tables: that catalogue-search protocol first, then the unseen classes of the test split.
-    """
-    from retrieval.evaluation.runs import SEEN_CLASSES_PREFIX
-    from retrieval.evaluation.suite import format_table
-
-    rows = {"trained": metrics, **baselines}
-    columns = [f"recall@{k}" for k in ks] + ["map@r"]
-    if not any(key.startswith(SEEN_CLASSES_PREFIX) for key in metrics):
-        return format_table(rows, columns, label="model")
-    seen = {
-        name: {
-            key.removeprefix(SEEN_CLASSES_PREFIX): value
-            for key, value in values.items()
-            if key.startswith(SEEN_CLASSES_PREFIX)
-        }
-        for name, values in rows.items()
-    }
-    return "\n".join(
-        [
-            "held-out images of the training classes (catalogue search: seen_classes/...):",
-            format_table(seen, columns, label="model"),
-            "unseen classes (the test split, metric-learning protocol):",
-            format_table(rows, columns, label="model"),
-        ]
-    )
 
 
 def _registration_line(summary: Mapping[str, Any]) -> str:

@@ -34,8 +34,9 @@ from pydantic import (
 
 from retrieval.errors import ConfigError, redact_credentials, url_has_credentials
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# ImageNet's channel statistics: the normalisation of torchvision's pretrained backbones (and our default).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 

@@ -47,9 +47,10 @@ def run_demo(
     import ray
     from ray import serve
 
-    from retrieval.cli import build_index_from_model, format_results_table
+    from retrieval.evaluation.suite import format_results_table
     from retrieval.serving.app import build_app
     from retrieval.tracking import load_embedder
+    from retrieval.tracking.indexing import build_index_from_model
     from retrieval.train import run_training
     from retrieval.train.driver import check_job_inputs
 

@@ -13,8 +13,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from retrieval.config import IMAGENET_MEAN, IMAGENET_STD
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 

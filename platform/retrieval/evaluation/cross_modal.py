@@ -25,6 +25,8 @@ from collections.abc import Iterator, Sequence
 import faiss
 import numpy as np
 
+from retrieval.models.codes import pack_codes
+
 logger = logging.getLogger(__name__)
 
 # Upper bound on query x item pairs held at once by the metric functions (the ranking of one batch).
@@ -34,19 +36,6 @@ _PAIRS_PER_BATCH = 2**23
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-
-
-def _real_codes(name: str, codes: np.ndarray) -> np.ndarray:
-    array = np.asarray(codes)
-    if array.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array of real codes [N, K], got shape {array.shape}")
-    if array.shape[0] == 0:
-        raise ValueError(f"{name} is empty (shape {array.shape}): need at least one code")
-    if array.shape[1] == 0 or array.shape[1] % 8 != 0:
-        raise ValueError(
-            f"{name} has K = {array.shape[1]} bits (shape {array.shape}); K must be a positive multiple of 8"
-        )
-    return array
 
 
 def _packed_codes(name: str, codes: np.ndarray) -> np.ndarray:
@@ -100,31 +89,6 @@ def _label_pair(
 def _check_size(name: str, value: int, *, num_items: int) -> None:
     if not 1 <= value <= num_items:
         raise ValueError(f"{name} must lie in [1, {num_items}] for a retrieval set of {num_items} items, got {value}")
-
-
-def pack_codes(codes: np.ndarray) -> np.ndarray:
-    """Pack real codes into bits for Hamming search (Faiss binary indices).
-
-    Bit `k` of a code is 1 where `codes[:, k] > 0` and 0 otherwise (so `sign` codes in {-1, +1}
-    and relaxed `tanh` codes give the same bits). Bits are packed as `np.packbits` does by default,
-    most significant bit first: code dimension `k` is bit `7 - k % 8` of byte `k // 8`. Faiss binary
-    indices (`IndexBinaryFlat`, HNSW, IVF) measure the Hamming distance as the popcount of the XOR
-    of these bytes, which equals the number of dimensions whose signs differ.
-
-    Args:
-        codes: Real codes `[N, K]`, `K` a positive multiple of 8.
-
-    Returns:
-        Packed codes `[N, K / 8]` uint8.
-
-    Raises:
-        ValueError: `codes` is not 2-D, is empty, or `K` is not a multiple of 8.
-
-    >>> pack_codes(np.array([[1.0, -1, -1, -1, -1, -1, -1, 0.5]])).tolist()
-    [[129]]
-    """
-    array = _real_codes("codes", codes)
-    return np.packbits(array > 0, axis=1)
 
 
 def _ranked_batches(

@@ -33,7 +33,7 @@ from retrieval.data.transforms import eval_transform
 from retrieval.evaluation.enhancement import PCAWhitening, alpha_query_expansion, average_query_expansion
 from retrieval.evaluation.landmarks import landmark_metrics
 from retrieval.evaluation.metrics import retrieval_metrics
-from retrieval.evaluation.runs import embed_dataset
+from retrieval.evaluation.runs import SEEN_CLASSES_PREFIX, embed_dataset
 from retrieval.models.embedding import EmbeddingNetwork
 from retrieval.models.fusion import late_fusion
 
@@ -276,4 +276,34 @@ def _score(
         database=database,
         ground_truth=data.benchmark.ground_truth,
         protocol=data.protocol,  # type: ignore[arg-type]
+    )
+
+
+def format_results_table(
+    metrics: Mapping[str, float], baselines: Mapping[str, Mapping[str, float]], *, ks: Sequence[int]
+) -> str:
+    """A plain-text table: one row per model, Recall@K columns and mAP@R.
+
+    With scores on held-out images of the training classes (`seen_classes/...` keys), two
+    titled tables: that catalogue-search protocol first, then the unseen classes of the test split.
+    """
+    rows = {"trained": metrics, **baselines}
+    columns = [f"recall@{k}" for k in ks] + ["map@r"]
+    if not any(key.startswith(SEEN_CLASSES_PREFIX) for key in metrics):
+        return format_table(rows, columns, label="model")
+    seen = {
+        name: {
+            key.removeprefix(SEEN_CLASSES_PREFIX): value
+            for key, value in values.items()
+            if key.startswith(SEEN_CLASSES_PREFIX)
+        }
+        for name, values in rows.items()
+    }
+    return "\n".join(
+        [
+            "held-out images of the training classes (catalogue search: seen_classes/...):",
+            format_table(seen, columns, label="model"),
+            "unseen classes (the test split, metric-learning protocol):",
+            format_table(rows, columns, label="model"),
+        ]
     )

@@ -25,11 +25,11 @@ from retrieval.data.base import ImageDataset, concatenate_datasets
 from retrieval.data.cross_modal import CrossModalDataset, cross_modal_datasets_from_spec
 from retrieval.data.from_spec import datasets_from_spec
 from retrieval.errors import ConfigError
-from retrieval.evaluation.cross_modal import pack_codes
 from retrieval.evaluation.runs import embed_dataset
 from retrieval.index.manifest import IndexMetric, Modality, ModelRef
 from retrieval.index.shards import build_shards
 from retrieval.methods.package import ModelPackage
+from retrieval.models.codes import pack_codes
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ returns global ids, so per-shard results merge without translation (see `merge.m
 
 Float shards hold float32 vectors (metric ``"ip"`` or ``"l2"``); binary shards (metric
 ``"hamming"``) hold hash codes packed 8 bits a byte (``uint8 [N, bits / 8]``, the layout of
-`retrieval.evaluation.cross_modal.pack_codes`) in Faiss binary indices and are searched with
+`retrieval.models.codes.pack_codes`) in Faiss binary indices and are searched with
 packed queries by Hamming distance. Both kinds share the items files, checksums and manifest.
 
 Index types come from the Faiss factory string (``Flat``, ``IVF{n},Flat``, ``IVF{n},PQ{m}``,
@@ -52,6 +52,7 @@ from retrieval.index.manifest import (
 )
 from retrieval.index.metadata import ItemStore, write_items_parquet
 from retrieval.index.search_params import IndexKnobs, SearchParams, faiss_search_parameters, index_knobs, ivf_of
+from retrieval.models.codes import unpack_codes
 
 logger = logging.getLogger(__name__)
 
@@ -85,21 +86,6 @@ def binary_factory(factory: str) -> str:
     ``"BHNSW32"`` or ``"BIVF64"`` choose a binary HNSW graph or inverted file.
     """
     return "BFlat" if factory == "Flat" else factory
-
-
-def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
-    """Unpack codes packed 8 bits a byte back to sign codes: the inverse of `pack_codes`.
-
-    Args:
-        packed: ``uint8 [N, bits / 8]`` (or ``[bits / 8]``), first code bit in the highest bit
-            of the first byte (``np.packbits``' order).
-        bits: the code length.
-
-    Returns:
-        ``float32 [N, bits]`` (or ``[bits]``) of +1.0 (bit set) and -1.0 (bit clear).
-    """
-    unpacked = np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=-1, count=bits)
-    return unpacked.astype(np.float32) * 2.0 - 1.0
 
 
 def file_sha256(path: Path) -> str:

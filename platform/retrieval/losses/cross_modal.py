@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 
@@ -119,23 +118,6 @@ def bit_balance_loss(codes: torch.Tensor) -> torch.Tensor:
     """
     _check_matrix("codes", codes)
     return (codes.sum(dim=1).pow(2) / codes.shape[1]).mean()
-
-
-class ModalityClassifier(nn.Module):
-    """The modality discriminator: MLP `input_dim -> hidden_dim -> 2` with ReLU; class 0 image, 1 text.
-
-    Args:
-        input_dim: width of the features or codes it reads.
-        hidden_dim: hidden layer (METHODS.md: 2K on K-bit codes, D/2 on D-dim features).
-    """
-
-    def __init__(self, *, input_dim: int, hidden_dim: int) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(nn.Linear(input_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, 2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits `[N, 2]` of features `[N, input_dim]`."""
-        return self.layers(x)
 
 
 def modality_entropy_loss(logits: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrieval.config import StemName
-from retrieval.losses.cross_modal import ModalityClassifier
 from retrieval.models.backbones import build_backbone
 from retrieval.models.pooling import build_pooling
 from retrieval.models.text import TextEncoder
+
+
+class ModalityClassifier(nn.Module):
+    """The modality discriminator: MLP `input_dim -> hidden_dim -> 2` with ReLU; class 0 image, 1 text.
+
+    Args:
+        input_dim: width of the features or codes it reads.
+        hidden_dim: hidden layer (METHODS.md: 2K on K-bit codes, D/2 on D-dim features).
+    """
+
+    def __init__(self, *, input_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(input_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits `[N, 2]` of features `[N, input_dim]`."""
+        return self.layers(x)
 
 
 @dataclass

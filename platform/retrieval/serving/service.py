@@ -41,10 +41,10 @@ import numpy as np
 
 from retrieval.config import ServingSpec
 from retrieval.errors import BadRequestError
-from retrieval.evaluation.cross_modal import pack_codes
 from retrieval.index.manifest import IndexManifest
 from retrieval.index.merge import merge_topk
 from retrieval.index.search_params import SearchParams
+from retrieval.models.codes import pack_codes
 from retrieval.serving.batching import MicroBatcher
 from retrieval.serving.clients import EmbedderClient, ShardClient
 from retrieval.serving.errors import ItemNotFoundError, PayloadTooLargeError

@@ -26,7 +26,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from retrieval.config import JobSpec
 from retrieval.data.cross_modal import CrossModalSplits, cross_modal_datasets_from_spec
-from retrieval.evaluation.cross_modal import hamming_pr_curve, pack_codes, precision_at_n
+from retrieval.evaluation.cross_modal import hamming_pr_curve, precision_at_n
 from retrieval.evaluation.cross_modal_plots import (
     discriminator_accuracy_figure,
     pr_curve_figure,
@@ -43,9 +43,11 @@ from retrieval.methods.cross_modal import (
     relevance_labels,
 )
 from retrieval.methods.package import load_model_package, save_model_package
+from retrieval.models.codes import pack_codes
 from retrieval.serialization import load_state
 from retrieval.tracking.registry import register_model_package
 from retrieval.tracking.runs import TrainingRun
+from retrieval.train.outcome import TrainingOutcome, apply_gate
 from retrieval.train.worker import (
     CHECKPOINT_SPEC,
     CHECKPOINT_STATE,
@@ -214,7 +216,6 @@ def register_cross_modal_checkpoint(
     The version gets `candidate`, and `champion` when `promote_with_gate` and the job's gate holds.
     Returns a `retrieval.train.driver.TrainingOutcome`.
     """
-    from retrieval.train.driver import TrainingOutcome, apply_gate
 
     with tempfile.TemporaryDirectory() as folder:
         with checkpoint.as_directory() as checkpoint_dir:

@@ -12,7 +12,6 @@ import functools
 import logging
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,42 +33,12 @@ from retrieval.evaluation.suite import format_table
 from retrieval.methods import build_method, load_model_package, save_model_package
 from retrieval.methods.package import ModelPackage
 from retrieval.serialization import load_state
-from retrieval.tracking.registry import RegisteredModel, register_model_package, set_alias
+from retrieval.tracking.registry import register_model_package
 from retrieval.tracking.runs import TrainingRun, code_version
+from retrieval.train.outcome import TrainingOutcome, apply_gate
 from retrieval.train.worker import CHECKPOINT_STATE, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainingOutcome:
-    """What a finished job produced."""
-
-    metrics: dict[str, float]
-    baselines: dict[str, dict[str, float]]
-    model: RegisteredModel
-    promoted: bool
-    gate: list[str]
-    run_id: str
-    checkpoint_path: str
-    epochs_run: list[int] = field(default_factory=list)
-    resumed: bool = False
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "metrics": self.metrics,
-            "baselines": self.baselines,
-            "model": {
-                "name": self.model.name,
-                "version": self.model.version,
-                "aliases": list(self.model.aliases),
-                "uri": self.model.uri,
-            },
-            "promoted_to_champion": self.promoted,
-            "gate": self.gate,
-            "mlflow_run_id": self.run_id,
-            "checkpoint": self.checkpoint_path,
-        }
 
 
 def storage_path(spec: JobSpec) -> str:
@@ -299,33 +268,6 @@ def register_checkpoint(
         checkpoint_path=checkpoint.path,
         epochs_run=[int(row["epoch"]) for row in history if "epoch" in row],
     )
-
-
-def apply_gate(
-    spec: JobSpec,
-    *,
-    registered: RegisteredModel,
-    metrics: Mapping[str, float],
-    run: TrainingRun,
-    promote_with_gate: bool,
-) -> tuple[RegisteredModel, bool, list[str]]:
-    """Make a just-registered version `champion` when `promote_with_gate` and the job's gate holds.
-
-    Returns the version (with its aliases), whether it was promoted, and the gate as text; tags
-    the run with the version.
-    """
-    gate = [str(condition) for condition in spec.tracking.gate]
-    promoted = promote_with_gate and all(condition.holds(metrics) for condition in spec.tracking.gate)
-    if promoted:
-        set_alias(tracking_uri=run.tracking_uri, name=registered.name, alias="champion", version=registered.version)
-        registered = RegisteredModel(
-            name=registered.name, version=registered.version, aliases=(*registered.aliases, "champion")
-        )
-        logger.info("gate %s holds: %s v%s is champion", gate or "(none)", registered.name, registered.version)
-    elif promote_with_gate:
-        logger.warning("gate %s does not hold for %s: version %s stays candidate", gate, metrics, registered.version)
-    run.set_tag("retrieval.registered_version", registered.version)
-    return registered, promoted, gate
 
 
 def evaluate_with_baselines(spec: JobSpec, package_dir: Path) -> tuple[dict[str, float], dict[str, dict[str, float]]]:

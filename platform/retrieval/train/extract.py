@@ -2,7 +2,7 @@
 
 Each task loads the model package itself, rebuilds the gallery from the job spec (so nothing
 but paths and a spec travels to it), and streams its range into a part file with
-`retrieval.evaluation.features.extract_features`; the driver then merges the parts in order.
+`retrieval.index.extraction.extract_features`; the driver then merges the parts in order.
 A task that dies is retried by Ray and simply rewrites its part.
 """
 
@@ -20,7 +20,7 @@ import ray
 from retrieval.config import DatasetSpec
 from retrieval.data.base import ImageDataset
 from retrieval.errors import ConfigError
-from retrieval.evaluation.features import FeatureDtype, FeatureFile, extract_features, merge_parts, remove_parts
+from retrieval.index.extraction import FeatureDtype, FeatureFile, extract_features, merge_parts, remove_parts
 from retrieval.index.gallery import GalleryName, gallery_dataset
 from retrieval.methods.package import ModelPackage, load_model_package
 
@@ -61,7 +61,7 @@ def extract_features_distributed(
 
     Args:
         package_dir: a model package folder (`save_model_package`), readable by every worker.
-        out_dir: the output folder (see `retrieval.evaluation.features`), readable and writable
+        out_dir: the output folder (see `retrieval.index.extraction`), readable and writable
             by every worker; part files an earlier run left there are removed first.
         num_workers: Ray tasks, each extracting one contiguous range (at most one per image).
         batch_size: images per batch in each task.

@@ -18,9 +18,9 @@ from retrieval.evaluation.cross_modal import (
     hamming_pr_curve,
     hamming_ranking,
     hash_map,
-    pack_codes,
     precision_at_n,
 )
+from retrieval.models.codes import pack_codes
 
 # Codes, labels of the queries; codes, labels of the retrieval set.
 HashSet = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]

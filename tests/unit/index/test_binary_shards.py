@@ -19,12 +19,12 @@ from PIL import Image
 from retrieval.data.base import ArrayImageLoader, ImageDataset
 from retrieval.data.cross_modal import CrossModalDataset, CrossModalSplits
 from retrieval.errors import ConfigError, IndexIntegrityError
-from retrieval.evaluation.cross_modal import pack_codes
 from retrieval.index import gallery as gallery_module
 from retrieval.index.gallery import build_cross_modal_index, cross_modal_items
 from retrieval.index.manifest import IndexManifest, ModelRef, read_manifest
 from retrieval.index.merge import merge_topk
-from retrieval.index.shards import build_shards, load_shard, unpack_codes
+from retrieval.index.shards import build_shards, load_shard
+from retrieval.models.codes import pack_codes, unpack_codes
 
 MODEL = ModelRef(name="pairs-hashing", version="4", uri="models:/pairs-hashing/4")
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from retrieval.errors import BadRequestError
-from retrieval.evaluation.cross_modal import pack_codes
 from retrieval.index.manifest import ModelRef, read_manifest
 from retrieval.index.search_params import SearchParams, ivf_of
 from retrieval.index.shards import LoadedShard, build_shards, load_shard
+from retrieval.models.codes import pack_codes
 
 MODEL = ModelRef(name="synthetic", version="1", uri="models:/synthetic/1")
 NLIST = 16

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from retrieval.losses.cross_modal import (
-    ModalityClassifier,
     bidirectional_ranking_loss,
     bit_balance_loss,
     label_calibration_loss,
@@ -27,6 +26,7 @@ from retrieval.losses.cross_modal import (
     projection_matching_loss,
     quantization_loss,
 )
+from retrieval.models.cross_modal import ModalityClassifier
 
 SHAPES = [(1, 1, 3), (4, 6, 8), (7, 3, 16)]
 

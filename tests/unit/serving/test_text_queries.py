@@ -24,10 +24,10 @@ from PIL import Image
 
 from retrieval.config import ServingSpec
 from retrieval.errors import BadRequestError, IndexIntegrityError
-from retrieval.evaluation.cross_modal import pack_codes
 from retrieval.index.manifest import IndexManifest, ModelRef, read_manifest
 from retrieval.index.search_params import SearchParams
 from retrieval.index.shards import build_shards
+from retrieval.models.codes import pack_codes
 from retrieval.serving.clients import LocalShardClient
 from retrieval.serving.deployments import EmbedderDeployment
 from retrieval.serving.errors import PayloadTooLargeError, VersionNotLoadedError

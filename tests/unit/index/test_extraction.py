@@ -19,7 +19,8 @@ from retrieval.data.base import ImageDataset
 from retrieval.data.digits import load_digits_dataset
 from retrieval.data.transforms import eval_transform
 from retrieval.errors import IndexIntegrityError
-from retrieval.evaluation.features import (
+from retrieval.evaluation.runs import embed_dataset
+from retrieval.index.extraction import (
     FEATURES_FILE,
     MANIFEST_FILE,
     PARTS_DIR,
@@ -27,7 +28,6 @@ from retrieval.evaluation.features import (
     merge_parts,
     read_features,
 )
-from retrieval.evaluation.runs import embed_dataset
 from retrieval.methods.registry import build_method
 
 SOURCE = {"dataset": "digits", "split": "first 70"}
