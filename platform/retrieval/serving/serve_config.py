@@ -110,7 +110,7 @@ def options_serve_would_ignore(config: ServeDeploySchema, details: Mapping[str, 
             for key, value in wanted.items()
             if running.get(key) != value
         ]
-    running_location = getattr(details.get("proxy_location"), "value", details.get("proxy_location"))
+    running_location = _plain(details.get("proxy_location"))
     if running_location is not None and running_location != config.proxy_location.value:
         ignored.append(f"proxy_location: running {running_location!r}, config {config.proxy_location.value!r}")
     if config.controller_options is not None:
@@ -240,9 +240,17 @@ class ApplicationState:
 def application_states(details: Mapping[str, Any]) -> dict[str, ApplicationState]:
     """Each application's status and message, from Serve's instance details."""
     return {
-        name: ApplicationState(status=str(application.get("status", "")), message=str(application.get("message", "")))
+        name: ApplicationState(
+            status=str(_plain(application.get("status", ""))), message=str(application.get("message", ""))
+        )
         for name, application in (details.get("applications") or {}).items()
     }
+
+
+def _plain(value: Any) -> Any:
+    """An enum's value, anything else as it is: the controller client's details hold Serve's enums
+    (``ApplicationStatus.RUNNING``, ``ProxyLocation.EveryNode``) where the REST API's JSON holds strings."""
+    return getattr(value, "value", value)
 
 
 def wait_until_running(

@@ -14,7 +14,7 @@ import pytest
 import ray
 import yaml
 from ray.serve.config import ProxyLocation
-from ray.serve.schema import ServeDeploySchema
+from ray.serve.schema import ApplicationStatus, ServeDeploySchema
 
 from retrieval.cli import main
 from retrieval.errors import ConfigError, RetrievalError
@@ -58,14 +58,22 @@ def write(tmp_path: Path, config: dict[str, Any]) -> Path:
     return path
 
 
-def running_details(config: ServeDeploySchema, *, status: str = "RUNNING", message: str = "") -> dict[str, Any]:
-    """Serve's instance details with every application of ``config`` in ``status``."""
+def running_details(
+    config: ServeDeploySchema, *, status: str = "RUNNING", message: str = "", enums: bool = False
+) -> dict[str, Any]:
+    """Serve's instance details with every application of ``config`` in ``status``.
+
+    ``enums``: as the controller client returns them (Serve's enums); else as the REST API's JSON (strings).
+    """
     return {
         "controller_info": {"node_id": "n1"},
-        "proxy_location": config.proxy_location.value,
+        "proxy_location": config.proxy_location if enums else config.proxy_location.value,
         "http_options": config.http_options.model_dump(),
         "grpc_options": config.grpc_options.model_dump(),
-        "applications": {app.name: {"status": status, "message": message} for app in config.applications},
+        "applications": {
+            app.name: {"status": ApplicationStatus(status) if enums else status, "message": message}
+            for app in config.applications
+        },
     }
 
 
@@ -93,7 +101,7 @@ def serve_started_fresh(controller: FakeController) -> Any:
     def details(client: FakeController) -> dict[str, Any]:
         if not client.deployed:
             return {"controller_info": {}, "applications": {}}
-        return running_details(client.deployed[-1])
+        return running_details(client.deployed[-1], enums=True)
 
     controller.details = details
     return controller
@@ -180,7 +188,7 @@ def test_serve_run_refuses_options_a_running_serve_would_ignore() -> None:
 
 def test_serve_run_applies_over_a_running_serve_with_the_same_options() -> None:
     config = ServeDeploySchema.model_validate(CONFIG)
-    controller = FakeController(running_details(config))
+    controller = FakeController(running_details(config, enums=True))
     run_config(config, source="serve.yaml", deadline=60, start=lambda **_: controller)
     assert controller.deployed == [config]
 
@@ -366,3 +374,28 @@ def test_the_shipped_config_passes_the_strict_checks() -> None:
     assert (config.logging_config.enable_access_log, config.logging_config.log_level) == (False, "INFO")
     (application,) = config.applications
     assert application.logging_config is None  # so the global block applies to it
+
+
+def test_serve_can_call_the_search_app_builder_a_config_names(tmp_path: Path) -> None:
+    """Serve calls the builder of ``import_path`` with the args alone and refuses a builder with more parameters.
+
+    `retrieval serve` used to call the builder itself, which hid that Serve (``serve run``, ``serve
+    deploy``, a RayService) refused it for its keyword-only options.
+    """
+    import numpy as np
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from retrieval.index import ModelRef, build_shards
+    from retrieval.serving.serve_config import SEARCH_APP_BUILDER
+
+    index = build_shards(
+        vectors=np.eye(4, dtype=np.float32), ids=np.arange(4), items=[{} for _ in range(4)], out_root=tmp_path,
+        num_shards=2, factory="Flat", model=ModelRef(name="m", version="1", uri="models:/m/1"),
+        gallery={"dataset": "synthetic"},
+    )  # fmt: skip
+    app = call_user_app_builder_with_args_if_necessary(
+        import_attr(SEARCH_APP_BUILDER), {"index": str(index), "layout": "local", "ingress_replicas": 3}
+    )
+    assert app._bound_deployment.name == "SearchIngress"
+    assert app._bound_deployment.num_replicas == 3
