@@ -144,6 +144,7 @@ def run_config(
     source: str,
     deadline: float,
     start: Callable[..., ServeClient] | None = None,
+    running: Callable[[], ServeClient | None] | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> None:
@@ -160,6 +161,7 @@ def run_config(
         source: the file, for errors.
         deadline: ``clock()`` time by which every application must be RUNNING.
         start: Serve's ``serve_start`` (a stand-in in tests).
+        running: the client of the Serve already running on the cluster, or None (a stand-in in tests).
 
     Raises:
         ConfigError: Serve already runs with other cluster-wide options.
@@ -169,8 +171,16 @@ def run_config(
         from ray.serve._private.api import serve_start
 
         start = serve_start
+    if running is None:
+        from ray.serve.context import _get_global_client
+
+        def running() -> ServeClient | None:
+            return _get_global_client(raise_if_no_controller_running=False)
+
+    already = running()
+    if already is not None:
+        refuse_ignored_options(config, already.get_serve_details(), source=source)
     client = start(**serve_start_options(config))
-    refuse_ignored_options(config, client.get_serve_details(), source=source)
     if config.logging_config is not None:
         # A Serve that was already running keeps its controller's and proxies' logging otherwise.
         client.update_global_logging_config(config.logging_config)

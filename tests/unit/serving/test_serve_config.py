@@ -114,6 +114,7 @@ def test_serve_run_hands_serve_the_whole_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import ray.serve._private.api as serve_api
+    import ray.serve.context as serve_context
     from ray import serve
 
     from retrieval import cli
@@ -130,6 +131,7 @@ def test_serve_run_hands_serve_the_whole_config(
         raise KeyboardInterrupt  # Ctrl-C while serving
 
     monkeypatch.setattr(serve_api, "serve_start", serve_start)
+    monkeypatch.setattr(serve_context, "_get_global_client", lambda **_: None)  # no Serve before this one
     monkeypatch.setattr(serve, "shutdown", lambda: shutdowns.append(1))
     monkeypatch.setattr(cli, "_init_ray", lambda address: None)
     monkeypatch.setattr(cli.time, "sleep", stop_serving)
@@ -177,7 +179,7 @@ def test_serve_run_refuses_options_a_running_serve_would_ignore() -> None:
     details["proxy_location"] = "EveryNode"
     controller = FakeController(details)
     with pytest.raises(ConfigError) as raised:
-        run_config(config, source="serve.yaml", deadline=60, start=lambda **_: controller)
+        run_config(config, source="serve.yaml", deadline=60, start=lambda **_: controller, running=lambda: controller)
     message = str(raised.value)
     assert message.startswith("serve.yaml: Serve already runs on this cluster and keeps its own ")
     assert "http_options.port: running 8000, config 8123" in message
@@ -189,8 +191,27 @@ def test_serve_run_refuses_options_a_running_serve_would_ignore() -> None:
 def test_serve_run_applies_over_a_running_serve_with_the_same_options() -> None:
     config = ServeDeploySchema.model_validate(CONFIG)
     controller = FakeController(running_details(config, enums=True))
-    run_config(config, source="serve.yaml", deadline=60, start=lambda **_: controller)
+    run_config(config, source="serve.yaml", deadline=60, start=lambda **_: controller, running=lambda: controller)
     assert controller.deployed == [config]
+
+
+def test_serve_run_starting_serve_with_controller_options_applies_them() -> None:
+    """Only a Serve that ran before the start keeps its own options: a fresh one takes the file's."""
+    config = ServeDeploySchema.model_validate(
+        {**CONFIG, "controller_options": {"runtime_env": {"env_vars": {"SERVE_FLAG": "1"}}}}
+    )
+    controller = serve_started_fresh(FakeController(None))
+    started: list[dict[str, Any]] = []
+
+    def start(**options: Any) -> FakeController:
+        started.append(options)
+        return controller
+
+    run_config(config, source="serve.yaml", deadline=60, start=start, running=lambda: None)
+    assert started[0]["controller_options"] == config.controller_options
+    assert controller.deployed == [config]
+    with pytest.raises(ConfigError, match="controller_options: they apply only when Serve's controller starts"):
+        run_config(config, source="serve.yaml", deadline=60, start=start, running=lambda: controller)
 
 
 class _Clock:
