@@ -167,7 +167,7 @@ def main() -> None:
 
     from ray import serve
 
-    from retrieval.serving.app import build_app
+    from retrieval.serving.app import build_search_app
 
     if args.before:
         from retrieval.serving.deployments import delete_swap_state  # type: ignore[attr-defined]
@@ -187,7 +187,7 @@ def main() -> None:
         if not args.before:
             serve_args["layout"] = args.layout
         serve.run(
-            build_app(serve_args, state_name=STATE_NAME),
+            build_search_app(serve_args, state_name=STATE_NAME),
             name=APP_NAME,
             route_prefix="/",
             logging_config=None if args.before else serving_load.SERVE_LOGGING,

@@ -839,7 +839,7 @@ def serve_runs(
     Returns:
         The rows, notes, and the environment of each Ray cluster (``{label: worker env}``).
     """
-    from retrieval.serving.app import build_app
+    from retrieval.serving.app import build_search_app
     from retrieval.serving.deployments import delete_swap_state
 
     notes: list[str] = []
@@ -875,7 +875,7 @@ def serve_runs(
         try:
             return measure_application(
                 f"serve-{layout}-{num_shards}shard-batch-{label}{suffix}",
-                build_app(serve_args, state_name=STATE_NAME),
+                build_search_app(serve_args, state_name=STATE_NAME),
                 app_name=APP_NAME,
                 queries=queries,
                 queries_path=queries_path,

@@ -39,7 +39,7 @@ from retrieval.index.manifest import ModelRef
 from retrieval.index.shards import build_shards
 from retrieval.methods.package import save_model_package
 from retrieval.methods.registry import build_method
-from retrieval.serving.app import build_app
+from retrieval.serving.app import build_search_app
 from retrieval.serving.deployments import delete_swap_state
 
 APP_NAME = "swap-benchmark"
@@ -162,7 +162,7 @@ def main() -> None:
 
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        app = build_app(
+        app = build_search_app(
             {"index": str(v1), "shard_replicas": args.shard_replicas, "shard_num_cpus": 0.25},
             ingress_env={"RETRIEVAL_ADMIN_TOKEN": token},
             state_name=STATE_NAME,

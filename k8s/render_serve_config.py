@@ -10,7 +10,10 @@ cluster a few values must differ, and only those are overridden here (``CLUSTER_
 - ``args.tracking_uri``: the in-cluster MLflow Service instead of ``sqlite:///mlflow.db``.
 
 Every other key (applications, deployments' resources, ``max_k``, ...) comes from ``serve/``
-unchanged. The args are validated as a ``ServingSpec`` so a typo fails here, not in the cluster.
+unchanged, except that a top-level ``logging_config`` gets the quiet defaults for what it leaves
+unset (``retrieval.serving.serve_config.QUIET_LOGGING_CONFIG``: no access-log line per request, INFO).
+The result is checked as ``retrieval serve run|deploy`` check a file (every key known to Ray Serve's
+schema, the args a ``ServingSpec``) so a typo fails here, not in the cluster.
 
 Usage (from the repository root)::
 
@@ -30,8 +33,8 @@ from typing import Any
 
 import yaml
 
-from retrieval.config import ServingSpec
 from retrieval.errors import ConfigError
+from retrieval.serving.serve_config import QUIET_LOGGING_CONFIG, check_serve_config
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +66,8 @@ def render(*, serve_config: Path, host: str, index: str, tracking_uri: str) -> s
         YAML text, deterministic (keys in the order of ``serve_config``), ending in a newline.
 
     Raises:
-        ConfigError: the file is missing, has no applications, or an application's args are not a
-            valid ServingSpec.
+        ConfigError: the file is missing, has no applications, a key is unknown to Ray Serve's
+            schema, or an application's args are not a valid ServingSpec.
     """
     if not serve_config.is_file():
         raise ConfigError(f"Serve config {serve_config} does not exist")
@@ -75,12 +78,13 @@ def render(*, serve_config: Path, host: str, index: str, tracking_uri: str) -> s
     http_options = dict(config.get("http_options") or {})
     http_options["host"] = host
     config["http_options"] = http_options
-    for position, application in enumerate(config["applications"]):
+    config["logging_config"] = {**QUIET_LOGGING_CONFIG, **(config.get("logging_config") or {})}
+    for application in config["applications"]:
         args = dict(application.get("args") or {})
         args["index"] = index
         args["tracking_uri"] = tracking_uri
-        ServingSpec.from_mapping(args, source=f"{serve_config} applications[{position}].args")
         application["args"] = args
+    check_serve_config(config, source=f"{serve_config} (rendered for the cluster)")
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
 
 

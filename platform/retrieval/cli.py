@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from retrieval.errors import RetrievalError, redact_credentials
+from retrieval.errors import RetrievalError, first_and_last_line, redact_credentials
 from retrieval.logs import LOG_FORMATS, configure_logging
 
 logger = logging.getLogger("retrieval")
@@ -188,19 +188,39 @@ def _parser() -> argparse.ArgumentParser:
     search.set_defaults(handler=_search)
 
     serve = commands.add_parser(
-        "serve", help="`serve [run] CONFIG`: run a Serve config until Ctrl-C; `serve swap`: swap the live index"
+        "serve",
+        help="`serve run|deploy CONFIG`: a Serve config, as Ray's `serve run|deploy`; `serve swap|status`: a live app",
     )
     serve_commands = serve.add_subparsers(dest="serve_command", required=True)
-    serve_run = serve_commands.add_parser("run", help="run a Serve config file (serve/...yaml) until Ctrl-C")
+    serve_run = serve_commands.add_parser(
+        "run",
+        help="run a Serve config file (serve/...yaml) until Ctrl-C, as Ray's `serve run CONFIG` (checked first)",
+    )
     serve_run.add_argument("config", help="Ray Serve config file")
     serve_run.add_argument("--address", default=None, help="Ray cluster address (default: a new local cluster)")
     serve_run.add_argument(
         "--startup-timeout",
         type=float,
         default=300.0,
-        help="seconds to keep retrying Serve's start-up when its proxy or controller dies starting (default 300)",
+        help="seconds for Serve to start and every application to be RUNNING; start-up failures of Serve's proxy "
+        "or controller are retried within it (default 300)",
     )
     serve_run.set_defaults(handler=_serve)
+    serve_deploy = serve_commands.add_parser(
+        "deploy",
+        help="submit a Serve config file to a running cluster's dashboard, as Ray's `serve deploy CONFIG`",
+    )
+    serve_deploy.add_argument("config", help="Ray Serve config file")
+    serve_deploy.add_argument(
+        "--address",
+        default=os.environ.get("RAY_DASHBOARD_ADDRESS", "http://localhost:8265"),
+        help="the Ray dashboard's HTTP address (default $RAY_DASHBOARD_ADDRESS or http://localhost:8265)",
+    )
+    serve_deploy.add_argument(
+        "--wait", action="store_true", help="wait until every application is RUNNING (an error if one fails)"
+    )
+    serve_deploy.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits (default 300)")
+    serve_deploy.set_defaults(handler=_serve_deploy)
     serve_swap = serve_commands.add_parser(
         "swap", help="rolling swap of a running app's index (token from RETRIEVAL_ADMIN_TOKEN)"
     )
@@ -453,38 +473,44 @@ def _print_incremental(spec: Any, args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """`retrieval serve run CONFIG`: Ray's `serve run CONFIG`, after our checks (`retrieval.serving.serve_config`)."""
     from ray import serve
 
-    from retrieval.config import read_yaml_mapping
-    from retrieval.serving.app import build_app
+    from retrieval.serving.serve_config import application_urls, read_serve_config, run_config
 
-    config = read_yaml_mapping(args.config)
-    applications = config.get("applications") or []
-    if not applications:
-        raise RetrievalError(f"{args.config}: no 'applications' to run")
+    # Checked first: a bad file is the user's to fix, never retried, and needs no cluster.
+    config = read_serve_config(args.config)
     _init_ray(args.address)
-    http = {"host": "127.0.0.1", "port": 8000, **(config.get("http_options") or {})}
-    # Built first: a bad spec is the user's to fix, never retried.
-    apps = [(application, build_app(application.get("args") or {})) for application in applications]
-
-    def start() -> None:
-        serve.start(http_options=http)
-        for application, app in apps:
-            serve.run(
-                app,
-                name=application.get("name", "retrieval"),
-                route_prefix=application.get("route_prefix", "/"),
-                logging_config=application.get("logging_config") or {"enable_access_log": False},
-            )
-
-    start_with_retries(start, budget_s=args.startup_timeout, reset=serve.shutdown)
-    base_url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
-    print(f"serving on {base_url} (search page: {base_url}/; Ctrl-C to stop)")
+    deadline = time.monotonic() + args.startup_timeout
+    start_with_retries(
+        lambda: run_config(config, source=args.config, deadline=deadline),
+        budget_s=args.startup_timeout,
+        reset=serve.shutdown,
+    )
+    for line in application_urls(config):
+        print(f"serving {line}")
+    print("Ctrl-C to stop")
     try:
         while True:
             time.sleep(3600)
     finally:
         serve.shutdown()
+
+
+def _serve_deploy(args: argparse.Namespace) -> int:
+    """`retrieval serve deploy CONFIG`: Ray's `serve deploy CONFIG`, after our checks."""
+    from retrieval.serving.serve_config import read_serve_config, submit_config, wait_until_running
+
+    config = read_serve_config(args.config)
+    client = submit_config(config, address=args.address, source=args.config)
+    names = ", ".join(application.name for application in config.applications)
+    print(f"submitted {args.config} ({names}) to {args.address}")
+    if not args.wait:
+        print(f"`serve status --address {args.address}` shows whether it runs")
+        return 0
+    wait_until_running(config, client.get_serve_details, deadline=time.monotonic() + args.timeout)
+    print(f"running: {names}")
+    return 0
 
 
 def start_with_retries(
@@ -538,11 +564,7 @@ def start_with_retries(
 
 def _one_line(error: BaseException) -> str:
     """An exception as one line: its first line, and its last when a remote traceback sits between."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    first, last = lines[0], lines[-1]
-    return first if first == last else f"{first} ... {last}"
+    return first_and_last_line(str(error)) or type(error).__name__
 
 
 def _serve_swap(args: argparse.Namespace) -> int:
@@ -639,7 +661,7 @@ def _default_serve_run(argv: list[str]) -> list[str]:
         if token.startswith("-"):
             continue
         following = argv[position + 1 : position + 2]
-        if token == "serve" and following and following[0] not in ("run", "swap", "status", "-h", "--help"):
+        if token == "serve" and following and following[0] not in ("run", "deploy", "swap", "status", "-h", "--help"):
             return [*argv[: position + 1], "run", *argv[position + 1 :]]
         return argv
     return argv

@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -1340,6 +1340,68 @@ def _validate(model: type[StrictModel], data: Mapping[str, Any], *, source: str)
     except ValidationError as error:
         lines = [_describe_error(item, data, model) for item in error.errors()]
         raise ConfigError(f"{source}: invalid spec:\n  " + "\n  ".join(lines)) from None
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def validate_declared_keys(model: type[_Model], data: Mapping[str, Any], *, source: str, what: str) -> _Model:
+    """Validate ``data`` as ``model``, refusing every key that no model in it declares.
+
+    For models that ignore unknown keys instead of refusing them: Ray Serve's config schemas
+    accept any key (so that an older Ray takes a newer Ray's config), and a misspelt
+    ``num_replica`` would then do nothing, silently. Free-form mappings (a plain ``dict`` field
+    such as Serve's ``args``, ``runtime_env`` or ``user_config``) are not looked into.
+
+    Args:
+        model: the pydantic model of the whole document.
+        data: the document, as read from YAML.
+        source: the file (or other origin) to name in errors.
+        what: what the document is, for the error line (e.g. ``invalid Serve config``).
+
+    Raises:
+        ConfigError: naming ``source`` and each unknown key (with a "did you mean") or invalid value.
+    """
+    problems = [_describe_error(item, data, model) for item in _undeclared_keys(model, data, ())]
+    try:
+        validated = model.model_validate(dict(data))
+    except ValidationError as error:
+        problems += [_describe_error(item, data, model) for item in error.errors()]
+    if problems:
+        raise ConfigError(f"{source}: {what}:\n  " + "\n  ".join(problems))
+    return validated
+
+
+def _undeclared_keys(model: type[BaseModel], data: Any, loc: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """Pydantic-style ``extra_forbidden`` error items for the keys of ``data`` that ``model`` does not declare."""
+    if not isinstance(data, Mapping) or model.model_config.get("extra") == "allow":
+        return []
+    fields = {**{field.alias: field for field in model.model_fields.values() if field.alias}, **model.model_fields}
+    found: list[dict[str, Any]] = []
+    for key, value in data.items():
+        field = fields.get(key)
+        if field is None:
+            found.append({"type": "extra_forbidden", "loc": (*loc, key)})
+            continue
+        # Only a model (or a list of them) directly in the annotation: a dict of models has free keys.
+        inner = [nested for nested in _models_in(field.annotation) if not _inside_a_mapping(field.annotation, nested)]
+        if len(inner) != 1:
+            continue
+        if isinstance(value, Mapping):
+            found += _undeclared_keys(inner[0], value, (*loc, key))
+        elif isinstance(value, list):
+            for position, element in enumerate(value):
+                found += _undeclared_keys(inner[0], element, (*loc, key, position))
+    return found
+
+
+def _inside_a_mapping(annotation: Any, model: type[BaseModel]) -> bool:
+    """Whether ``model`` appears in ``annotation`` only as the value type of a mapping (``dict[str, model]``)."""
+    origin = get_origin(annotation)
+    if isinstance(origin, type) and issubclass(origin, Mapping):
+        return model in _models_in(annotation)
+    arguments = [argument for argument in get_args(annotation) if model in _models_in(argument)]
+    return bool(arguments) and all(_inside_a_mapping(argument, model) for argument in arguments)
 
 
 def _describe_error(item: Mapping[str, Any], data: Any, root: type[BaseModel]) -> str:

@@ -70,3 +70,16 @@ class RedactCredentials(logging.Filter):
         if redacted != message:
             record.msg, record.args = redacted, None
         return True
+
+
+def first_and_last_line(text: str) -> str:
+    """Text as one line: its first line, and its last when a (remote) traceback sits between.
+
+    >>> first_and_last_line("Deploying failed:\\nTraceback ...\\n  File 'x.py'\\nValueError: bad")
+    'Deploying failed: ... ValueError: bad'
+    """
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    first, last = lines[0], lines[-1]
+    return first if first == last else f"{first} ... {last}"

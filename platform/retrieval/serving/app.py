@@ -44,7 +44,23 @@ def replica_max_ongoing_requests(spec: ServingSpec) -> int:
     return 2 * spec.max_batch_size if spec.batching else 8
 
 
-def build_app(
+def build_app(args: Mapping[str, Any]) -> serve.Application:
+    """The application builder a Serve config names: ``import_path: retrieval.serving.app:build_app``.
+
+    Serve calls a builder with exactly one argument, the config's ``args``, and refuses one that
+    takes more (keyword-only ones included: ``Application builder functions should take exactly
+    one parameter``), so the options for Python callers are `build_search_app`'s.
+
+    Args:
+        args: the `ServingSpec` fields, e.g. ``{"index": "indices/digits"}``.
+
+    Returns:
+        The application (see `build_search_app`).
+    """
+    return build_search_app(args)
+
+
+def build_search_app(
     args: Mapping[str, Any], *, ingress_env: Mapping[str, str] | None = None, state_name: str | None = None
 ) -> serve.Application:
     """Build the search application from a Serve config's ``args`` (a `ServingSpec`).

@@ -81,9 +81,9 @@ def deployed(cluster: Any, name: str, args: dict[str, Any], http_ready: Any) -> 
     cluster.run_driver(
         "import json\n"
         "from ray import serve\n"
-        "from retrieval.serving.app import build_app\n"
+        "from retrieval.serving.app import build_search_app\n"
         f"serve.start(proxy_location='HeadOnly', http_options={{'host': '127.0.0.1', 'port': {cluster.serve_port}}})\n"
-        f"app = build_app(json.loads({json.dumps(json.dumps(args))}), ingress_env={{'RETRIEVAL_ADMIN_TOKEN': "
+        f"app = build_search_app(json.loads({json.dumps(json.dumps(args))}), ingress_env={{'RETRIEVAL_ADMIN_TOKEN': "
         f"{TOKEN!r}}}, state_name={state!r})\n"
         f"serve.run(app, name={name!r}, route_prefix='/{name}', logging_config={{'enable_access_log': False}})\n"
     )

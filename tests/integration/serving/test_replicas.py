@@ -78,13 +78,13 @@ def deployed_app(
 ) -> Iterator[Deployed]:
     from ray import serve
 
-    from retrieval.serving.app import build_app
+    from retrieval.serving.app import build_search_app
     from retrieval.serving.deployments import delete_swap_state
 
     root, vectors, ids = index
     state_name = f"swap-state-{name}"
     serve.start(http_options={"host": "127.0.0.1", "port": cluster.serve_port})
-    serve.run(build_app({"index": str(root), **args}, state_name=state_name), name=name, route_prefix=f"/{name}")
+    serve.run(build_search_app({"index": str(root), **args}, state_name=state_name), name=name, route_prefix=f"/{name}")
     url = f"http://127.0.0.1:{cluster.serve_port}/{name}"
     http_ready(f"{url}/healthz", deadline_s=60)
     try:

@@ -120,7 +120,7 @@ def deployed(
 ) -> Iterator[Deployed]:
     from ray import serve
 
-    from retrieval.serving.app import build_app
+    from retrieval.serving.app import build_search_app
     from retrieval.serving.deployments import delete_swap_state
 
     root = tmp_path_factory.mktemp("swap-index")
@@ -150,7 +150,7 @@ def deployed(
     replicas = {"shard_replicas": 2} if layout == "distributed" else {"ingress_replicas": 2}
     app_name, route, state_name = f"{APP_NAME}-{layout}", f"{ROUTE}-{layout}", f"{STATE_NAME}-{layout}"
     serve.start(http_options={"host": "127.0.0.1", "port": ray_cluster.serve_port})
-    app = build_app(
+    app = build_search_app(
         {
             "index": str(versions["v1"].manifest_path),
             "layout": layout,

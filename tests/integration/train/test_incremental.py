@@ -67,7 +67,7 @@ def test_tasks_register_index_resume_and_swap_the_live_app(
 ) -> None:
     from ray import serve
 
-    from retrieval.serving.app import build_app
+    from retrieval.serving.app import build_search_app
     from retrieval.serving.deployments import delete_swap_state
     from retrieval.train.incremental import run_incremental
 
@@ -82,7 +82,7 @@ def test_tasks_register_index_resume_and_swap_the_live_app(
 
     serve.start(http_options={"host": "127.0.0.1", "port": ray_cluster.serve_port})
     state_name = "incremental-test-swap-state"
-    app = build_app(
+    app = build_search_app(
         {"index": str(tmp_path / "indices"), "tracking_uri": spec.tracking.tracking_uri, "swap_timeout_s": 120},
         ingress_env={"RETRIEVAL_ADMIN_TOKEN": TOKEN},
         state_name=state_name,

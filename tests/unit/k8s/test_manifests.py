@@ -263,6 +263,33 @@ def test_render_refuses_args_that_are_not_a_serving_spec(tmp_path: Path) -> None
         _render_script().render(serve_config=path, host="0.0.0.0", index="s3://b/i", tracking_uri="http://m:5000")
 
 
+def test_render_gives_any_config_quiet_serve_logging_and_keeps_explicit_choices(tmp_path: Path) -> None:
+    config = yaml.safe_load((REPO_ROOT / "serve" / "digits.yaml").read_text())
+    del config["logging_config"]
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    script = _render_script()
+    rendered = yaml.safe_load(
+        script.render(serve_config=path, host="0.0.0.0", index="s3://b/i", tracking_uri="http://m:5000")
+    )
+    assert rendered["logging_config"] == {"enable_access_log": False, "log_level": "INFO"}
+    config["logging_config"] = {"log_level": "DEBUG"}
+    path.write_text(yaml.safe_dump(config))
+    rendered = yaml.safe_load(
+        script.render(serve_config=path, host="0.0.0.0", index="s3://b/i", tracking_uri="http://m:5000")
+    )
+    assert rendered["logging_config"] == {"enable_access_log": False, "log_level": "DEBUG"}
+
+
+def test_render_refuses_a_key_ray_serve_would_ignore(tmp_path: Path) -> None:
+    config = yaml.safe_load((REPO_ROOT / "serve" / "digits.yaml").read_text())
+    config["applications"][0]["deployments"] = [{"name": "SearchIngress", "num_replica": 2}]
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"applications\[0\]\.deployments\[0\]\.num_replica: unknown key"):
+        _render_script().render(serve_config=path, host="0.0.0.0", index="s3://b/i", tracking_uri="http://m:5000")
+
+
 def test_write_replaces_only_the_serve_config_block(tmp_path: Path) -> None:
     script = _render_script()
     target = tmp_path / "rayservice.yaml"

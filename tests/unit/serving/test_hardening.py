@@ -297,4 +297,8 @@ def test_both_serve_configs_bound_requests_and_bodies_in_time() -> None:
         for application in config["applications"]:
             spec = ServingSpec.from_mapping({**application["args"], "index": "unused"}, source="test")
             assert 0 < spec.body_read_timeout_s < config["http_options"]["request_timeout_s"]
-            assert application["logging_config"] == {"enable_access_log": False}
+            # The global block covers the proxies and every application without its own.
+            assert application.get("logging_config", config["logging_config"]) == {
+                "enable_access_log": False,
+                "log_level": "INFO",
+            }
