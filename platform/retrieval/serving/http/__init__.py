@@ -17,7 +17,8 @@ Endpoints::
                             the body says which: {"ready", "index_version", "layout", "shards": [...],
                             "embedder": {...}}
     GET  /version           {"model": {...}, "index_version": str, "manifest": {...}, "text_queries": bool}
-    GET  /metrics           Prometheus text (`retrieval.serving.metrics`)
+    GET  /metrics           Prometheus text (`retrieval.serving.metrics`) where the app runs without Ray;
+                            under Ray Serve a 404 pointing at Ray's metrics export, which has every replica
     GET  /                  the search page (HTML; its script and style under /ui/)
     POST /admin/swap        JSON {"index": "<version name under the served root> | <manifest path or s3:// URI>"}
                             -> {"from", "to", "model", "duration_s", "replicas"}   (rolling swap)
