@@ -5,8 +5,9 @@ cluster a few values must differ, and only those are overridden here (``CLUSTER_
 
 - ``http_options.host``: ``0.0.0.0``, so the Serve proxy in each pod is reachable from the
   Kubernetes Service (``127.0.0.1`` in ``serve/`` keeps the local demo private);
-- ``args.index`` of every application: the index root in object storage (``s3://...``) instead of
-  the local ``indices/digits``;
+- ``args.index`` of every application: the index root in object storage
+  (``s3://RETRIEVAL_BUCKET/indices/digits``, the bucket filled in by kustomize from the ConfigMap
+  ``retrieval-config``) instead of the local ``indices/digits``;
 - ``args.tracking_uri``: the in-cluster MLflow Service instead of ``sqlite:///mlflow.db``.
 
 Every other key (applications, deployments' resources, ``max_k``, ...) comes from ``serve/``
@@ -42,10 +43,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVE_CONFIG = REPO_ROOT / "serve" / "digits.yaml"
 RAYSERVICE = REPO_ROOT / "k8s" / "base" / "rayservice.yaml"
 
-# The cluster-specific values; keep them in step with k8s/base/configmap.yaml (bucket, MLflow Service).
+# Stands for the bucket in what this script writes: kustomize fills in RETRIEVAL_BUCKET of the ConfigMap
+# retrieval-config (k8s/base/configmap.yaml, the bucket's one definition) at render time (k8s/components/bucket).
+BUCKET_PLACEHOLDER = "RETRIEVAL_BUCKET"
+# The cluster-specific values; the MLflow URI is the Service of k8s/base/mlflow.yaml.
 CLUSTER_OVERRIDES: dict[str, str] = {
     "host": "0.0.0.0",
-    "index": "s3://retrieval/indices/digits",
+    "index": f"s3://{BUCKET_PLACEHOLDER}/indices/digits",
     "tracking_uri": "http://mlflow:5000",
 }
 

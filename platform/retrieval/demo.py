@@ -141,8 +141,9 @@ def run_demo(
         serve.delete(APP_NAME)
         return summary
     print(
-        f"\nserving {base_url} (POST /search/image, /search/vector, /search/id; GET /version, /readyz, /metrics;"
-        f" docs at {base_url}/docs)\nsearch page: {base_url}/"
+        f"\nserving {base_url} (POST /search/image, /search/vector, /search/id; GET /version, /readyz;"
+        f" docs at {base_url}/docs)\nsearch page: {base_url}/\n"
+        "metrics: ray_retrieval_* in the Ray node's metrics export (its --metrics-export-port), not GET /metrics"
     )
     print(f"MLflow UI: mlflow ui --backend-store-uri {redact_credentials(tracking_uri)}  (then http://127.0.0.1:5000)")
     print("Ctrl-C to stop")

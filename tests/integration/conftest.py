@@ -30,6 +30,7 @@ class RayCluster:
     dashboard_url: str
     serve_port: int
     temp_dir: Path
+    metrics_port: int  # the head node's metrics agent: GET http://127.0.0.1:<port>/metrics
 
 
 def free_port() -> int:
@@ -114,7 +115,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     import ray
 
     temp_dir = Path("/tmp") / f"rtest-{os.getpid()}"  # short: Ray's socket paths have a length limit
-    port, dashboard_port = free_port(), free_port()
+    port, dashboard_port, metrics_port = free_port(), free_port(), free_port()
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     command = [
@@ -125,7 +126,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
         "--ray-client-server-port", str(free_port()),
         "--dashboard-agent-listen-port", str(free_port()),
         "--dashboard-agent-grpc-port", str(free_port()),
-        "--metrics-export-port", str(free_port()),
+        "--metrics-export-port", str(metrics_port),
         "--runtime-env-agent-port", str(free_port()),
         "--temp-dir", str(temp_dir),
     ]  # fmt: skip
@@ -141,7 +142,13 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
         )
         address = f"127.0.0.1:{port}"
         ray.init(address=address, log_to_driver=False, _node_ip_address="127.0.0.1")
-        yield RayCluster(address=address, dashboard_url=dashboard_url, serve_port=free_port(), temp_dir=temp_dir)
+        yield RayCluster(
+            address=address,
+            dashboard_url=dashboard_url,
+            serve_port=free_port(),
+            temp_dir=temp_dir,
+            metrics_port=metrics_port,
+        )
     finally:
         try:
             from ray import serve

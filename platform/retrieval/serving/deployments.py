@@ -46,6 +46,8 @@ from retrieval.serving.embedder_host import EmbedCall, EmbedderHost
 from retrieval.serving.errors import BadIndexReferenceError, SwapFailedError
 from retrieval.serving.handles import HandleEmbedderClient, HandleShardClient
 from retrieval.serving.http import build_http_api
+from retrieval.serving.metrics import ServingMetrics
+from retrieval.serving.ray_metrics import RayServeSink
 from retrieval.serving.replica import (
     ActorSwapState,
     VersionedReplica,
@@ -334,7 +336,14 @@ class SearchIngress(VersionedReplica):
                 batch_wait_timeout_s=spec.batch_wait_timeout_s if spec.batching else 0.0,
             )
         )
-        self._service = SearchService(manifest=manifest, spec=spec, shards=shard_clients, embedder=embedder_client)
+        # Through ray.serve.metrics: every node's metrics agent exports every replica's series.
+        self._service = SearchService(
+            manifest=manifest,
+            spec=spec,
+            shards=shard_clients,
+            embedder=embedder_client,
+            metrics=ServingMetrics(RayServeSink()),
+        )
         self._in_flight = self._service.in_flight
         self._init_versions(initial=IndexRef.of(manifest, spec.index), state_name=state_name)
         if state_name is not None and shards is not None:
@@ -477,6 +486,7 @@ class SearchIngress(VersionedReplica):
                 activate=self._activate_ref,
                 timeout_s=self._spec.swap_timeout_s,
                 owner=f"{self._deployment} replica {self._replica}",
+                metrics=self._service.metrics,
             )
         )
         self._swaps.add(task)

@@ -139,7 +139,7 @@ class SearchService:
         embedder: the embedder client.
         version_attempts: how many times a shard call is tried when a replica does not hold
             the pinned version, before the request fails with 503.
-        metrics: the metrics to record into (default: a new registry).
+        metrics: the metrics to record into (default: a prometheus-client registry of its own).
     """
 
     def __init__(
@@ -511,6 +511,8 @@ class SearchService:
             ]
             row += len(query.queries)
             answers.append(_Answer(rows=rows, missing_shards=list(fan_out.missing_shards)))
+            # One per request, not per fan-out: a batched fan-out answers several requests.
+            self._metrics.count_reply(partial=bool(fan_out.missing_shards))
         return answers
 
     @staticmethod

@@ -44,7 +44,7 @@ from retrieval.serving.errors import (
     VersionNotLoadedError,
     VersionUnavailableError,
 )
-from retrieval.serving.metrics import ServingMetrics
+from retrieval.serving.metrics import ServingMetrics, ShardOutcome
 from retrieval.serving.replies import PartReadiness, ShardHits
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class ShardPool:
     Args:
         spec: the serving spec (``shard_timeout_s``, ``on_shard_timeout``).
         shards: one client per shard, in manifest order.
-        metrics: where shard calls, timeouts and partial answers are counted.
+        metrics: where shard calls and timeouts are counted.
         version_attempts: how many times a shard call is tried when a replica does not hold
             the pinned version, before the request fails with 503.
     """
@@ -183,7 +183,7 @@ class ShardPool:
     def _missing(
         self, version: str, *, timed_out: list[int], unavailable: dict[int, str], complete_failure: bool
     ) -> None:
-        """Raise for missing shards as the spec says, or count a partial reply."""
+        """Raise for missing shards as the spec says, or log a partial reply (the service counts each reply)."""
         timeout_text = (
             f"shard{'s' if len(timed_out) > 1 else ''} {', '.join(map(str, timed_out))} did not answer within "
             f"{self._spec.shard_timeout_s} s (index {version})"
@@ -193,7 +193,6 @@ class ShardPool:
             if unavailable:
                 raise ShardUnavailableError(f"{dead_text}; retry later" + (f"; {timeout_text}" if timed_out else ""))
             raise ShardTimeoutError(timeout_text)
-        self._metrics.count_partial()
         logger.warning(
             "partial reply: %s", "; ".join(text for text in (timeout_text if timed_out else "", dead_text) if text)
         )
@@ -208,7 +207,7 @@ class ShardPool:
                 replica is dead twice (the message names the shard).
         """
         started = time.monotonic()
-        outcome: str | None = "unavailable"
+        outcome: ShardOutcome | None = "unavailable"
         try:
             if self._shards[index].remote:
                 self._raise_if_down(index)

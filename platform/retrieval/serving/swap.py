@@ -65,6 +65,7 @@ from retrieval.serving.errors import (
     SwapFailedError,
     SwapInProgressError,
 )
+from retrieval.serving.metrics import ServingMetrics, SwapOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -471,12 +472,53 @@ async def run_swap(
     expected_replicas: Callable[[], Awaitable[dict[str, int]]],
     activate: Callable[[IndexRef], None],
     timeout_s: float,
+    metrics: ServingMetrics,
     owner: str = "swap-runner",
     drain_timeout_s: float = 30.0,
     poll_s: float = 0.05,
     clock: Callable[[], float] = time.monotonic,
 ) -> dict[str, Any]:
-    """Run one rolling swap to ``target`` (see the module docstring for the steps).
+    """Run one rolling swap to ``target`` (see the module docstring for the steps), counted in ``metrics``.
+
+    Every call is counted once in ``retrieval_swaps{outcome}``: ``completed``, ``refused``
+    (another swap runs) or ``failed`` (anything else: a load failed, a timeout, an abort).
+    """
+    started = clock()
+    outcome: SwapOutcome = "failed"
+    try:
+        reply = await _run_swap(
+            state=state,
+            target=target,
+            expected_replicas=expected_replicas,
+            activate=activate,
+            timeout_s=timeout_s,
+            owner=owner,
+            drain_timeout_s=drain_timeout_s,
+            poll_s=poll_s,
+            clock=clock,
+        )
+        outcome = "completed"
+        return reply
+    except SwapInProgressError:
+        outcome = "refused"
+        raise
+    finally:
+        metrics.observe_swap(outcome=outcome, seconds=max(0.0, clock() - started))
+
+
+async def _run_swap(
+    *,
+    state: SwapState,
+    target: IndexRef,
+    expected_replicas: Callable[[], Awaitable[dict[str, int]]],
+    activate: Callable[[IndexRef], None],
+    timeout_s: float,
+    owner: str,
+    drain_timeout_s: float,
+    poll_s: float,
+    clock: Callable[[], float],
+) -> dict[str, Any]:
+    """The steps of `run_swap`.
 
     Args:
         state: the shared swap state.

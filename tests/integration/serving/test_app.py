@@ -279,3 +279,44 @@ def test_every_bad_input_gets_a_4xx_json_error_and_the_app_keeps_answering(deplo
     check_reply(deployed, reply, query, 3)
     image = requests.post(f"{deployed.url}/search/image", files={"file": ("q.png", png_bytes(seed=5))}, timeout=60)
     assert image.status_code == 200
+
+
+def test_metrics_are_exported_by_the_nodes_metrics_agent_with_serve_tags(
+    deployed: Deployed, ray_cluster: Any, poll: Any
+) -> None:
+    """The app's metrics reach Ray's export (ray.serve.metrics), tagged by application, deployment and replica."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    pointer = requests.get(f"{deployed.url}/metrics", timeout=10)
+    assert pointer.status_code == 404 and "ray_retrieval_*" in pointer.json()["error"]["message"]
+    searches = 3
+    for row in deployed.vectors[:searches]:
+        assert requests.post(f"{deployed.url}/search/vector", json={"vector": row.tolist()}, timeout=30).ok
+    mine = {"application": deployed.app_name, "deployment": "SearchIngress"}
+    found: dict[str, list[tuple[dict[str, str], float]]] = {}
+
+    def exported() -> bool:
+        text = requests.get(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics", timeout=10).text
+        found.clear()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.startswith("ray_retrieval_") and mine.items() <= sample.labels.items():
+                    found.setdefault(sample.name, []).append((sample.labels, sample.value))
+        return sum(
+            value for labels, value in found.get("ray_retrieval_requests_total", [])
+            if labels["endpoint"] == "/search/vector" and labels["status"] == "200"
+        ) >= searches  # fmt: skip
+
+    # Each worker reports to its node's agent every metrics_report_interval_ms (10 s by default).
+    poll(exported, timeout=90, what="the app's request counter in the head node's metrics export")
+    assert all(labels["replica"] for samples in found.values() for labels, _ in samples)
+    assert any(
+        labels["endpoint"] == "/metrics" and labels["status"] == "404"
+        for labels, _ in found["ray_retrieval_requests_total"]
+    )
+    replies = [value for labels, value in found["ray_retrieval_search_replies_total"] if labels["answer"] == "complete"]
+    assert sum(replies) >= searches
+    assert [labels["index_version"] for labels, value in found["ray_retrieval_index_info"] if value == 1] == [
+        deployed.index_version
+    ]
+    assert "ray_retrieval_request_seconds_bucket" in found

@@ -8,11 +8,13 @@ The CRDs are read from ../shared/k8s-schemas/kuberay (or $RETRIEVAL_K8S_SCHEMAS)
 
 from __future__ import annotations
 
+import ast
 import copy
 import fnmatch
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -29,11 +31,14 @@ import yaml
 
 from retrieval.config import load_job_spec
 from retrieval.errors import ConfigError
+from retrieval.serving.metrics import METRICS, RAY_EXPORT_PREFIX
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 K8S = REPO_ROOT / "k8s"
-OVERLAYS = ("base", "overlays/dev", "overlays/gpu")
+OVERLAYS = ("base", "overlays/dev", "overlays/gpu", "overlays/monitoring")
 KUBERAY_KINDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayService": "rayservices"}
+# Kinds of the Prometheus operator (k8s/components/monitoring): no CRD offline, see MONITORING_SCHEMAS.
+MONITORING_KINDS = ("PodMonitor", "PrometheusRule")
 # The Kubernetes version the built-in objects are checked against (kubectl 1.32 renders them).
 KUBERNETES_VERSION = "1.32.0"
 
@@ -141,7 +146,13 @@ def test_every_overlay_renders_the_full_deployment(overlay: str) -> None:
     ]
     assert {item["metadata"]["name"] for item in _of_kind(objects, "Deployment")} == {"mlflow"}
     assert {item["metadata"]["name"] for item in _of_kind(objects, "Service")} == {"mlflow", "retrieval-dashboard"}
-    assert {item["metadata"]["name"] for item in _of_kind(objects, "ConfigMap")} == {"retrieval-config"}
+    monitored = overlay == "overlays/monitoring"
+    monitoring = {"ray-dashboard-monitoring", "retrieval-grafana-dashboards"} if monitored else set()
+    assert {item["metadata"]["name"] for item in _of_kind(objects, "ConfigMap")} == {"retrieval-config", *monitoring}
+    # Monitoring only where asked for: a cluster without the Prometheus operator's CRDs applies the rest.
+    assert {item["kind"] for item in objects} & set(MONITORING_KINDS) == (
+        set(MONITORING_KINDS) if overlay == "overlays/monitoring" else set()
+    )
 
 
 # --------------------------------------------------------------------------- schema validation
@@ -162,7 +173,7 @@ def test_kuberay_objects_validate_strictly_against_their_crds(overlay: str) -> N
 @requires_kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_builtin_objects_validate_with_kubernetes_validate_strict(overlay: str) -> None:
-    builtins = [item for item in _render(overlay) if item["kind"] not in KUBERAY_KINDS]
+    builtins = [item for item in _render(overlay) if item["kind"] not in (*KUBERAY_KINDS, *MONITORING_KINDS)]
     assert builtins
     for item in builtins:
         kubernetes_validate.validate(item, KUBERNETES_VERSION, strict=True)
@@ -229,7 +240,10 @@ def test_rayservice_serve_config_is_the_generated_one(overlay: str) -> None:
     script = _render_script()
     expected = script.render(serve_config=REPO_ROOT / "serve" / "digits.yaml", **script.CLUSTER_OVERRIDES)
     assert script.committed(rayservice=K8S / "base" / "rayservice.yaml") == expected
-    assert _of_kind(_render(overlay), "RayService")[0]["spec"]["serveConfigV2"] == expected
+    # Rendered, the placeholder is the ConfigMap's bucket (k8s/components/bucket), and nothing else changed.
+    bucket = _bucket(_render(overlay))
+    rendered = _of_kind(_render(overlay), "RayService")[0]["spec"]["serveConfigV2"]
+    assert rendered == expected.replace(f"s3://{script.BUCKET_PLACEHOLDER}/", f"s3://{bucket}/")
 
 
 def test_generated_serve_config_keeps_serve_and_overrides_only_cluster_values() -> None:
@@ -549,7 +563,8 @@ def test_mlflow_volume_is_writable_by_its_non_root_user(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_mlflow_telemetry_is_off(overlay: str) -> None:
     # It would write ~/.config/mlflow (read-only here) and call out of the cluster.
-    (config,) = _of_kind(_render(overlay), "ConfigMap")
+    objects = _render(overlay)
+    (config,) = [item for item in _of_kind(objects, "ConfigMap") if item["metadata"]["name"] == "retrieval-config"]
     assert config["data"]["MLFLOW_DISABLE_TELEMETRY"] == "true"
 
 
@@ -878,3 +893,401 @@ def test_policy_evaluator_follows_networkpolicy_semantics() -> None:
     expression = {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}]}
     assert _selects(expression, {"tier": "b"}) and not _selects(expression, {"tier": "c"})
     assert not _selects(expression, {})
+
+
+# --------------------------------------------------------------------------- the bucket, defined once
+
+# A bucket name as S3 allows it: a placeholder (RETRIEVAL_BUCKET, $(RETRIEVAL_BUCKET), <bucket>) is none.
+_S3_URI = re.compile(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/")
+BUCKET_COMPONENT = K8S / "components" / "bucket"
+# Every s3:// URI the manifests carry: storage.path of the three RayJobs, index.out of one, the served index.
+S3_URIS_RENDERED = 5
+
+
+def _bucket(objects: tuple[dict[str, Any], ...]) -> str:
+    (config,) = [item for item in _of_kind(objects, "ConfigMap") if item["metadata"]["name"] == "retrieval-config"]
+    return str(config["data"]["RETRIEVAL_BUCKET"])
+
+
+def _s3_buckets(objects: tuple[dict[str, Any], ...]) -> list[str]:
+    """The bucket of every s3:// URI rendered (MLflow's $(RETRIEVAL_BUCKET) is expanded by the kubelet, not here)."""
+    text = yaml.safe_dump_all(objects)
+    return list(_S3_URI.findall(text))
+
+
+def _source_files() -> list[Path]:
+    """The kustomize sources; k8s/iam holds AWS policy documents (checked against the rendered bucket)."""
+    return [
+        path
+        for path in sorted(K8S.rglob("*"))
+        if path.is_file() and path.suffix in {".yaml", ".yml", ".json"} and "iam" not in path.parts
+    ]
+
+
+def test_the_bucket_is_written_once_in_the_sources() -> None:
+    definitions = []
+    for path in _source_files():
+        text = path.read_text()
+        definitions += [(path.relative_to(K8S), line.strip()) for line in text.splitlines()
+                        if re.match(r"\s*RETRIEVAL_BUCKET:\s*\S", line)]  # fmt: skip
+        literal = _S3_URI.findall(text)
+        assert not literal, f"{path.relative_to(K8S)} names bucket(s) {literal}: use the RETRIEVAL_BUCKET placeholder"
+    assert definitions == [(Path("base/configmap.yaml"), "RETRIEVAL_BUCKET: retrieval")]
+    # The script that writes serveConfigV2 writes the placeholder too.
+    script = _render_script()
+    assert script.CLUSTER_OVERRIDES["index"].startswith(f"s3://{script.BUCKET_PLACEHOLDER}/")
+
+
+def _index_hint(objects: tuple[dict[str, Any], ...], bucket: str) -> str:
+    """Where each s3:// URI's bucket sits when a string is split at "/" (the index the component needs)."""
+    hints = []
+    for item in objects:
+        for field in ("entrypoint", "serveConfigV2"):
+            value = item.get("spec", {}).get(field)
+            if isinstance(value, str) and "s3://" in value:
+                parts = value.split("/")
+                found = [index for index, part in enumerate(parts) if index > 1 and parts[index - 2].endswith("s3:")]
+                hints.append(f"{item['kind']}/{item['metadata']['name']} {field}: bucket at /-index {found}")
+    return "; ".join(hints) + f" (k8s/components/bucket should put {bucket!r} there)"
+
+
+@requires_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_bucket_reaches_every_s3_uri_of_every_overlay(overlay: str) -> None:
+    objects = _render(overlay)
+    bucket = _bucket(objects)
+    found = _s3_buckets(objects)
+    assert found == [bucket] * S3_URIS_RENDERED, _index_hint(objects, bucket)
+    assert "RETRIEVAL_BUCKET/" not in yaml.safe_dump_all(objects)
+
+
+@requires_kubectl
+def test_an_overlay_sets_another_bucket_in_one_place(tmp_path: Path) -> None:
+    """The recipe of k8s/README.md: a component of the overlay's own, listed before k8s/components/bucket."""
+    component = tmp_path / "bucket"
+    component.mkdir()
+    (component / "kustomization.yaml").write_text(
+        yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1alpha1",
+            "kind": "Component",
+            "patches": [{
+                "target": {"kind": "ConfigMap", "name": "retrieval-config"},
+                "patch": '[{"op": "replace", "path": "/data/RETRIEVAL_BUCKET", "value": "prod-search-2"}]',
+            }],
+        })
+    )  # fmt: skip
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump({
+            "resources": [os.path.relpath(K8S / "overlays" / "gpu", tmp_path)],
+            "components": ["bucket", os.path.relpath(BUCKET_COMPONENT, tmp_path)],
+        })
+    )  # fmt: skip
+    result = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    objects = tuple(document for document in yaml.safe_load_all(result.stdout) if document)
+    assert _bucket(objects) == "prod-search-2"
+    assert _s3_buckets(objects) == ["prod-search-2"] * S3_URIS_RENDERED, _index_hint(objects, "prod-search-2")
+    # The gpu overlay's own replacement survives: the jobs still train on GPUs.
+    for job in _of_kind(objects, "RayJob"):
+        assert job["spec"]["entrypoint"].endswith("--set scaling.use_gpu=true")
+
+
+# --------------------------------------------------------------------------- monitoring (k8s/components/monitoring)
+
+MONITORING = "overlays/monitoring"
+# No CRD of the Prometheus operator is available offline: these are SUBSETS, written here, of the
+# openAPIV3Schema of monitoring.coreos.com/v1 PodMonitor and PrometheusRule (prometheus-operator), with the
+# fields the manifests use or may plausibly use, their types and required keys. Unknown fields are
+# rejected (as _strict does for the KubeRay CRDs), so a misspelt field fails here, not in the cluster.
+_DURATION = {
+    "type": "string",
+    "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+}
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_SELECTOR = {
+    "type": "object",
+    "properties": {
+        "matchLabels": _STRING_MAP,
+        "matchExpressions": {"type": "array", "items": {
+            "type": "object", "required": ["key", "operator"],
+            "properties": {"key": {"type": "string"}, "operator": {"type": "string"}, "values": _STRINGS},
+        }},
+    },
+}  # fmt: skip
+_RELABEL = {
+    "type": "object",
+    "properties": {
+        "sourceLabels": _STRINGS, "separator": {"type": "string"}, "targetLabel": {"type": "string"},
+        "regex": {"type": "string"}, "modulus": {"type": "integer"}, "replacement": {"type": "string"},
+        "action": {"enum": ["replace", "keep", "drop", "hashmod", "labelmap", "labeldrop", "labelkeep", "lowercase",
+                            "uppercase", "keepequal", "dropequal", "Replace", "Keep", "Drop", "HashMod", "LabelMap",
+                            "LabelDrop", "LabelKeep", "Lowercase", "Uppercase", "KeepEqual", "DropEqual"]},
+    },
+}  # fmt: skip
+_METADATA = {
+    "type": "object", "required": ["name"],
+    "properties": {"name": {"type": "string"}, "namespace": {"type": "string"}, "labels": _STRING_MAP,
+                   "annotations": _STRING_MAP},
+}  # fmt: skip
+MONITORING_SCHEMAS: dict[str, dict[str, Any]] = {
+    "PodMonitor": {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PodMonitor"}, "metadata": _METADATA,
+            "spec": {
+                "type": "object", "required": ["selector", "podMetricsEndpoints"],
+                "properties": {
+                    "jobLabel": {"type": "string"}, "podTargetLabels": _STRINGS, "selector": _SELECTOR,
+                    "namespaceSelector": {"type": "object", "properties": {"any": {"type": "boolean"},
+                                                                           "matchNames": _STRINGS}},
+                    "sampleLimit": {"type": "integer"}, "targetLimit": {"type": "integer"},
+                    "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
+                        "type": "object",
+                        "properties": {
+                            "port": {"type": "string"}, "portNumber": {"type": "integer"}, "path": {"type": "string"},
+                            "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]}, "interval": _DURATION,
+                            "scrapeTimeout": _DURATION, "honorLabels": {"type": "boolean"},
+                            "honorTimestamps": {"type": "boolean"}, "relabelings": {"type": "array", "items": _RELABEL},
+                            "metricRelabelings": {"type": "array", "items": _RELABEL},
+                        },
+                    }},
+                },
+            },
+        },
+    },
+    "PrometheusRule": {
+        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"},
+            "metadata": _METADATA,
+            "spec": {"type": "object", "properties": {"groups": {"type": "array", "items": {
+                "type": "object", "required": ["name", "rules"],
+                "properties": {
+                    "name": {"type": "string", "minLength": 1}, "interval": _DURATION, "labels": _STRING_MAP,
+                    "limit": {"type": "integer"}, "query_offset": _DURATION,
+                    "rules": {"type": "array", "items": {
+                        "type": "object", "required": ["expr"],
+                        "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                        "properties": {
+                            "alert": {"type": "string"}, "record": {"type": "string"},
+                            "expr": {"anyOf": [{"type": "string", "minLength": 1}, {"type": "integer"}]},
+                            "for": _DURATION, "keep_firing_for": _DURATION, "labels": _STRING_MAP,
+                            "annotations": _STRING_MAP,
+                        },
+                    }},
+                },
+            }}}},
+        },
+    },
+}  # fmt: skip
+
+
+def _monitoring_errors(item: dict[str, Any]) -> list[str]:
+    validator = jsonschema.Draft7Validator(_strict(MONITORING_SCHEMAS[item["kind"]]))
+    return [f"{'.'.join(map(str, error.absolute_path))}: {error.message}" for error in validator.iter_errors(item)]
+
+
+@requires_kubectl
+def test_podmonitor_and_prometheusrule_validate_against_the_schema_subsets() -> None:
+    found = [item for item in _render(MONITORING) if item["kind"] in MONITORING_KINDS]
+    assert sorted(item["kind"] for item in found) == sorted(MONITORING_KINDS)
+    for item in found:
+        assert _monitoring_errors(item) == [], item["kind"]
+    monitor = copy.deepcopy(_of_kind(tuple(found), "PodMonitor")[0])
+    monitor["spec"]["podMetricsEndpoint"] = monitor["spec"].pop("podMetricsEndpoints")
+    errors = _monitoring_errors(monitor)
+    assert any("'podMetricsEndpoint' was unexpected" in error for error in errors), errors
+    rule = copy.deepcopy(_of_kind(tuple(found), "PrometheusRule")[0])
+    rule["spec"]["groups"][0]["rules"][0]["for"] = "ten minutes"
+    assert any("does not match" in error for error in _monitoring_errors(rule))
+
+
+@requires_kubectl
+def test_the_podmonitor_scrapes_every_ray_pod_on_ports_they_declare() -> None:
+    objects = _render(MONITORING)
+    (monitor,) = _of_kind(objects, "PodMonitor")
+    pods = _ray_pods(objects)
+    assert len(pods) == 10
+    assert all(_selects(monitor["spec"]["selector"], labels) for labels in pods.values())
+    mlflow = _of_kind(objects, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
+    assert not _selects(monitor["spec"]["selector"], mlflow)
+    ports = {endpoint["port"] for endpoint in monitor["spec"]["podMetricsEndpoints"]}
+    # `metrics` (8080) is the port KubeRay adds to every Ray container; the head-only ones are ours.
+    assert ports == {"metrics", "as-metrics", "dash-metrics"}
+    for item in objects:
+        if item["kind"] in KUBERAY_KINDS:
+            head = _ray_cluster_spec(item)["headGroupSpec"]["template"]["spec"]["containers"][0]
+            declared = {port["name"]: port["containerPort"] for port in head["ports"]}
+            assert {"as-metrics": 44217, "dash-metrics": 44227}.items() <= declared.items(), item["metadata"]["name"]
+
+
+@requires_kubectl
+def test_prometheus_reaches_the_metrics_ports_of_ray_pods_and_nothing_else() -> None:
+    objects = _render(MONITORING)
+    policies = _of_kind(objects, "NetworkPolicy")
+    prometheus = _source({"app.kubernetes.io/name": "prometheus"}, {"kubernetes.io/metadata.name": "monitoring"})
+    for where, labels in _ray_pods(objects).items():
+        for port in (8080, 44217, 44227):
+            assert _ingress_allowed(policies, labels, prometheus, port), (where, port)
+        # (8000, Serve's HTTP port, is ray-serve-http's business: open to any pod by default.)
+        for port in (6379, 8265, 10001, 52365):
+            assert not _ingress_allowed(policies, labels, prometheus, port), (where, port)
+        assert not _ingress_allowed(policies, labels, _source({"app": "client"}), 8080), where
+    # Without the component nobody outside the Ray cluster reaches the metrics port.
+    base = _render("base")
+    for where, labels in _ray_pods(base).items():
+        assert not _ingress_allowed(_of_kind(base, "NetworkPolicy"), labels, prometheus, 8080), where
+
+
+@requires_kubectl
+def test_every_ray_head_knows_where_prometheus_and_grafana_are() -> None:
+    objects = _render(MONITORING)
+    (settings,) = [
+        item for item in _of_kind(objects, "ConfigMap") if item["metadata"]["name"] == "ray-dashboard-monitoring"
+    ]
+    assert set(settings["data"]) == {"RAY_PROMETHEUS_HOST", "RAY_GRAFANA_HOST", "RAY_GRAFANA_IFRAME_HOST"}
+    assert all(value.startswith(("http://", "https://")) for value in settings["data"].values())
+    heads = 0
+    for item in objects:
+        if item["kind"] in KUBERAY_KINDS:
+            head = _ray_cluster_spec(item)["headGroupSpec"]["template"]["spec"]["containers"][0]
+            assert {"configMapRef": {"name": "ray-dashboard-monitoring"}} in head["envFrom"], item["metadata"]["name"]
+            heads += 1
+    assert heads == 5
+    for overlay in ("base", "overlays/dev", "overlays/gpu"):
+        assert "ray-dashboard-monitoring" not in yaml.safe_dump_all(_render(overlay))
+
+
+def _defined_metrics() -> set[str]:
+    """Every sample name the app exports through Ray, parsed from the definitions in retrieval/serving/metrics.py."""
+    source = REPO_ROOT / "platform" / "retrieval" / "serving" / "metrics.py"
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    names = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "MetricSpec" and len(node.args) >= 2:
+            name, kind = (ast.literal_eval(argument) for argument in node.args[:2])
+            names |= {f"ray_{name}{suffix}" for suffix in suffixes[kind]}
+    # The same as the definitions the application records with (parsed, so a rename shows here).
+    assert names == {name for spec in METRICS for name in spec.exported_names(prefix=RAY_EXPORT_PREFIX)}
+    return names
+
+
+@cache
+def _ray_serve_metrics() -> set[str]:
+    """Every sample name of Serve's own metrics in the installed Ray (ray_serve_*), read from its source."""
+    import ray.serve
+
+    names = set()
+    for path in Path(ray.serve.__file__).parent.rglob("*.py"):
+        for name in re.findall(r"(?:Counter|Gauge|Histogram)\(\s*\"(serve_[a-z_]+)\"", path.read_text()):
+            names |= {f"ray_{name}{suffix}" for suffix in ("", "_total", "_bucket", "_sum", "_count")}
+    return names
+
+
+def _metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (every name here starts with ray_; labels and functions do not)."""
+    without_strings = re.sub(r'"[^"]*"', '""', expr)
+    return set(re.findall(r"\b(ray_[a-zA-Z0-9_:]+)\b", without_strings))
+
+
+def _dashboard() -> dict[str, Any]:
+    (maps,) = [item for item in _of_kind(_render(MONITORING), "ConfigMap")
+               if item["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]  # fmt: skip
+    (text,) = maps["data"].values()
+    dashboard: dict[str, Any] = json.loads(text)
+    return dashboard
+
+
+def _dashboard_exprs(dashboard: dict[str, Any]) -> list[str]:
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    exprs += [variable["definition"] for variable in dashboard["templating"]["list"] if "definition" in variable]
+    return exprs
+
+
+def _balanced(expr: str) -> bool:
+    depth = {"(": 0, "{": 0, "[": 0}
+    closing = {")": "(", "}": "{", "]": "["}
+    for char in re.sub(r'"[^"]*"', '""', expr):
+        if char in depth:
+            depth[char] += 1
+        elif char in closing:
+            depth[closing[char]] -= 1
+            if depth[closing[char]] < 0:
+                return False
+    return not any(depth.values())
+
+
+@requires_kubectl
+def test_the_dashboard_parses_and_queries_only_metrics_the_code_defines() -> None:
+    dashboard = _dashboard()
+    ours, serve = _defined_metrics(), _ray_serve_metrics()
+    exprs = _dashboard_exprs(dashboard)
+    assert len(exprs) >= 15
+    used = set()
+    for expr in exprs:
+        names = _metric_names(expr)
+        assert names and _balanced(expr), expr
+        unknown = {name for name in names if name not in ours and name not in serve}
+        assert not unknown, f"{expr}: {sorted(unknown)} is neither a metric of retrieval.serving.metrics nor Serve's"
+        used |= names & ours
+    # What the dashboard is for: partial answers, shard timeouts, batch sizes, latency by route, swaps, versions.
+    for name in ("ray_retrieval_search_replies_total", "ray_retrieval_shard_requests_total",
+                 "ray_retrieval_batch_size_bucket", "ray_retrieval_request_seconds_bucket",
+                 "ray_retrieval_swaps_total", "ray_retrieval_swap_seconds_bucket", "ray_retrieval_index_info",
+                 "ray_retrieval_requests_total", "ray_retrieval_shard_seconds_bucket"):  # fmt: skip
+        assert name in used, name
+    assert any('outcome="timeout"' in expr for expr in exprs)
+    assert any('answer="partial"' in expr for expr in exprs)
+    assert any("by (endpoint, le)" in expr for expr in exprs)
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(set(ids)) == len(ids)
+    queried = [panel for panel in dashboard["panels"] if panel["type"] != "row"]
+    assert all(panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"} for panel in queried)
+
+
+@requires_kubectl
+def test_the_dashboard_links_to_rays_own_dashboards() -> None:
+    import ray.dashboard.modules.metrics.dashboards as ray_dashboards
+
+    folder = Path(ray_dashboards.__file__).parent
+    uids = {uid for path in folder.glob("*.py") for uid in re.findall(r'default_uid="([^"]+)"', path.read_text())}
+    linked = {link["url"].removeprefix("/d/") for link in _dashboard()["links"]}
+    assert {"rayServeDashboard", "rayServeDeploymentDashboard", "rayDefaultDashboard"} <= linked
+    assert linked <= uids, linked - uids
+
+
+def test_a_renamed_metric_is_caught() -> None:
+    assert _metric_names('sum(rate(ray_retrieval_swaps_total{outcome="failed"}[5m]))') == {"ray_retrieval_swaps_total"}
+    assert "ray_retrieval_swaps_total" in _defined_metrics()
+    assert "ray_retrieval_swap_total" not in _defined_metrics() | _ray_serve_metrics()
+    assert "ray_serve_deployment_replica_healthy" in _ray_serve_metrics()
+    assert not _balanced("sum(rate(ray_retrieval_swaps_total[5m])")
+
+
+@requires_kubectl
+def test_alert_rules_cover_the_failures_and_query_defined_metrics() -> None:
+    objects = _render(MONITORING)
+    (rule_object,) = _of_kind(objects, "PrometheusRule")
+    rules = {rule["alert"]: rule for group in rule_object["spec"]["groups"] for rule in group["rules"]}
+    assert set(rules) == {
+        "RetrievalHighPartialAnswerRate",
+        "RetrievalShardTimeouts",
+        "RetrievalHigh5xxRate",
+        "RetrievalSwapFailed",
+        "RetrievalNoHealthyReplicas",
+    }
+    ours, serve = _defined_metrics(), _ray_serve_metrics()
+    for name, rule in rules.items():
+        names = _metric_names(rule["expr"])
+        assert names and _balanced(rule["expr"]), name
+        assert names <= ours | serve, (name, names - ours - serve)
+        assert rule["labels"]["severity"] in {"warning", "critical"}
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+    assert 'status=~"5.."' in rules["RetrievalHigh5xxRate"]["expr"]
+    assert 'outcome="failed"' in rules["RetrievalSwapFailed"]["expr"]
+    # The replica-health rule filters on the Serve application the RayService runs.
+    (service,) = _of_kind(objects, "RayService")
+    applications = {app["name"] for app in yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]}
+    filtered = set(re.findall(r'application="([^"]+)"', rules["RetrievalNoHealthyReplicas"]["expr"]))
+    assert filtered and filtered <= applications

@@ -35,7 +35,7 @@ from retrieval.serving.errors import ShardUnavailableError
 from retrieval.serving.http import build_http_api, json_body_limit, upload_body_limit
 from retrieval.serving.http.gate import BodyLimits
 from retrieval.serving.images import decode_image
-from retrieval.serving.metrics import CONTENT_TYPE
+from retrieval.serving.metrics import CONTENT_TYPE, ServingMetrics
 from retrieval.serving.replies import ShardHits
 from retrieval.serving.service import SearchService
 
@@ -172,7 +172,12 @@ class Served:
 
 
 def serve(
-    *, thumbnails: bool = True, gallery: dict[str, Any] | None = None, remote: bool = True, **spec_fields: Any
+    *,
+    thumbnails: bool = True,
+    gallery: dict[str, Any] | None = None,
+    remote: bool = True,
+    metrics: ServingMetrics | None = None,
+    **spec_fields: Any,
 ) -> Iterator[Served]:
     spec = ServingSpec(index="unused", max_k=20, default_k=5, max_upload_bytes=3_000, **spec_fields)
     shards = [
@@ -180,7 +185,11 @@ def serve(
         for shard in range(COUNT // SHARD_SIZE)
     ]
     service = SearchService(
-        manifest=manifest(thumbnails=thumbnails, gallery=gallery), spec=spec, shards=shards, embedder=FakeEmbedder()
+        manifest=manifest(thumbnails=thumbnails, gallery=gallery),
+        spec=spec,
+        shards=shards,
+        embedder=FakeEmbedder(),
+        metrics=metrics,
     )
     # One event loop for the whole client, as in a server (the router's batcher lives in it).
     with TestClient(build_http_api(service)) as client:
@@ -462,6 +471,19 @@ def test_metrics_count_requests_by_route_template_and_status(served: Served) -> 
     assert info == {(("index_version", VERSION), ("model", f"{MODEL.name}/{MODEL.version}")): 1.0}
     again = samples(client.get("/metrics").text, "retrieval_requests_total")
     assert again[(("endpoint", "/metrics"), ("status", "200"))] == 1
+
+
+def test_metrics_exported_by_ray_are_not_served_by_one_replica(recorder: Any, recorded: ServingMetrics) -> None:
+    # Under Serve the sink has no text of its own (RayServeSink): every node's metrics agent exports it.
+    for served in serve(metrics=recorded):
+        response = served.client.get("/metrics")
+        assert_error(response, 404, "not_found", "exported by the Ray metrics agent of every node")
+        assert "ray_retrieval_*" in response.json()["error"]["message"]
+        assert served.client.get("/items/1").status_code == 200
+    # The requests are still recorded, into the sink the app was given.
+    assert recorder.count("retrieval_requests", endpoint="/items/{item_id}", status="200") == 1
+    assert recorder.count("retrieval_requests", endpoint="/metrics", status="404") == 1
+    assert len(recorder.observed("retrieval_request_seconds", endpoint="/items/{item_id}")) == 1
 
 
 # --------------------------------------------------------------------------- auth and CORS

@@ -40,6 +40,7 @@ from retrieval.serving.errors import (
     ShardUnavailableError,
     VersionNotLoadedError,
 )
+from retrieval.serving.metrics import ServingMetrics
 from retrieval.serving.replies import ShardCall, ShardHits
 from retrieval.serving.service import SearchService
 from retrieval.serving.shard_host import ShardHost
@@ -258,14 +259,14 @@ class Served:
     embedder: EmbedderStub
 
 
-def serve(index: Index, replicas: Backend, **spec_fields: Any) -> Served:
+def serve(index: Index, replicas: Backend, metrics: ServingMetrics | None = None, **spec_fields: Any) -> Served:
     spec = ServingSpec(index=str(index.path), max_k=50, default_k=5, max_query_vectors=4, **spec_fields)
     shards = [
         ShardStub(replicas.client(info.shard), remote=replicas.layout == "distributed")
         for info in index.manifest.shards
     ]
     embedder = EmbedderStub(index)
-    service = SearchService(manifest=index.manifest, spec=spec, shards=shards, embedder=embedder)
+    service = SearchService(manifest=index.manifest, spec=spec, shards=shards, embedder=embedder, metrics=metrics)
     return Served(service=JsonService(service), shards=shards, embedder=embedder)
 
 
@@ -282,6 +283,13 @@ def ids_of(reply: dict[str, Any]) -> list[int]:
 
 def run(coroutine: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(coroutine())  # type: ignore[arg-type]
+
+
+def scraped(service: Any) -> str:
+    """The service's metrics as ``GET /metrics`` serves them without Ray (its own prometheus-client registry)."""
+    text = service.metrics.exposition()
+    assert text is not None
+    return str(text.decode())
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
@@ -352,10 +360,12 @@ def test_concurrent_searches_share_shard_calls_and_the_batch_sizes_are_recorded(
     # All 20 arrive in one event-loop turn: batches of 8, 8 and 4 queries, one call each per shard.
     assert [stub.calls for stub in served.shards] == [3, 3]
     assert [stub.queries for stub in served.shards] == [20, 20]
-    text = served.service.metrics.render().decode()
+    text = scraped(served.service)
     assert metric_value(text, "retrieval_batch_size_count", stage="router") == 3
     assert metric_value(text, "retrieval_batch_size_sum", stage="router") == 20
     assert metric_value(text, "retrieval_shard_requests_total", shard="0", outcome="ok") == 3
+    # Replies are counted per request, not per fan-out: 20 requests in 3 batches.
+    assert metric_value(text, "retrieval_search_replies_total", answer="complete") == 20
     assert metric_value(text, "retrieval_index_info", index_version=index.manifest.index_version, model="stub/1") == 1
 
 
@@ -407,10 +417,39 @@ def test_a_shard_past_the_deadline_gives_a_partial_reply(index: Index, replicas:
         path=index.path, vectors=index.vectors[: COUNT // 2], ids=index.ids[: COUNT // 2], manifest=index.manifest
     )
     assert ids_of(reply) == brute_force(first_half, query, 5)
-    text = served.service.metrics.render().decode()
-    assert metric_value(text, "retrieval_partial_results_total") == 1
+    text = scraped(served.service)
+    assert metric_value(text, "retrieval_search_replies_total", answer="partial") == 1
+    assert metric_value(text, "retrieval_search_replies_total", answer="complete") == 0
     assert metric_value(text, "retrieval_shard_requests_total", shard="1", outcome="timeout") == 1
     assert metric_value(text, "retrieval_shard_requests_total", shard="0", outcome="ok") == 1
+
+
+def test_a_partial_batched_fan_out_counts_one_partial_reply_per_request(
+    index: Index, replicas: Backend, recorder: Any, recorded: ServingMetrics
+) -> None:
+    served = serve(
+        index,
+        replicas,
+        metrics=recorded,
+        batching=True,
+        max_batch_size=8,
+        batch_wait_timeout_s=0.0,
+        shard_timeout_s=0.05,
+        on_shard_timeout="partial",
+    )
+    queries = np.random.default_rng(5).standard_normal((5, DIM)).astype(np.float32)
+
+    async def main() -> list[dict[str, Any]]:
+        served.shards[1].gate = asyncio.Event()  # never set: shard 1 misses the deadline
+        return list(await asyncio.gather(*(served.service.search_vector(row.tolist(), 3) for row in queries)))
+
+    replies = run(main)
+    assert all(reply["missing_shards"] == [1] for reply in replies)
+    # One fan-out (one batch of 5) missed shard 1 once, and answered 5 requests partially.
+    assert recorder.observed("retrieval_batch_size", stage="router") == [5]
+    assert recorder.count("retrieval_shard_requests", shard="1", outcome="timeout") == 1
+    assert recorder.count("retrieval_search_replies", answer="partial") == 5
+    assert recorder.count("retrieval_search_replies", answer="complete") == 0
 
 
 def test_a_shard_past_the_deadline_is_a_504_in_error_mode_and_every_shard_late_always_is(
@@ -472,9 +511,10 @@ def test_a_dead_shard_is_missing_fails_fast_while_down_and_comes_back(index: Ind
         assert (complete["partial"], complete["missing_shards"]) == (False, [])
 
     run(main)
-    text = served.service.metrics.render().decode()
+    text = scraped(served.service)
     assert metric_value(text, "retrieval_shard_requests_total", shard="1", outcome="unavailable") == 2
-    assert metric_value(text, "retrieval_partial_results_total") == 2
+    assert metric_value(text, "retrieval_search_replies_total", answer="partial") == 2
+    assert metric_value(text, "retrieval_search_replies_total", answer="complete") == 1
 
 
 @distributed_only

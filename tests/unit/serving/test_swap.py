@@ -35,6 +35,7 @@ from retrieval.serving.errors import (
 )
 from retrieval.serving.http import build_http_api
 from retrieval.serving.memory import check_shard_memory
+from retrieval.serving.metrics import ServingMetrics
 from retrieval.serving.replies import ShardHits
 from retrieval.serving.service import SearchService
 from retrieval.serving.swap import (
@@ -358,8 +359,14 @@ async def poll_forever(book: SwapBook, replicas: list[FakeReplica]) -> None:
 
 
 def swap_with(
-    book: SwapBook, replicas: list[FakeReplica], target: IndexRef, *, timeout_s: float = 5.0
+    book: SwapBook,
+    replicas: list[FakeReplica],
+    target: IndexRef,
+    *,
+    timeout_s: float = 5.0,
+    metrics: ServingMetrics | None = None,
 ) -> dict[str, Any]:
+    metrics = metrics if metrics is not None else ServingMetrics()
     activated: list[str] = []
 
     async def scenario() -> dict[str, Any]:
@@ -379,6 +386,7 @@ def swap_with(
                 expected_replicas=expected,
                 activate=activate,
                 timeout_s=timeout_s,
+                metrics=metrics,
                 drain_timeout_s=2.0,
                 poll_s=0.001,
             )
@@ -430,6 +438,33 @@ def test_failed_load_aborts_and_the_old_version_keeps_serving(versions: dict[str
     assert replicas[-1].active == "v1"
 
 
+def test_every_swap_is_counted_by_outcome(
+    versions: dict[str, Version], tmp_path: Path, recorder: Any, recorded: ServingMetrics
+) -> None:
+    book = SwapBook(initial=versions["v1"].ref())
+    swap_with(book, replica_set(), versions["v2"].ref(), metrics=recorded)
+    v3 = build_version(tmp_path, "v3", 3)
+    with pytest.raises(SwapFailedError):
+        swap_with(book, replica_set(b={"v3": "shard-000.faiss: sha256 mismatch"}), v3.ref(), metrics=recorded)
+    book.begin(v3.ref())  # another runner's swap is in progress: this one is refused
+    with pytest.raises(SwapInProgressError):
+        asyncio.run(
+            run_swap(
+                state=BookState(book),
+                target=versions["v1"].ref(),
+                expected_replicas=lambda: asyncio.sleep(0, {}),
+                activate=lambda ref: None,
+                timeout_s=1.0,
+                metrics=recorded,
+            )
+        )
+    outcomes = ("completed", "failed", "refused")
+    assert [recorder.count("retrieval_swaps", outcome=outcome) for outcome in outcomes] == [1, 1, 1]
+    for outcome in outcomes:
+        (seconds,) = recorder.observed("retrieval_swap_seconds", outcome=outcome)
+        assert seconds >= 0
+
+
 def test_swap_times_out_when_a_replica_never_reports(versions: dict[str, Version]) -> None:
     book = SwapBook(initial=versions["v1"].ref())
     # Serve runs 2 Shard0 replicas but only one reports: the swap must not flip without the other.
@@ -449,6 +484,7 @@ def test_swap_times_out_when_a_replica_never_reports(versions: dict[str, Version
                 expected_replicas=expected,
                 activate=lambda ref: activated.append(ref.index_version),
                 timeout_s=0.05,
+                metrics=ServingMetrics(),
                 poll_s=0.001,
             )
         finally:
@@ -562,6 +598,7 @@ def test_the_runner_fails_when_an_operator_aborts_its_swap(versions: dict[str, V
                 expected_replicas=expected,
                 activate=lambda ref: None,
                 timeout_s=5.0,
+                metrics=ServingMetrics(),
                 poll_s=0.001,
             )
         finally:

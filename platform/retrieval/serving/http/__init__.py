@@ -17,7 +17,8 @@ Endpoints::
                             the body says which: {"ready", "index_version", "layout", "shards": [...],
                             "embedder": {...}}
     GET  /version           {"model": {...}, "index_version": str, "manifest": {...}, "text_queries": bool}
-    GET  /metrics           Prometheus text (`retrieval.serving.metrics`)
+    GET  /metrics           Prometheus text (`retrieval.serving.metrics`) where the app runs without Ray;
+                            under Ray Serve a 404 pointing at Ray's metrics export, which has every replica
     GET  /                  the search page (HTML; its script and style under /ui/)
     POST /admin/swap        JSON {"index": "<version name under the served root> | <manifest path or s3:// URI>"}
                             -> {"from", "to", "model", "duration_s", "replicas"}   (rolling swap)
@@ -71,7 +72,8 @@ Every error reply is ``{"error": {"type": str, "message": str}}`` (ARCHITECTURE 
     413 payload_too_large   the upload is bigger than max_upload_bytes, a body over its limit,
                             more than max_query_vectors vectors, or a text longer than
                             MAX_TEXT_CHARS (10,000) characters
-    404 not_found           unknown gallery id, an item without a thumbnail, or unknown route
+    404 not_found           unknown gallery id, an item without a thumbnail, unknown route, or
+                            GET /metrics under Ray Serve (the message says where the metrics are)
     405 method_not_allowed  a known route with the wrong method
     503 version_unavailable no replica holds the pinned index version (retry later)
     503 shard_unavailable   a shard has no live replica (retry later)

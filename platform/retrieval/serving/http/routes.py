@@ -39,11 +39,18 @@ from retrieval.serving.http.schemas import (
     search_params,
 )
 from retrieval.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from retrieval.serving.metrics import RAY_EXPORT_PREFIX
 from retrieval.serving.replies import SearchReply
 from retrieval.serving.service import SearchService
 from retrieval.serving.swap import SwapAdmin
 
 # Python refuses to parse integers of more than 4300 digits (a ValueError, not a 4xx).
+# What GET /metrics answers (404) where the app runs under Ray Serve.
+METRICS_ELSEWHERE = (
+    "this application runs under Ray Serve: its metrics are exported by the Ray metrics agent of every "
+    f"node (the port of `ray start --metrics-export-port`, 8080 on KubeRay pods) as {RAY_EXPORT_PREFIX}retrieval_*, "
+    "tagged with application, deployment and replica; scrape every node (k8s/components/monitoring has a PodMonitor)"
+)
 _FORM_INTEGER = re.compile(r"^\s*[+-]?\d{1,18}\s*$")
 # The page's files, served from the installed package (they are package data of the wheel).
 _PAGE_FILES = {
@@ -224,8 +231,16 @@ def operations_router(service: SearchService, api: FastAPI) -> APIRouter:
         responses={200: {"content": {METRICS_CONTENT_TYPE: {"schema": {"type": "string"}}}}},
     )
     async def metrics() -> Response:
-        """Prometheus metrics: requests per endpoint, shard calls, batch sizes, the active version."""
-        return Response(service.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+        """Prometheus metrics: requests per endpoint, shard calls, batch sizes, swaps, the active version.
+
+        Only where the app runs without Ray. Under Ray Serve the metrics go through
+        ``ray.serve.metrics`` to every node's metrics agent, which holds every replica's series;
+        one replica's registry, reached through the proxy at random, would show a random part.
+        """
+        text = service.metrics.exposition()
+        if text is None:
+            return error_response(404, "not_found", METRICS_ELSEWHERE)
+        return Response(text, media_type=METRICS_CONTENT_TYPE)
 
     @router.get("/openapi.json", include_in_schema=False)
     async def openapi() -> JSONBody:
