@@ -12,6 +12,7 @@ import json
 import logging
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,58 @@ def request_status(url: str, *, token: str, timeout_s: float = 30) -> dict[str, 
     """
     endpoint = url.rstrip("/") + "/admin/status"
     return _admin_call(endpoint, token=token, body=None, timeout_s=timeout_s, refused=f"status refused by {endpoint}")
+
+
+@dataclass(frozen=True)
+class ServedVersions:
+    """The index versions a running application holds, as far as its URL tells.
+
+    Attributes:
+        active: the version answering queries.
+        held: every version any replica holds or is asked to hold (``active``, a swap's
+            ``prepared`` and ``retiring`` ones, each replica's ``holds``); only ``active``
+            when ``complete`` is False.
+        complete: whether ``held`` came from ``/admin/status`` (every replica's state) rather
+            than from ``/readyz`` (the active version alone: a swap in progress is not seen).
+    """
+
+    active: str
+    held: frozenset[str]
+    complete: bool
+
+
+def served_versions(url: str, *, admin_token: str | None, timeout_s: float = 30) -> ServedVersions:
+    """What the application at ``url`` serves: ``/admin/status`` with an admin token, else ``/readyz``.
+
+    Raises:
+        SwapRequestError: no reply, or an error reply (e.g. a wrong admin token).
+    """
+    if admin_token:
+        status = request_status(url, token=admin_token, timeout_s=timeout_s)
+        held = {status.get("active"), status.get("prepared"), status.get("retiring")}
+        for replica in (status.get("replicas") or {}).values():
+            held.update(replica.get("holds") or [])
+            held.add(replica.get("active"))
+        active = str(status["active"])
+        return ServedVersions(
+            active=active, held=frozenset(str(name) for name in held if name) | {active}, complete=True
+        )
+    endpoint = url.rstrip("/") + "/readyz"
+    request = urllib.request.Request(endpoint, method="GET")
+    try:
+        with _OPENER.open(request, timeout=timeout_s) as response:
+            body = json.loads(response.read().decode("utf-8"))
+    except urllib.error.HTTPError as error:
+        # 503 (not every replica ready) still says which version is active.
+        if error.code != 503:
+            raise SwapRequestError(f"{endpoint} answered HTTP {error.code}", status=error.code) from None
+        body = json.loads(error.read().decode("utf-8"))
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        raise SwapRequestError(f"cannot reach {endpoint}: {error}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("index_version"), str):
+        raise SwapRequestError(f"{endpoint}: the reply names no index_version; is this a retrieval application?")
+    active = body["index_version"]
+    return ServedVersions(active=active, held=frozenset({active}), complete=False)
 
 
 def _admin_call(
