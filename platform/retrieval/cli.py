@@ -116,6 +116,11 @@ def _parser() -> argparse.ArgumentParser:
         "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or a new local cluster)"
     )
     train.add_argument("--summary", type=Path, default=None, help="write the outcome as JSON here")
+    train.add_argument(
+        "--system-metrics",
+        action="store_true",
+        help="log MLflow system metrics (CPU, memory, disk, network, GPU) to the run: tracking.system_metrics=true",
+    )
     train.set_defaults(handler=_train)
 
     tune = commands.add_parser("tune", help="sweep a method's loss weights with Ray Tune (tune_spaces/...yaml)")
@@ -375,7 +380,8 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from retrieval.config import load_job_spec
 
-    spec = load_job_spec(args.spec, args.overrides)
+    overrides = [*args.overrides, *(["tracking.system_metrics=true"] if args.system_metrics else [])]
+    spec = load_job_spec(args.spec, overrides)
     if spec.incremental is not None:
         return _train_incremental(spec, args)
     from retrieval.train import run_training

@@ -36,7 +36,7 @@ from retrieval.methods.package import ModelPackage
 from retrieval.serialization import load_state
 from retrieval.tracking.registry import RegisteredModel, register_model_package, set_alias
 from retrieval.tracking.runs import TrainingRun, code_version
-from retrieval.train.worker import CHECKPOINT_STATE, train_loop_per_worker
+from retrieval.train.worker import CHECKPOINT_STATE, train_loop_per_worker, with_system_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +194,8 @@ def build_trainer(
         loop: Any = cross_modal_loop_per_worker
     else:
         loop = train_loop_per_worker
+    if spec.tracking.system_metrics and run is not None:
+        loop = functools.partial(with_system_metrics, loop)
     return TorchTrainer(
         loop,
         train_loop_config={
