@@ -1,4 +1,4 @@
-"""The `retrieval` command: train, tune, extract, index, evaluate, serve, demo.
+"""The `retrieval` command: train, tune, extract, index (build, list, show, prune), models, evaluate, serve, demo.
 
 Every subcommand validates its inputs at the edge; a bad spec, path, model URI or
 argument is reported as one clear line on stderr with exit status 2.

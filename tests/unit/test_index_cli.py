@@ -252,3 +252,18 @@ def test_index_list_and_prune_keep_every_version_a_running_app_holds(
         out = capsys.readouterr().out
     assert f"  keep    v1: held by {url}" in out and f"  keep    v2: held by {url}" in out
     assert versions_in(root) == ["v1", "v2", "v4"]
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    import argparse
+
+    missing = []
+    pending = [("retrieval", _parser())]
+    while pending:
+        name, parser = pending.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                pending += [(f"{name} {command}", sub) for command, sub in action.choices.items()]
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert missing == []

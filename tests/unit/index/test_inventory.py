@@ -348,3 +348,21 @@ def test_s3_root_without_current_is_listed_but_not_pruned(endpoint: str, s3_root
     with pytest.raises(RetrievalError, match="refusing to prune"):
         plan_prune(listing, keep=1)
     assert json.loads(json.dumps([version.summary() for version in listing.versions]))[0]["version"] == "v3"
+
+
+def test_the_cli_lists_shows_and_prunes_an_s3_root(
+    endpoint: str, s3_root: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from retrieval.cli import main
+
+    assert main(["index", "list", s3_root, "--endpoint-url", endpoint, "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert (listing["root"], listing["current"]) == (s3_root, "v3")
+    assert [(row["version"], row["state"], row["size_bytes"]) for row in listing["versions"]] == [
+        (f"v{number}", "complete", folder_bytes(tmp_path / f"local-{number}" / f"v{number}")) for number in (3, 2, 1)
+    ]
+    assert main(["index", "show", f"{s3_root}/v1", "--endpoint-url", endpoint]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads((tmp_path / "local-1/v1/manifest.json").read_text())
+    assert main(["index", "prune", s3_root, "--keep", "2", "--endpoint-url", endpoint]) == 0
+    assert "deleted 1 versions" in capsys.readouterr().out
+    assert sorted({key.split("/")[0] for key in keys_under(endpoint, s3_root)}) == ["CURRENT", "v2", "v3"]
