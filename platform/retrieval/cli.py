@@ -137,6 +137,11 @@ def _parser() -> argparse.ArgumentParser:
         "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or a new local cluster)"
     )
     tune.add_argument("--summary", type=Path, default=None, help="write the outcome as JSON here")
+    tune.add_argument(
+        "--system-metrics",
+        action="store_true",
+        help="log MLflow system metrics to every trial's run (the trials' tracking.system_metrics=true)",
+    )
     tune.set_defaults(handler=_tune)
 
     extract = commands.add_parser(
@@ -449,12 +454,13 @@ def _tune(args: argparse.Namespace) -> int:
     from retrieval.config import load_sweep_spec
     from retrieval.train.driver import check_job_inputs
 
-    sweep = load_sweep_spec(args.space, args.overrides)
+    overrides = sweep_overrides(args.space, args.overrides, system_metrics=args.system_metrics)
+    sweep = load_sweep_spec(args.space, overrides)
     check_job_inputs(sweep.base_job)
     _init_ray(args.address)
     from retrieval.tune import run_sweep
 
-    outcome = run_sweep(args.space, overrides=args.overrides)
+    outcome = run_sweep(args.space, overrides=overrides)
     print(outcome.table())
     model = outcome.model
     print(
@@ -467,6 +473,27 @@ def _tune(args: argparse.Namespace) -> int:
     if args.summary:
         _write_json(args.summary, {**outcome.summary(), "mlflow_run_link": link})
     return 0
+
+
+def sweep_overrides(space: str, overrides: Sequence[str], *, system_metrics: bool) -> list[str]:
+    """The sweep file's ``--set`` overrides, plus ``tracking.system_metrics`` for every trial with ``system_metrics``.
+
+    A sweep file's ``overrides:`` maps dotted job keys to values; ``--set overrides.tracking...``
+    would nest a ``tracking`` mapping there that replaces the job's whole tracking section, so
+    the flag adds its dotted key to the file's own overrides (after the user's ``--set``) instead.
+    """
+    if not system_metrics:
+        return list(overrides)
+    from retrieval.config import apply_override, read_yaml_mapping
+
+    data = read_yaml_mapping(space)
+    for override in overrides:
+        apply_override(data, override)
+    existing = data.get("overrides") or {}
+    if not isinstance(existing, dict):
+        raise RetrievalError(f"{space}: 'overrides' must be a mapping of dotted job keys to values")
+    merged = {**existing, "tracking.system_metrics": True}
+    return [*overrides, f"overrides={json.dumps(merged)}"]
 
 
 def _extract(args: argparse.Namespace) -> int:
