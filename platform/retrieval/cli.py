@@ -1,4 +1,4 @@
-"""The `retrieval` command: train, tune, extract, index, evaluate, serve, demo.
+"""The `retrieval` command: train, tune, extract, index (build, list, show, prune), models, evaluate, serve, demo.
 
 Every subcommand validates its inputs at the edge; a bad spec, path, model URI or
 argument is reported as one clear line on stderr with exit status 2.
@@ -30,6 +30,30 @@ EXIT_CODES = """exit status:
   any other: an unexpected failure (a traceback follows; please report it)"""
 
 
+INDEX_STATES = """version states:
+  complete    a valid manifest and every shard file it names
+  building    no manifest yet and a file written within --building-grace (an upload or build in progress);
+              never pruned, nor is a local build's hidden .building-* staging folder
+  incomplete  no manifest and nothing written for longer (an interrupted upload or prune); pruned
+  damaged     a manifest that is invalid, names another version, or names missing files; pruned"""
+
+
+def _add_index_store_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL, else AWS)"
+    )
+    parser.add_argument(
+        "--building-grace",
+        type=float,
+        default=60.0,
+        metavar="MINUTES",
+        help="a version without a manifest whose newest file is younger than this is being written (default 60)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for --serve-url's reply (default 30)"
+    )
+
+
 def _version_line() -> str:
     """``retrieval-platform X`` and the versions of the stack it runs on (read without importing them)."""
     from importlib import metadata
@@ -47,7 +71,7 @@ def _version_line() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(_default_serve_run(list(sys.argv[1:] if argv is None else argv)))
+    args = parser.parse_args(_default_subcommand(list(sys.argv[1:] if argv is None else argv)))
     configure_logging(verbose=args.verbose, log_format=args.log_format)
     # A fresh local ray.init() turns on token authentication; a local demo needs none.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -92,6 +116,11 @@ def _parser() -> argparse.ArgumentParser:
         "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or a new local cluster)"
     )
     train.add_argument("--summary", type=Path, default=None, help="write the outcome as JSON here")
+    train.add_argument(
+        "--system-metrics",
+        action="store_true",
+        help="log MLflow system metrics (CPU, memory, disk, network, GPU) to the run: tracking.system_metrics=true",
+    )
     train.set_defaults(handler=_train)
 
     tune = commands.add_parser("tune", help="sweep a method's loss weights with Ray Tune (tune_spaces/...yaml)")
@@ -108,6 +137,11 @@ def _parser() -> argparse.ArgumentParser:
         "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or a new local cluster)"
     )
     tune.add_argument("--summary", type=Path, default=None, help="write the outcome as JSON here")
+    tune.add_argument(
+        "--system-metrics",
+        action="store_true",
+        help="log MLflow system metrics to every trial's run (the trials' tracking.system_metrics=true)",
+    )
     tune.set_defaults(handler=_tune)
 
     extract = commands.add_parser(
@@ -130,24 +164,130 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or local)")
     extract.set_defaults(handler=_extract)
 
-    index = commands.add_parser("index", help="embed a gallery with a registered model and write a sharded Faiss index")
-    index.add_argument(
+    index = commands.add_parser(
+        "index",
+        help="`index build`: write a sharded Faiss index from a model; `index list|show|prune`: a root's versions",
+        description=(
+            "Build an index version (`retrieval index build --model ...`; the original form `retrieval index "
+            "--model ...` still means the same), or look after an index root, a local folder or "
+            "s3://bucket/prefix: list its versions, show one's manifest, prune old ones."
+        ),
+        epilog=INDEX_STATES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    index_commands = index.add_subparsers(dest="index_command", required=True)
+    build = index_commands.add_parser(
+        "build", help="embed a gallery with a registered model and write a sharded Faiss index (makes it CURRENT)"
+    )
+    build.add_argument(
         "--model", required=True, help="models:/name/version, models:/name@alias, or a model package folder"
     )
-    index.add_argument(
+    build.add_argument(
         "--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
     )
-    index.add_argument("--out", default=None, help="index root folder (default: the model's job spec index.out)")
-    index.add_argument("--shards", type=int, default=None, help="number of shards (default: from the job spec)")
-    index.add_argument("--factory", default=None, help="Faiss factory string (default: from the job spec)")
-    index.add_argument("--gallery", choices=["test", "train", "all"], default=None, help="which split to index")
-    index.add_argument(
+    build.add_argument(
+        "--out",
+        default=None,
+        help="index root, a folder or s3://bucket/prefix (default: the model's job spec index.out)",
+    )
+    build.add_argument("--shards", type=int, default=None, help="number of shards (default: from the job spec)")
+    build.add_argument("--factory", default=None, help="Faiss factory string (default: from the job spec)")
+    build.add_argument("--gallery", choices=["test", "train", "all"], default=None, help="which split to index")
+    build.add_argument(
         "--modality",
         choices=["image", "text"],
         default=None,
         help="cross-modal models: index the retrieval set's images or its texts (default: the job spec's)",
     )
-    index.set_defaults(handler=_index)
+    build.set_defaults(handler=_index)
+
+    index_list = index_commands.add_parser(
+        "list",
+        help="every version of an index root: state, size, vectors, shards, model, creation time, CURRENT, served",
+        epilog=INDEX_STATES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    index_list.add_argument("root", metavar="ROOT", help="index root: a local folder or s3://bucket/prefix")
+    _add_index_store_options(index_list)
+    index_list.add_argument(
+        "--serve-url",
+        default=None,
+        help="a running search app's base URL: mark the versions it serves (every version its replicas hold with "
+        "RETRIEVAL_ADMIN_TOKEN set, else the active one from its /readyz)",
+    )
+    index_list.add_argument("--json", action="store_true", help="print the listing as JSON")
+    index_list.set_defaults(handler=_index_list)
+
+    index_show = index_commands.add_parser("show", help="the manifest of one index version, in full (JSON)")
+    index_show.add_argument(
+        "reference",
+        metavar="ROOT[/VERSION]",
+        help="an index root (its CURRENT version), a version under it (ROOT/VERSION), or a manifest.json",
+    )
+    index_show.add_argument(
+        "--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL, else AWS)"
+    )
+    index_show.set_defaults(handler=_index_show)
+
+    prune = index_commands.add_parser(
+        "prune",
+        help="delete old index versions: never CURRENT, a served version or one being written",
+        description=(
+            "Delete the versions of an index root that a retention rule lets go: every version except the KEEP "
+            "newest complete ones, the one CURRENT names, the ones --serve-url's app holds, ones being written, "
+            "and (with --older-than) ones built more recently than DAYS ago. Incomplete or damaged versions "
+            "(nothing can load them) are deleted too. A deletion never leaves a version that looks valid: a local "
+            "version folder is renamed away in one step, then removed; in S3 its manifest.json goes first. "
+            "CURRENT and the served versions are checked again just before each deletion."
+        ),
+        epilog=INDEX_STATES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    prune.add_argument("root", metavar="ROOT", help="index root: a local folder or s3://bucket/prefix")
+    prune.add_argument(
+        "--keep", type=int, required=True, metavar="N", help="how many of the newest complete versions to keep (>= 0)"
+    )
+    prune.add_argument(
+        "--older-than",
+        type=float,
+        default=None,
+        metavar="DAYS",
+        help="delete only versions built more than DAYS days ago (fractions allowed, e.g. 0.5)",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="print what would be deleted and why; delete nothing")
+    prune.add_argument(
+        "--serve-url",
+        default=None,
+        help="a running search app's base URL: every version its replicas hold is kept (needs RETRIEVAL_ADMIN_TOKEN; "
+        "if the app cannot be asked, nothing is deleted)",
+    )
+    _add_index_store_options(prune)
+    prune.set_defaults(handler=_index_prune)
+
+    models = commands.add_parser("models", help="the model registry: registered models, versions, aliases, scores")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    models_list = models_commands.add_parser(
+        "list", help="every registered model's versions with aliases, scores, index versions and run links"
+    )
+    models_list.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
+    models_list.add_argument("--name", default=None, help="only this registered model")
+    models_list.add_argument("--json", action="store_true", help="print the versions as JSON (every score and tag)")
+    models_list.set_defaults(handler=_models_list)
+    models_show = models_commands.add_parser(
+        "show", help="one model version in full: aliases, tags, scores, run metrics and params, digest, artifacts"
+    )
+    models_show.add_argument(
+        "reference",
+        metavar="NAME[/VERSION|@ALIAS]",
+        help="a registered model's newest version, a version number, or an alias (models:/ prefix optional)",
+    )
+    models_show.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
+    models_show.add_argument("--json", action="store_true", help="print the version as JSON")
+    models_show.set_defaults(handler=_models_show)
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -265,7 +405,8 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from retrieval.config import load_job_spec
 
-    spec = load_job_spec(args.spec, args.overrides)
+    overrides = [*args.overrides, *(["tracking.system_metrics=true"] if args.system_metrics else [])]
+    spec = load_job_spec(args.spec, overrides)
     if spec.incremental is not None:
         return _train_incremental(spec, args)
     from retrieval.evaluation.suite import format_results_table
@@ -278,8 +419,10 @@ def _train(args: argparse.Namespace) -> int:
     outcome = run_training(spec)
     print(format_results_table(outcome.metrics, outcome.baselines, ks=spec.evaluation.recall_ks))
     print(_registration_line(outcome.summary()))
+    link = _run_link(spec.tracking.uri(), outcome.run_id)
+    print(f"MLflow run: {link}")
     if args.summary:
-        _write_json(args.summary, outcome.summary())
+        _write_json(args.summary, {**outcome.summary(), "mlflow_run_link": link})
     return 0
 
 
@@ -292,9 +435,12 @@ def _train_incremental(spec: Any, args: argparse.Namespace) -> int:
     build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)
     _init_ray(args.address)
     outcome = run_incremental(spec)
-    print(format_incremental_summary(outcome.summary()))
+    summary = outcome.summary()
+    print(format_incremental_summary(summary))
+    link = _run_link(spec.tracking.uri(), summary["mlflow_run_id"])
+    print(f"MLflow run: {link}")
     if args.summary:
-        _write_json(args.summary, outcome.summary())
+        _write_json(args.summary, {**summary, "mlflow_run_link": link})
     return 0
 
 
@@ -329,12 +475,13 @@ def _tune(args: argparse.Namespace) -> int:
     from retrieval.config import load_sweep_spec
     from retrieval.train.driver import check_job_inputs
 
-    sweep = load_sweep_spec(args.space, args.overrides)
+    overrides = sweep_overrides(args.space, args.overrides, system_metrics=args.system_metrics)
+    sweep = load_sweep_spec(args.space, overrides)
     check_job_inputs(sweep.base_job)
     _init_ray(args.address)
     from retrieval.tune import run_sweep
 
-    outcome = run_sweep(args.space, overrides=args.overrides)
+    outcome = run_sweep(args.space, overrides=overrides)
     print(outcome.table())
     model = outcome.model
     print(
@@ -342,9 +489,32 @@ def _tune(args: argparse.Namespace) -> int:
         f"registered {model.name} version {model.version} ({', '.join(model.aliases)}); "
         f"MLflow parent run {outcome.parent_run_id}"
     )
+    link = _run_link(sweep.base_job.tracking.uri(), outcome.parent_run_id)
+    print(f"MLflow sweep run: {link}")
     if args.summary:
-        _write_json(args.summary, outcome.summary())
+        _write_json(args.summary, {**outcome.summary(), "mlflow_run_link": link})
     return 0
+
+
+def sweep_overrides(space: str, overrides: Sequence[str], *, system_metrics: bool) -> list[str]:
+    """The sweep file's ``--set`` overrides, plus ``tracking.system_metrics`` for every trial with ``system_metrics``.
+
+    A sweep file's ``overrides:`` maps dotted job keys to values; ``--set overrides.tracking...``
+    would nest a ``tracking`` mapping there that replaces the job's whole tracking section, so
+    the flag adds its dotted key to the file's own overrides (after the user's ``--set``) instead.
+    """
+    if not system_metrics:
+        return list(overrides)
+    from retrieval.config import apply_override, read_yaml_mapping
+
+    data = read_yaml_mapping(space)
+    for override in overrides:
+        apply_override(data, override)
+    existing = data.get("overrides") or {}
+    if not isinstance(existing, dict):
+        raise RetrievalError(f"{space}: 'overrides' must be a mapping of dotted job keys to values")
+    merged = {**existing, "tracking.system_metrics": True}
+    return [*overrides, f"overrides={json.dumps(merged)}"]
 
 
 def _extract(args: argparse.Namespace) -> int:
@@ -397,6 +567,224 @@ def _index(args: argparse.Namespace) -> int:
         modality=args.modality,
     )
     print(f"index manifest: {manifest}")
+    return 0
+
+
+def _index_list(args: argparse.Namespace) -> int:
+    from retrieval.index.inventory import list_index, listing_json, open_index_store
+
+    store = open_index_store(args.root, endpoint_url=args.endpoint_url)
+    listing = list_index(store, building_grace=_grace(args.building_grace))
+    served = _served(args.serve_url, timeout_s=args.timeout, need_every_replica=False) if args.serve_url else None
+    held = served.held if served is not None else frozenset()
+    if args.json:
+        body = listing_json(listing, served=held)
+        if served is not None:
+            body["served_from"] = {"url": args.serve_url, "active": served.active, "every_replica": served.complete}
+        print(json.dumps(body, indent=2))
+        return 0
+    print(f"index root {listing.location}: CURRENT -> {listing.current or '(none)'}")
+    if served is not None:
+        scope = "held by its replicas" if served.complete else "active (from /readyz; a swap in progress is not seen)"
+        print(f"served by {args.serve_url}: {', '.join(sorted(held))} {scope}")
+    rows = []
+    for version in listing.versions:
+        manifest = version.manifest
+        marks = []
+        if version.name == listing.current and not version.staging:
+            marks.append("CURRENT")
+        if version.name in held and not version.staging:
+            marks.append("SERVED" if served is None or version.name == served.active else "SERVED (held)")
+        if version.problem:
+            marks.append(version.problem)
+        rows.append(
+            [
+                version.name,
+                version.state,
+                version.created.strftime("%Y-%m-%d %H:%M:%S"),
+                "-" if manifest is None else str(manifest.num_items),
+                "-" if manifest is None else str(len(manifest.shards)),
+                str(version.size_bytes),
+                "-" if manifest is None else f"{manifest.model.name} v{manifest.model.version}",
+                "; ".join(marks),
+            ]
+        )
+    if not rows:
+        print("no index versions")
+    else:
+        print(_columns(["VERSION", "STATE", "CREATED (UTC)", "VECTORS", "SHARDS", "BYTES", "MODEL", ""], rows))
+    for leftover in listing.leftovers:
+        print(f"leftover of an interrupted prune: {leftover} (the next prune removes it)")
+    return 0
+
+
+def _index_show(args: argparse.Namespace) -> int:
+    from retrieval.index.inventory import manifest_json, open_index_reference, read_version_manifest
+
+    store, version = open_index_reference(args.reference, endpoint_url=args.endpoint_url)
+    _, text = read_version_manifest(store, version)
+    print(manifest_json(text))
+    return 0
+
+
+def _index_prune(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from retrieval.index.inventory import list_index, open_index_store, plan_prune, prune_index
+
+    if args.keep < 0:
+        raise RetrievalError(f"--keep must be 0 or more, got {args.keep}")
+    if args.older_than is not None and not args.older_than > 0:
+        raise RetrievalError(f"--older-than must be more than 0 days, got {args.older_than:g}")
+    store = open_index_store(args.root, endpoint_url=args.endpoint_url)
+    served = _served(args.serve_url, timeout_s=args.timeout, need_every_replica=True) if args.serve_url else None
+    protected = served.held if served is not None else frozenset()
+    reason = f"held by {args.serve_url}" if served is not None else "served"
+    listing = list_index(store, building_grace=_grace(args.building_grace))
+    decisions = plan_prune(
+        listing,
+        keep=args.keep,
+        older_than=None if args.older_than is None else timedelta(days=args.older_than),
+        protected=protected,
+        protected_reason=reason,
+    )
+    doomed = [decision for decision in decisions if decision.delete]
+    kept = [decision for decision in decisions if not decision.delete]
+    print(f"index root {listing.location}: CURRENT -> {listing.current}")
+    for decision in kept:
+        print(f"  keep    {decision.version}: {decision.reason}")
+    verb = "would delete" if args.dry_run else "delete"
+    for decision in doomed:
+        print(f"  {verb:<7} {decision.version} ({decision.size_bytes} bytes): {decision.reason}")
+    if args.dry_run:
+        total = sum(decision.size_bytes for decision in doomed)
+        leftovers = f" and {len(listing.leftovers)} leftovers of an interrupted prune" if listing.leftovers else ""
+        print(f"dry run: would delete {len(doomed)} versions ({total} bytes){leftovers}; nothing was deleted")
+        return 0
+
+    def still_protected() -> frozenset[str]:
+        if served is None:
+            return frozenset()
+        try:
+            return _served(args.serve_url, timeout_s=args.timeout, need_every_replica=True).held
+        except RetrievalError as error:
+            raise RetrievalError(f"stopped pruning: {error}") from None
+
+    outcome = prune_index(store, decisions, still_protected=still_protected, protected_reason=reason)
+    for version, why in outcome.spared.items():
+        print(f"  spared  {version}: {why}")
+    for leftover in outcome.leftovers_removed:
+        print(f"  removed {leftover} (left by an interrupted prune)")
+    print(f"deleted {len(outcome.deleted)} versions, {outcome.freed_bytes} bytes")
+    return 0
+
+
+def _grace(minutes: float) -> Any:
+    from datetime import timedelta
+
+    if not minutes > 0:
+        raise RetrievalError(f"--building-grace must be more than 0 minutes, got {minutes:g}")
+    return timedelta(minutes=minutes)
+
+
+def _served(url: str, *, timeout_s: float, need_every_replica: bool) -> Any:
+    """What the app at ``url`` serves (`ServedVersions`); a RetrievalError when it cannot be told."""
+    from retrieval.serving.swap_client import served_versions
+
+    token = os.environ.get("RETRIEVAL_ADMIN_TOKEN", "").strip() or None
+    if need_every_replica and token is None:
+        raise RetrievalError(
+            f"--serve-url {url}: set RETRIEVAL_ADMIN_TOKEN to the app's admin token; only /admin/status names every "
+            "version its replicas hold (a swap in progress holds two), so nothing is pruned without it"
+        )
+    try:
+        return served_versions(url, admin_token=token, timeout_s=timeout_s)
+    except RetrievalError as error:
+        raise RetrievalError(
+            f"--serve-url {url}: cannot tell which index versions it serves ({error}); nothing was changed"
+        ) from None
+
+
+def _columns(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table, each column as wide as its widest cell (the last one is not padded)."""
+    widths = [max(len(str(row[column])) for row in [header, *rows]) for column in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [str(cell).ljust(width) for cell, width in zip(row[:-1], widths[:-1], strict=True)]
+        lines.append("  ".join([*cells, str(row[-1])]).rstrip())
+    return "\n".join(lines)
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from retrieval.tracking.catalog import list_model_versions
+
+    tracking_uri = _tracking_uri(args.tracking_uri)
+    records = list_model_versions(tracking_uri=tracking_uri, name=args.name)
+    if args.json:
+        print(json.dumps({"tracking_uri": redact_credentials(tracking_uri), "versions": [r.to_json() for r in records]},
+                         indent=2))  # fmt: skip
+        return 0
+    if not records:
+        print(f"no registered models in {redact_credentials(tracking_uri)}")
+        return 0
+    server = tracking_uri.startswith(("http://", "https://"))
+    rows = []
+    for record in records:
+        scores = " ".join(f"{key}={value:.4f}" for key, value in record.headline_scores().items()) or "-"
+        run = (record.run_link if server else record.run_id) or "-"
+        rows.append(
+            [
+                record.name,
+                record.version,
+                ",".join(record.aliases) or "-",
+                record.created.strftime("%Y-%m-%d %H:%M"),
+                scores,
+                ",".join(record.index_versions) or "-",
+                run,
+            ]
+        )
+    print(_columns(["MODEL", "VERSION", "ALIASES", "REGISTERED (UTC)", "SCORES", "INDEX VERSIONS", "RUN"], rows))
+    if not server:
+        print(f"browse the runs with: mlflow ui --backend-store-uri {redact_credentials(tracking_uri)}")
+    return 0
+
+
+def _models_show(args: argparse.Namespace) -> int:
+    from retrieval.tracking.catalog import describe_model_version
+
+    record = describe_model_version(args.reference, tracking_uri=_tracking_uri(args.tracking_uri))
+    if args.json:
+        print(json.dumps(record.to_json(), indent=2))
+        return 0
+    lines = [
+        f"{record.uri}  ({', '.join('@' + alias for alias in record.aliases) or 'no aliases'})",
+        f"  registered       {record.created.strftime('%Y-%m-%d %H:%M:%S')} UTC, status {record.status}",
+        f"  package sha256   {record.package_sha256 or '(no retrieval.package_sha256 tag)'}",
+        f"  source           {record.source or '-'}",
+        f"  artifact URI     {record.artifact_uri or '-'}",
+        f"  run              {record.run_link or '-'}",
+    ]
+    if record.description:
+        lines.append(f"  description      {record.description}")
+    if record.run_missing:
+        lines.append(f"  run problem      {record.run_missing}")
+    if record.index_versions:
+        lines.append("  index versions built from it:")
+        lines.extend(f"    {version}  {where}" for version, where in record.index_versions.items())
+    sections: list[tuple[str, Mapping[str, Any]]] = [("scores", record.scores), ("version tags", record.tags)]
+    if record.run is not None:
+        lines.append(f"  run name         {record.run.get('run_name')}, status {record.run.get('status')}")
+        sections += [
+            ("run metrics", record.run["metrics"]),
+            ("run params", record.run["params"]),
+            ("run tags", record.run["tags"]),
+        ]
+    for title, values in sections:
+        lines.append(f"  {title}:" if values else f"  {title}: none")
+        for key, value in values.items():
+            shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+            lines.append(f"    {key:<40} {shown}")
+    print("\n".join(lines))
     return 0
 
 
@@ -655,14 +1043,33 @@ def _serve_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_serve_run(argv: list[str]) -> list[str]:
-    """``retrieval serve CONFIG`` (the original form) means ``retrieval serve run CONFIG``."""
-    for position, token in enumerate(argv):
-        if token.startswith("-"):
+# The subcommand an original, shorter form means: `serve CONFIG` is `serve run CONFIG`, and
+# `index --model ...` is `index build --model ...`.
+_DEFAULT_SUBCOMMANDS = {
+    "serve": ("run", ("run", "deploy", "swap", "status")),
+    "index": ("build", ("build", "list", "show", "prune")),
+}
+# The top-level options that take a value (the value is not the command).
+_GLOBAL_OPTIONS_WITH_VALUE = ("--log-format",)
+
+
+def _default_subcommand(argv: list[str]) -> list[str]:
+    """The original short forms: ``serve CONFIG`` is ``serve run CONFIG``, ``index --model M`` is ``index build``."""
+    position = 0
+    while position < len(argv):
+        token = argv[position]
+        if token in _GLOBAL_OPTIONS_WITH_VALUE:
+            position += 2
             continue
+        if token.startswith("-"):
+            position += 1
+            continue
+        if token not in _DEFAULT_SUBCOMMANDS:
+            return argv
+        default, known = _DEFAULT_SUBCOMMANDS[token]
         following = argv[position + 1 : position + 2]
-        if token == "serve" and following and following[0] not in ("run", "deploy", "swap", "status", "-h", "--help"):
-            return [*argv[: position + 1], "run", *argv[position + 1 :]]
+        if following and following[0] not in (*known, "-h", "--help"):
+            return [*argv[: position + 1], default, *argv[position + 1 :]]
         return argv
     return argv
 
@@ -688,6 +1095,13 @@ def _registration_line(summary: Mapping[str, Any]) -> str:
     model = summary["model"]
     status = "promoted to champion" if summary["promoted_to_champion"] else f"not promoted (gate {summary['gate']})"
     return f"registered {model['name']} version {model['version']} ({', '.join(model['aliases'])}); {status}"
+
+
+def _run_link(tracking_uri: str, run_id: str) -> str:
+    """Where to see a run: its page on an MLflow server, or its id and the `mlflow ui` command for a local store."""
+    from retrieval.tracking.catalog import run_link_of
+
+    return run_link_of(tracking_uri, run_id)
 
 
 def _tracking_uri(value: str | None) -> str:

@@ -694,11 +694,32 @@ class TrackingSpec(StrictModel):
     artifact_location: str | None = Field(None, description="artifact root of a new experiment, e.g. s3://b/mlflow")
     registered_model: str | None = Field(None, pattern=_NAME_PATTERN)
     gate: list[GateCondition] = Field(default_factory=list)
+    system_metrics: bool = Field(
+        False,
+        description=(
+            "log MLflow system metrics (CPU, memory, disk, network, GPU when pynvml finds one) to the training run "
+            "from the first worker of every node, as system/... (system/node<N>/... on several nodes); needs psutil"
+        ),
+    )
+    system_metrics_interval_s: float = Field(
+        10.0,
+        ge=1.0,
+        description="seconds between system metrics samples (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL wins)",
+    )
 
     @field_validator("tracking_uri")
     @classmethod
     def _tracking_uri_without_credentials(cls, value: str | None) -> str | None:
         return _without_credentials(value)
+
+    @field_validator("system_metrics")
+    @classmethod
+    def _system_metrics_need_psutil(cls, value: bool) -> bool:
+        import importlib.util
+
+        if value and importlib.util.find_spec("psutil") is None:
+            raise ValueError("MLflow's system metrics need the psutil package: pip install psutil")
+        return value
 
     def uri(self) -> str:
         """The tracking URI to use: the spec's, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,56 @@ def request_status(url: str, *, token: str, timeout_s: float = 30) -> dict[str, 
     endpoint = url.rstrip("/") + "/admin/status"
     with _admin_client(url, token, timeout_s) as client:
         return _admin_call(client.swap_status, endpoint, refused=f"status refused by {endpoint}")
+
+
+@dataclass(frozen=True)
+class ServedVersions:
+    """The index versions a running application holds, as far as its URL tells.
+
+    Attributes:
+        active: the version answering queries.
+        held: every version any replica holds or is asked to hold (``active``, a swap's
+            ``prepared`` and ``retiring`` ones, each replica's ``holds``); only ``active``
+            when ``complete`` is False.
+        complete: whether ``held`` came from ``/admin/status`` (every replica's state) rather
+            than from ``/readyz`` (the active version alone: a swap in progress is not seen).
+    """
+
+    active: str
+    held: frozenset[str]
+    complete: bool
+
+
+def served_versions(url: str, *, admin_token: str | None, timeout_s: float = 30) -> ServedVersions:
+    """What the application at ``url`` serves: ``/admin/status`` with an admin token, else ``/readyz``.
+
+    Raises:
+        SwapRequestError: no reply, or an error reply (e.g. a wrong admin token).
+    """
+    if admin_token:
+        status = request_status(url, token=admin_token, timeout_s=timeout_s)
+        held = {status.get("active"), status.get("prepared"), status.get("retiring")}
+        for replica in (status.get("replicas") or {}).values():
+            held.update(replica.get("holds") or [])
+            held.add(replica.get("active"))
+        active = str(status["active"])
+        return ServedVersions(
+            active=active, held=frozenset(str(name) for name in held if name) | {active}, complete=True
+        )
+    endpoint = url.rstrip("/") + "/readyz"
+    try:
+        # A 503 (not every replica ready) still says which version is active: readiness() does not raise on it.
+        with RetrievalClient(url, timeout_s=timeout_s, retries=0) as client:
+            readiness = client.readiness()
+    except ApiError as error:
+        if error.status is None:
+            raise SwapRequestError(f"cannot reach {endpoint}: {error.reason}") from None
+        raise SwapRequestError(f"{endpoint} answered HTTP {error.status}", status=error.status) from None
+    except (ValueError, KeyError, TypeError):
+        raise SwapRequestError(
+            f"{endpoint}: the reply names no index_version; is this a retrieval application?"
+        ) from None
+    return ServedVersions(active=readiness.index_version, held=frozenset({readiness.index_version}), complete=False)
 
 
 def _admin_client(url: str, token: str, timeout_s: float) -> RetrievalClient:

@@ -8,6 +8,7 @@ from pathlib import Path
 from retrieval.index.gallery import build_gallery_index
 from retrieval.index.manifest import ModelRef
 from retrieval.index.object_store import is_s3_uri, publish_index
+from retrieval.tracking.catalog import record_index_version
 from retrieval.tracking.registry import load_embedder, resolve_model_version
 
 
@@ -27,7 +28,8 @@ def build_index_from_model(
 
     An ``s3://bucket/prefix`` out is built in a temporary local folder, then published there
     (shards, manifest, ``CURRENT`` last) to the spec's ``index.endpoint_url`` or, without one,
-    ``AWS_ENDPOINT_URL`` / AWS, and the manifest's ``s3://`` URI is returned.
+    ``AWS_ENDPOINT_URL`` / AWS, and the manifest's ``s3://`` URI is returned. A registered
+    model version gets the tag ``retrieval.index.<index version>`` = the manifest's location.
     """
     package = load_embedder(model_uri, tracking_uri=tracking_uri)
     if model_uri.startswith("models:/"):
@@ -61,8 +63,20 @@ def build_index_from_model(
         )
 
     if not is_s3_uri(out_root):
-        return build(out_root)
-    with tempfile.TemporaryDirectory(prefix="retrieval-index-") as staging:
-        build(staging)
-        published = publish_index(staging, out_root, endpoint_url=spec.index.endpoint_url)
-    return f"{out_root.rstrip('/')}/{published}/manifest.json"
+        manifest_path: Path | str = build(out_root)
+        index_version = Path(manifest_path).parent.name
+    else:
+        with tempfile.TemporaryDirectory(prefix="retrieval-index-") as staging:
+            build(staging)
+            index_version = publish_index(staging, out_root, endpoint_url=spec.index.endpoint_url)
+        manifest_path = f"{out_root.rstrip('/')}/{index_version}/manifest.json"
+    if model_uri.startswith("models:/"):
+        # `retrieval models list` shows it; the manifest already names the model the other way round.
+        record_index_version(
+            tracking_uri=tracking_uri,
+            name=reference.name,
+            version=reference.version,
+            index_version=index_version,
+            location=str(manifest_path),
+        )
+    return manifest_path

@@ -36,7 +36,7 @@ from retrieval.serialization import load_state
 from retrieval.tracking.registry import register_model_package
 from retrieval.tracking.runs import TrainingRun, code_version
 from retrieval.train.outcome import TrainingOutcome, apply_gate
-from retrieval.train.worker import CHECKPOINT_STATE, train_loop_per_worker
+from retrieval.train.worker import CHECKPOINT_STATE, train_loop_per_worker, with_system_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,8 @@ def build_trainer(
         loop: Any = cross_modal_loop_per_worker
     else:
         loop = train_loop_per_worker
+    if spec.tracking.system_metrics and run is not None:
+        loop = functools.partial(with_system_metrics, loop)
     return TorchTrainer(
         loop,
         train_loop_config={

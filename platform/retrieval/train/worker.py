@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,30 @@ def build_scheduler(spec: OptimizerSpec, optimizer: torch.optim.Optimizer, *, ep
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model inside a DistributedDataParallel wrapper."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def with_system_metrics(loop: Callable[[dict[str, Any]], None], config: dict[str, Any]) -> None:
+    """Run a worker ``loop`` while the first worker of each node logs the node's system metrics to the job's run.
+
+    ``config["tracking"]`` addresses the run; the spec's ``tracking.system_metrics_interval_s``
+    sets the sampling. On several nodes each node's metrics are ``system/node<rank>/...``.
+    """
+    context = ray.train.get_context()
+    tracking = config.get("tracking")
+    if not tracking or context.get_local_rank() != 0:
+        loop(config)
+        return
+    from retrieval.tracking.system_metrics import system_metrics_logging
+
+    interval = float(config["spec"].get("tracking", {}).get("system_metrics_interval_s", 10.0))
+    single_node = context.get_world_size() == context.get_local_world_size()
+    with system_metrics_logging(
+        tracking_uri=tracking["tracking_uri"],
+        run_id=tracking["run_id"],
+        interval_s=interval,
+        node_id=None if single_node else f"node{context.get_node_rank()}",
+    ):
+        loop(config)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -61,17 +61,23 @@ def test_triplet_finetuning_beats_the_same_untrained_backbone_on_held_out_images
     [("cub_finetune_arcface.yaml", "digits-arcface"), ("cub_unsupervised.yaml", "digits-unsupervised")],
 )
 def test_classification_and_unsupervised_recipes_train_and_register_on_digits(
-    ray_cluster, tmp_path, mlflow_db, job, registered
+    ray_cluster, tmp_path, mlflow_db, job, registered, capsys
 ):
     summary = tmp_path / "summary.json"
     overrides = [*_digits_overrides(tmp_path, mlflow_db, registered), "train.epochs=1", "evaluation.baselines=[]"]
     if job == "cub_unsupervised.yaml":
         overrides.append("method.knn_k=3")
-    arguments = ["train", str(JOBS / job), "--summary", str(summary)]
+    arguments = ["train", str(JOBS / job), "--summary", str(summary), "--system-metrics"]
     for override in overrides:
         arguments += ["--set", override]
     assert main(arguments) == 0
     outcome = json.loads(summary.read_text())
+    # Issue 18, item 6: where to find the run, printed and in the summary; the worker's system metrics.
+    link = f"run {outcome['mlflow_run_id']} (browse it with: mlflow ui --backend-store-uri {mlflow_db})"
+    assert outcome["mlflow_run_link"] == link
+    assert f"MLflow run: {link}" in capsys.readouterr().out.splitlines()
+    system = MlflowClient(tracking_uri=mlflow_db).get_run(outcome["mlflow_run_id"]).data.metrics
+    assert 0.0 <= system["system/cpu_utilization_percentage"] <= 100.0
     assert outcome["model"]["name"] == registered and "candidate" in outcome["model"]["aliases"]
     assert 0.0 < outcome["metrics"]["recall@1"] <= 1.0
     client = MlflowClient(tracking_uri=mlflow_db)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from retrieval.cli import _default_serve_run, _parser
+from retrieval.cli import _default_subcommand, _parser
 from retrieval.config import ServingSpec
 from retrieval.errors import IndexIntegrityError, ModelNotFoundError
 from retrieval.index.manifest import IndexManifest, ModelRef, read_manifest
@@ -643,9 +643,9 @@ def test_model_target_picks_the_newest_index_of_that_model_version(tmp_path: Pat
 
 def test_cli_keeps_serve_config_and_adds_serve_swap() -> None:
     parser = _parser()
-    run = parser.parse_args(_default_serve_run(["-v", "serve", "serve/digits.yaml", "--address", "auto"]))
+    run = parser.parse_args(_default_subcommand(["-v", "serve", "serve/digits.yaml", "--address", "auto"]))
     assert (run.handler.__name__, run.config, run.address) == ("_serve", "serve/digits.yaml", "auto")
-    swap = parser.parse_args(_default_serve_run(["serve", "swap", "--to", "model:2", "--index-root", "idx"]))
+    swap = parser.parse_args(_default_subcommand(["serve", "swap", "--to", "model:2", "--index-root", "idx"]))
     assert (swap.handler.__name__, swap.to, swap.index_root, swap.url) == (
         "_serve_swap",
         "model:2",
