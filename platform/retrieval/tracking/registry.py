@@ -8,6 +8,7 @@ platform itself loads the package to rebuild the exact model and preprocessing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -24,6 +25,7 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models.model import ModelInfo
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
@@ -66,13 +68,32 @@ def register_model_package(
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     package = load_model_package(package_dir)
+    digest = package_digest(package_dir)
     image_size = package.spec.dataset.image_size
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, image_size, image_size))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, package.dim))]),
     )
+    with contextlib.ExitStack() as stack:
+        if Path(package_dir).name != PACKAGE_ARTIFACT:
+            # MLflow stores an artifact folder under its own name; loaders read `artifacts/package`.
+            staging = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="retrieval-register-")))
+            package_dir = shutil.copytree(package_dir, staging / PACKAGE_ARTIFACT)
+        info = _log_pyfunc(package_dir, run_id=run_id, signature=signature, registered_model=registered_model)
+    version = str(info.registered_model_version)
+    client.set_model_version_tag(registered_model, version, PACKAGE_DIGEST_TAG, digest)
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(registered_model, version, metric_key(key), value)
+    for alias in aliases:
+        client.set_registered_model_alias(registered_model, alias, version)
+    logger.info("registered %s version %s with aliases %s", registered_model, version, aliases)
+    return RegisteredModel(name=registered_model, version=version, aliases=tuple(aliases))
+
+
+def _log_pyfunc(package_dir: Path | str, *, run_id: str, signature: ModelSignature, registered_model: str) -> ModelInfo:
+    """Log the package folder (named `package`) as a models-from-code pyfunc and register it."""
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        # The signature above is the schema; an input example would add an image-sized array to
+        # The signature is the schema; an input example would add an image-sized array to
         # every version and a prediction at logging time, for nothing the signature does not say.
         warnings.filterwarnings("ignore", message=r".*An input example was not provided", category=UserWarning)
         info = mlflow.pyfunc.log_model(
@@ -83,14 +104,7 @@ def register_model_package(
             registered_model_name=registered_model,
             pip_requirements=[f"retrieval-platform=={__version__}"],
         )
-    version = str(info.registered_model_version)
-    client.set_model_version_tag(registered_model, version, PACKAGE_DIGEST_TAG, package_digest(package_dir))
-    for key, value in (tags or {}).items():
-        client.set_model_version_tag(registered_model, version, metric_key(key), value)
-    for alias in aliases:
-        client.set_registered_model_alias(registered_model, alias, version)
-    logger.info("registered %s version %s with aliases %s", registered_model, version, aliases)
-    return RegisteredModel(name=registered_model, version=version, aliases=tuple(aliases))
+    return info
 
 
 def set_alias(*, tracking_uri: str, name: str, alias: str, version: str) -> None:

@@ -37,13 +37,15 @@ def _rewrite_weights_consistently(package_dir: Path) -> None:
     (package_dir / "package.json").write_text(json.dumps(info))
 
 
-def _register(root: Path, spec: JobSpec, *, seed: int, model_name: str = "digest-test") -> str:
+def _register(
+    root: Path, spec: JobSpec, *, seed: int, model_name: str = "digest-test", package_folder: str = "package"
+) -> str:
     """A fresh registry under ``root`` with one version of ``model_name``; returns its tracking URI."""
     root.mkdir(parents=True, exist_ok=True)
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     torch.manual_seed(seed)
     weights = build_method(spec).build_model().state_dict()
-    package = save_model_package(root / "package", spec=spec, state_dict=weights)
+    package = save_model_package(root / package_folder, spec=spec, state_dict=weights)
     run, _ = TrainingRun.start_or_resume(
         tracking_uri=tracking,
         experiment="digest",
@@ -118,6 +120,19 @@ def test_two_registries_with_the_same_model_name_and_version_do_not_share_a_cach
     two = _weights(load_embedder("models:/digest-test/1", tracking_uri=second))
     assert any(not torch.equal(one[name], two[name]) for name in one)
     assert len(_stored_packages(tmp_path / "cache")) == 2
+
+
+def test_a_package_registered_from_a_folder_of_any_name_loads(
+    make_job_spec: SpecFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow stores an artifact under its folder's own name; the loader looked only in `artifacts/package`."""
+    monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))
+    spec = make_job_spec(model={"backbone": "resnet18", "embedding_dim": 16})
+    tracking = _register(tmp_path, spec, seed=3, package_folder="my-model-v2")
+    package = load_embedder("models:/digest-test/1", tracking_uri=tracking)
+    torch.manual_seed(3)
+    expected = build_method(spec).build_model().state_dict()
+    assert all(torch.equal(_weights(package)[name], expected[name]) for name in expected)
 
 
 def test_the_registered_version_loads_as_an_mlflow_pyfunc_that_embeds(registered: tuple[str, Path]) -> None:
