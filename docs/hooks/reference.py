@@ -6,7 +6,9 @@ A page holds a marker comment on a line of its own; the hook replaces it when th
   table per section, with its type, default, bounds and the field's description;
 - ``<!-- reference:serving-spec -->``: the Serve application's args (`ServingSpec`);
 - ``<!-- reference:sweep-spec -->``: a sweep file (`SweepSpec`);
-- ``<!-- reference:cli -->``: the ``--help`` of every ``retrieval`` command and subcommand.
+- ``<!-- reference:cli -->``: the ``--help`` of every ``retrieval`` command and subcommand;
+- ``<!-- reference:job-files -->`` / ``<!-- reference:sweep-files -->``: the job specs of jobs/
+  and the sweep files of tune_spaces/, with their method, dataset or base job and description.
 
 `render_marker` is what the hook calls; tests/unit/test_docs.py calls it too.
 """
@@ -20,8 +22,10 @@ import re
 import types
 import typing
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
+import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
@@ -54,7 +58,55 @@ def render_marker(name: str) -> str:
         return spec_reference(config.SweepSpec, root_title="Sweep file (top level)")
     if name == "cli":
         return cli_reference()
-    raise ValueError(f"unknown reference marker {name!r}: expected job-spec, serving-spec, sweep-spec or cli")
+    if name == "job-files":
+        return job_files()
+    if name == "sweep-files":
+        return sweep_files()
+    raise ValueError(
+        f"unknown reference marker {name!r}: expected job-spec, serving-spec, sweep-spec, cli, job-files or sweep-files"
+    )
+
+
+# --------------------------------------------------------------------------- example files
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def job_files() -> str:
+    """A table of jobs/*.yaml (each validated, as `retrieval train` would): method, data and description."""
+    from retrieval.config import load_job_spec
+
+    lines = ["| spec | method | data | description |", "|---|---|---|---|"]
+    for path in sorted((ROOT / "jobs").glob("*.yaml")):
+        if "method" not in (yaml.safe_load(path.read_text()) or {}):
+            continue  # runtime_env.yaml
+        spec = load_job_spec(path)
+        data = f"`{spec.dataset.name}`"
+        if spec.incremental is not None:
+            tasks = [
+                f"`{task.dataset.name}`" if task.dataset is not None else f"classes {task.classes}"
+                for task in spec.incremental.tasks
+            ]
+            data = (
+                ", then ".join(tasks)
+                if all(task.dataset for task in spec.incremental.tasks)
+                else (f"{data}: " + ", then ".join(tasks))
+            )
+        cells = [f"`jobs/{path.name}`", f"`{spec.method.name}`", data, spec.description]
+        lines.append("| " + " | ".join(_escape(cell) for cell in cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_files() -> str:
+    """A table of tune_spaces/*.yaml: file, base job, swept keys and description."""
+    lines = ["| sweep | base job | swept keys | description |", "|---|---|---|---|"]
+    for path in sorted((ROOT / "tune_spaces").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        keys = ", ".join(f"`{key}`" for key in data.get("space", {}))
+        base = f"`jobs/{Path(data['base_job']).name}`"
+        cells = [f"`tune_spaces/{path.name}`", base, keys, data.get("description", "")]
+        lines.append("| " + " | ".join(_escape(str(cell)) for cell in cells) + " |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- specs
@@ -63,7 +115,7 @@ def render_marker(name: str) -> str:
 def spec_reference(root: type[BaseModel], *, root_title: str) -> str:
     """One section per model reachable from `root`, each with a table of all its fields."""
     sections: list[str] = []
-    anchors: dict[type[BaseModel], str] = {}
+    anchors: dict[type[BaseModel], tuple[str, str]] = {}  # model -> (anchor, key path of its section)
     queue: list[tuple[type[BaseModel], str]] = [(root, "")]
     # First pass: every model's path and anchor (the first path it is reached by), in reading order.
     order: list[tuple[type[BaseModel], str]] = []
@@ -71,7 +123,7 @@ def spec_reference(root: type[BaseModel], *, root_title: str) -> str:
         model, path = queue.pop(0)
         if model in anchors:
             continue
-        anchors[model] = _anchor(root, model)
+        anchors[model] = (_anchor(root, model), path)
         order.append((model, path))
         for name, field in model.model_fields.items():
             for nested in _models_in(field.annotation):
@@ -83,10 +135,10 @@ def spec_reference(root: type[BaseModel], *, root_title: str) -> str:
 
 
 def _model_section(
-    model: type[BaseModel], path: str, anchors: dict[type[BaseModel], str], *, root_title: str | None
+    model: type[BaseModel], path: str, anchors: dict[type[BaseModel], tuple[str, str]], *, root_title: str | None
 ) -> str:
     title = root_title or f"`{path}`" + (f" ({_tag(model)})" if _tag(model) else "")
-    lines = [f"### {title} {{#{anchors[model]}}}", ""]
+    lines = [f"### {title} {{#{anchors[model][0]}}}", ""]
     doc = inspect.getdoc(model)
     if doc and model.__doc__ and "__doc__" in model.__dict__:
         lines += [doc, ""]
@@ -142,16 +194,17 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return [model for argument in get_args(annotation) for model in _models_in(argument)]
 
 
-def _type_text(annotation: Any, anchors: dict[type[BaseModel], str]) -> str:
+def _type_text(annotation: Any, anchors: dict[type[BaseModel], tuple[str, str]]) -> str:
     return _escape(_type_name(annotation, anchors))
 
 
-def _type_name(annotation: Any, anchors: dict[type[BaseModel], str]) -> str:
+def _type_name(annotation: Any, anchors: dict[type[BaseModel], tuple[str, str]]) -> str:
     if annotation is type(None):
         return "null"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        label = _tag(annotation) or "section"
-        return f"[{label}](#{anchors[annotation]})"
+        anchor, path = anchors[annotation]
+        label = _tag(annotation) or f"section `{path}`"
+        return f"[{label}](#{anchor})"
     origin = get_origin(annotation)
     arguments = get_args(annotation)
     if origin is typing.Annotated:

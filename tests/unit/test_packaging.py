@@ -187,6 +187,25 @@ def test_requires_python_ruff_and_mypy_name_the_same_floor() -> None:
     assert SpecifierSet(PROJECT["requires-python"]).contains(f"3.{minor}.0")
 
 
+def test_every_pinned_version_installs_on_the_oldest_python_allowed() -> None:
+    # A pin whose Requires-Python is above requires-python's floor (pymdown-extensions 13 needs
+    # 3.11.5) resolves in a 3.11.7 venv and fails in a fresh one on Debian's 3.11.2.
+    floor = re.fullmatch(r">=\s*(\d+\.\d+)", PROJECT["requires-python"])
+    assert floor
+    oldest = f"{floor.group(1)}.0"
+    too_new = []
+    for name, version in sorted(_constraints().items()):
+        try:
+            distribution = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # not installed here
+        requires_python = distribution.metadata.get("Requires-Python") or ""
+        same_release = Version(distribution.version) == Version(version)
+        if same_release and requires_python and not SpecifierSet(requires_python).contains(oldest):
+            too_new.append(f"{name}=={version} requires Python {requires_python}")
+    assert too_new == [], f"pins that Python {oldest} cannot install"
+
+
 def test_the_docker_dependency_layer_comes_before_the_code() -> None:
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")  # one line per instruction
     instructions = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
