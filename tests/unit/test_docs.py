@@ -141,3 +141,26 @@ def test_a_removed_field_would_be_caught() -> None:
     reference = HOOK.render_marker("job-spec").replace("| `epochs` |", "| `epoch_count` |")
     with pytest.raises(AssertionError, match=r"train\.epochs"):
         _check(reference, {"train": {"epochs": 3}}, root_title="Job spec (top level)", where="x")
+
+
+def _repository_text_files() -> list[Path]:
+    suffixes = {".md", ".yaml", ".yml", ".py", ".toml", ".txt"}
+    skipped = {".git", ".venv", "site", "node_modules"}
+    return [
+        path
+        for path in sorted(ROOT.rglob("*"))
+        if path.suffix in suffixes and path.is_file() and not skipped & set(path.relative_to(ROOT).parts)
+    ]
+
+
+def test_readme_links_and_mentions_of_docs_pages_resolve() -> None:
+    broken = []
+    readme = (ROOT / "README.md").read_text()
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme):
+        if "://" not in target and not (ROOT / target).exists():
+            broken.append(f"README.md links to {target}")
+    for path in _repository_text_files():
+        for page in re.findall(r"\bdocs/[\w./-]+\.md\b", path.read_text(errors="replace")):
+            if not (ROOT / page).exists():
+                broken.append(f"{path.relative_to(ROOT)} mentions {page}")
+    assert broken == []
