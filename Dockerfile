@@ -1,6 +1,6 @@
 # The image every pod of k8s/ runs: Ray head and workers (RayCluster, RayJob, RayService) and the
 # MLflow server. Ray's own image (Python 3.11, Ray 2.60.0, the `ray` user) + this project with its
-# pinned dependencies (pyproject.toml: torch, torchvision, ray[train,serve,tune], mlflow).
+# dependencies at the versions of constraints.txt (torch, torchvision, ray[train,serve,tune], mlflow...).
 #
 #   CPU:  docker build -t registry.example.com/retrieval-platform:0.1.0 .
 #   GPU:  docker build --build-arg BASE_TAG=2.60.0-py311-gpu --build-arg TORCH_INDEX_URL= \
@@ -19,10 +19,20 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # Ray starts in the image's working directory and job drivers inherit it.
 WORKDIR /home/ray/app
 
-# Dependencies first, in their own layer: editing jobs/ or serve/ does not reinstall torch.
-COPY --chown=ray:users pyproject.toml README.md ./
+# Dependencies first, in a layer of their own that only pyproject.toml and constraints.txt reach:
+# editing platform/, jobs/ or serve/ does not reinstall torch. The project's dependencies (not the
+# project) at the exact versions of constraints.txt; a torch built for the CPU matches its pin too.
+COPY --chown=ray:users pyproject.toml constraints.txt ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url ${TORCH_INDEX_URL}} \
+        -c constraints.txt -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+# Then the project itself, without touching a dependency.
+COPY --chown=ray:users README.md ./
 COPY --chown=ray:users platform ./platform
-RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url ${TORCH_INDEX_URL}} . \
+RUN pip install --no-cache-dir --no-deps . \
     && python -c "import ray, torch, mlflow, retrieval; assert ray.__version__ == '2.60.0', ray.__version__"
 
 COPY --chown=ray:users jobs ./jobs

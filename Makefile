@@ -6,14 +6,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export RAY_AUTH_MODE ?= disabled
+export NO_MKDOCS_2_WARNING ?= 1
+export NO_MKDOCS_2_WARNING := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo demo-once test lint install clean browser
+.PHONY: demo demo-once test lint docs docs-serve constraints install clean browser
 
-$(STAMP): pyproject.toml
+# Every dependency at the exact version of constraints.txt (regenerate it with `make constraints`).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,17 +38,32 @@ $(BROWSER):
 
 browser: $(BROWSER)
 
-## Lint, type-check and run the whole test suite (what CI runs).
+LINTED := platform tests benchmarks docs/hooks tools
+
+## Lint, type-check, build the docs strictly and run the whole test suite (what CI runs).
 test: $(STAMP) $(BROWSER)
-	$(BIN)/ruff check platform tests
+	$(BIN)/ruff check $(LINTED)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check platform tests
+	$(BIN)/ruff check $(LINTED)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+## The documentation site (MkDocs) in site/; `make docs-serve` serves it on 127.0.0.1:8001 with live reload.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	$(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
+
+## Rewrite constraints.txt from the venv's versions (after installing a new or upgraded dependency into it).
+constraints:
+	@test -x $(BIN)/python || { echo "no $(VENV): run make install first"; exit 2; }
+	$(BIN)/python tools/constraints.py --python $(BIN)/python --out constraints.txt
+
 clean:
-	rm -rf $(VENV) mlflow.db mlruns ray_results indices demo-summary.json
+	rm -rf $(VENV) mlflow.db mlruns ray_results indices demo-summary.json site

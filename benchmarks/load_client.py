@@ -89,7 +89,7 @@ async def _one(
         async with session.post(url, json=body) as response:
             text = await response.text()
             status = response.status
-    except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+    except (TimeoutError, aiohttp.ClientError) as error:
         if tally is not None:
             tally.fail(type(error).__name__, str(error))
         return

@@ -249,7 +249,7 @@ def machine_info() -> dict[str, Any]:
                 memory_gb = round(int(line.split()[1]) / 1024**2, 1)
     packages = ["faiss-cpu", "numpy", "ray", "fastapi", "uvicorn", "aiohttp", "torch", "starlette", "pydantic"]
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "hostname_cores": os.cpu_count(),
         "nproc": len(os.sched_getaffinity(0)),
         "cpu": model,

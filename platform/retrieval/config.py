@@ -224,7 +224,7 @@ class ModelSpec(StrictModel):
     resolved by the job: `small` when the backbone has that stem and every image the job trains
     on is at most 64 px (`dataset.image_size`, and each task's), else `imagenet`; the resolved
     value is what a model package stores. The default is `imagenet`: on the digits demo (32 px)
-    `small` did not score better and trained about 10x slower (README, "The demo's figures").
+    `small` did not score better and trained about 10x slower (docs/getting-started.md, "The demo's figures").
     """
 
     backbone: str = "resnet18"

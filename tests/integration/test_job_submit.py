@@ -1,4 +1,4 @@
-"""The README's cluster path: `ray job submit ... -- retrieval train jobs/...` against a head node."""
+"""The cluster path of docs/kubernetes.md: `ray job submit ... -- retrieval train jobs/...` against a head node."""
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ from retrieval.data.base import (
     ImageDataset,
     ImageFileLoader,
     ImageLoader,
-    decode_image,
     read_image,
 )
 from retrieval.data.digits import load_digits_dataset
@@ -55,7 +54,6 @@ __all__ = [
     "ImageTransform",
     "SplitMode",
     "build_datasets",
-    "decode_image",
     "eval_transform",
     "load_digits_dataset",
     "load_image_folder",

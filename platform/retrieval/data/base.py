@@ -8,7 +8,6 @@ the dataset pickles cheaply into DataLoader workers and Ray workers.
 from __future__ import annotations
 
 import functools
-import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,19 +27,12 @@ ImageLoader = Callable[[], Image.Image]
 _UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-def _decode(stream: str | Path | io.BytesIO, *, name: str) -> Image.Image:
-    try:
-        with Image.open(stream) as image:
-            # Image.open only parses the header; load() decodes the pixels now so a corrupt
-            # body fails here, with the file's name, and not later inside a transform.
-            image.load()
-            return image.convert("RGB")
-    except _UNREADABLE_IMAGE_ERRORS as error:
-        raise CorruptImageError(f"cannot read image {name}: {type(error).__name__}: {error}") from error
-
-
 def read_image(path: str | Path) -> Image.Image:
-    """Reads and fully decodes an image file as RGB.
+    """Reads and fully decodes an image file of a dataset as RGB.
+
+    The one decoder of dataset files. Uploads to the search service go through
+    `retrieval.serving.images.decode_image` instead, which accepts fewer formats and caps the
+    pixel count before decoding (an upload is untrusted; a dataset is the operator's own).
 
     Args:
         path: Image file.
@@ -52,23 +44,14 @@ def read_image(path: str | Path) -> Image.Image:
         CorruptImageError: The file is missing or not a readable image; the message names
             the path and the underlying reason.
     """
-    return _decode(Path(path), name=str(path))
-
-
-def decode_image(data: bytes, *, name: str) -> Image.Image:
-    """Decodes an in-memory image (e.g. an upload) as RGB, like `read_image` does files.
-
-    Args:
-        data: The encoded image bytes.
-        name: What to call the image in error messages (file name of the upload).
-
-    Returns:
-        The decoded RGB image.
-
-    Raises:
-        CorruptImageError: The bytes are not a readable image; the message names `name`.
-    """
-    return _decode(io.BytesIO(data), name=name)
+    try:
+        with Image.open(Path(path)) as image:
+            # Image.open only parses the header; load() decodes the pixels now so a corrupt
+            # body fails here, with the file's name, and not later inside a transform.
+            image.load()
+            return image.convert("RGB")
+    except _UNREADABLE_IMAGE_ERRORS as error:
+        raise CorruptImageError(f"cannot read image {path}: {type(error).__name__}: {error}") from error
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import secrets
 import shutil
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -108,7 +108,7 @@ class IndexVersion:
                 created = datetime.fromisoformat(self.manifest.created_at)
             except ValueError:
                 return self.modified
-            return created if created.tzinfo else created.replace(tzinfo=timezone.utc)
+            return created if created.tzinfo else created.replace(tzinfo=UTC)
         return self.modified
 
     def summary(self) -> dict[str, Any]:
@@ -179,7 +179,7 @@ class IndexStore(Protocol):
 
 
 def _utc(timestamp: float) -> datetime:
-    return datetime.fromtimestamp(timestamp, timezone.utc)
+    return datetime.fromtimestamp(timestamp, UTC)
 
 
 class LocalIndexStore:
@@ -288,7 +288,7 @@ class S3IndexStore:
                 continue
             modified = item["LastModified"]
             grouped.setdefault(version, []).append(
-                StoredFile(name=name, size=int(item["Size"]), modified=modified.astimezone(timezone.utc))
+                StoredFile(name=name, size=int(item["Size"]), modified=modified.astimezone(UTC))
             )
         return [
             VersionFolder(name=version, files=tuple(files), modified=max(file.modified for file in files))
@@ -462,7 +462,7 @@ def list_index(
     store: IndexStore, *, now: datetime | None = None, building_grace: timedelta = DEFAULT_BUILDING_GRACE
 ) -> IndexListing:
     """Every version under the store's root, newest first (see the module docstring for the states)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     versions = [_describe(folder, store=store, now=now, building_grace=building_grace) for folder in store.folders()]
     versions.sort(key=lambda version: (version.created, version.name), reverse=True)
     return IndexListing(
@@ -559,7 +559,7 @@ def plan_prune(
             f"{listing.location}: {CURRENT_FILE} names {listing.current}, which {problem}; refusing to prune until "
             "the root is repaired"
         )
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     protected = set(protected)
     decisions = []
     complete_seen = 0

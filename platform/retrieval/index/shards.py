@@ -29,7 +29,7 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -102,7 +102,7 @@ def new_index_version() -> str:
 
     The suffix keeps two builds started in the same microsecond apart.
     """
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     return f"{stamp}-{secrets.token_hex(3)}"
 
 
@@ -419,7 +419,7 @@ def build_shards(
 
         manifest = IndexManifest(
             index_version=version,
-            created_at=datetime.now(timezone.utc).isoformat(),
+            created_at=datetime.now(UTC).isoformat(),
             model=model,
             dim=dim,
             metric=metric,

@@ -317,7 +317,7 @@ class ShardPool:
 
         try:
             return await asyncio.wait_for(retried_once(), timeout=self._spec.shard_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ShardTimeoutError(f"{what} did not answer within {self._spec.shard_timeout_s} s") from None
 
     # ------------------------------------------------------------------ readiness

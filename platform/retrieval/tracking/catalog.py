@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from mlflow import MlflowClient
@@ -212,7 +212,7 @@ def _record(
         name=found.name,
         version=str(found.version),
         aliases=aliases,
-        created=datetime.fromtimestamp(found.creation_timestamp / 1000, timezone.utc),
+        created=datetime.fromtimestamp(found.creation_timestamp / 1000, UTC),
         status=str(found.status),
         run_id=found.run_id or None,
         run_link=run_link(tracking_uri, run_id=found.run_id, experiment_id=experiment_id) if found.run_id else None,

@@ -38,7 +38,7 @@ def test_triplet_finetuning_beats_the_same_untrained_backbone_on_held_out_images
     ray_cluster, tmp_path, mlflow_db
 ):
     # Held-out *images* of the training classes (image_fraction split): fine-tuning must help.
-    # (On held-out *classes* it need not on digits; the README reports what it does.)
+    # (On held-out *classes* it need not on digits; docs/methods/baselines.md reports what it does.)
     spec = load_job_spec(
         JOBS / "cub_finetune_triplet.yaml",
         [

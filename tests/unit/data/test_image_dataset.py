@@ -14,7 +14,6 @@ from PIL import Image
 from retrieval.data import (
     ArrayImageLoader,
     ImageDataset,
-    decode_image,
     eval_transform,
     read_image,
 )
@@ -135,8 +134,10 @@ def test_read_image_decodes_as_rgb(tmp_path: Path) -> None:
 def test_unreadable_images_name_the_file_and_the_reason(tmp_path: Path) -> None:
     with pytest.raises(CorruptImageError, match=r"cannot read image .*missing\.png: FileNotFoundError"):
         read_image(tmp_path / "missing.png")
-    with pytest.raises(CorruptImageError, match=r"cannot read image upload\.jpg: UnidentifiedImageError"):
-        decode_image(b"not an image at all", name="upload.jpg")
+    not_an_image = tmp_path / "upload.jpg"
+    not_an_image.write_bytes(b"not an image at all")
+    with pytest.raises(CorruptImageError, match=r"cannot read image .*upload\.jpg: UnidentifiedImageError"):
+        read_image(not_an_image)
 
 
 def test_truncated_image_fails_when_read_not_later(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import shutil
 import socket
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ def folder_bytes(folder: Path) -> int:
 
 def age(folder: Path, seconds: float) -> None:
     """Make every file in ``folder`` (and the folder) look last written ``seconds`` ago."""
-    stamp = datetime.now(timezone.utc).timestamp() - seconds
+    stamp = datetime.now(UTC).timestamp() - seconds
     for path in [folder, *folder.rglob("*")]:
         os.utime(path, (stamp, stamp))
 
@@ -138,7 +138,7 @@ def test_plan_keeps_current_served_newest_and_building_and_deletes_the_rest(root
     assert "never pruned" in plan[("v6", "building")].reason
 
     # --older-than spares everything built within the window, whatever --keep says.
-    later = datetime.now(timezone.utc) + timedelta(days=2)
+    later = datetime.now(UTC) + timedelta(days=2)
     spared = plan_prune(listing, keep=0, older_than=timedelta(days=3), now=later)
     assert [decision.version for decision in spared if decision.delete] == []
     aged = plan_prune(listing, keep=0, older_than=timedelta(days=1), now=later)

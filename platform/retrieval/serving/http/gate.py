@@ -180,7 +180,7 @@ class RequestGate:
                 body_deadline = now + body_timeout
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(0.0, body_deadline - now))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise StarletteHTTPException(
                     408, f"the request body did not arrive within {body_timeout:g} s (body_read_timeout_s)"
                 ) from None
