@@ -1211,10 +1211,25 @@ def sweep_metric_names(job: JobSpec) -> list[str]:
         return [f"seen_mean/recall@{k}" for k in job.evaluation.recall_ks] + ["seen_mean/map@r", "forgetting/mean"]
     if job.method.name == "cross_modal_hashing":
         top_n = job.evaluation.map_top_n
-        return ["map@all", "i2t/map@all", "t2i/map@all", f"i2t/map@{top_n}", f"t2i/map@{top_n}", "train/loss"]
+        return [
+            "map@all",
+            "i2t/map@all",
+            "t2i/map@all",
+            f"i2t/map@{top_n}",
+            f"t2i/map@{top_n}",
+            "disc/feature_accuracy",
+            "disc/code_accuracy",
+            "train/loss",
+        ]
     if job.method.name == "adversarial_cross_modal":
         ks = job.evaluation.recall_ks
-        return ["rsum", *(f"i2t/recall@{k}" for k in ks), *(f"t2i/recall@{k}" for k in ks), "train/loss"]
+        return [
+            "rsum",
+            *(f"i2t/recall@{k}" for k in ks),
+            *(f"t2i/recall@{k}" for k in ks),
+            "disc/feature_accuracy",
+            "train/loss",
+        ]
     return [f"recall@{k}" for k in job.evaluation.recall_ks] + ["map@r", "train/loss"]
 
 

@@ -145,12 +145,20 @@ class EncodedSplit:
         texts: `[T, K or D]` float32.
         owner: `[T]` int64 image index of each text.
         image_labels: `[N, C]` multi-hot, or None.
+        image_features, text_features: `[N, D]`, `[T, D]` common-space features, what the feature
+            modality classifier reads (`encode_split` fills them; None where not kept).
+        image_codes, text_codes: `[N, K]`, `[T, K]` relaxed codes in (-1, 1) before the sign, what the
+            code modality classifier reads (hashing only, else None).
     """
 
     images: np.ndarray
     texts: np.ndarray
     owner: np.ndarray
     image_labels: np.ndarray | None
+    image_features: np.ndarray | None = None
+    text_features: np.ndarray | None = None
+    image_codes: np.ndarray | None = None
+    text_codes: np.ndarray | None = None
 
     @property
     def text_labels(self) -> np.ndarray | None:
@@ -346,11 +354,16 @@ class CrossModalMethod(ABC):
     def encode_split(
         self, model: nn.Module, dataset: CrossModalDataset, *, batch_size: int, device: torch.device | str = "cpu"
     ) -> EncodedSplit:
-        """Retrieval vectors of every image and every text of a split (model in eval mode)."""
+        """Retrieval vectors of every image and every text of a split (model in eval mode).
+
+        The split also keeps what the modality classifiers read (features, and relaxed codes for
+        hashing), so `modality_accuracy` can score them on held-out items without a second pass.
+        """
         network = _bare(model)
         was_training = network.training
         network.eval()
         images, texts, owners = [], [], []
+        image_features, text_features, image_codes, text_codes = [], [], [], []
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
         for batch_images, indices in loader:
             batch = self.make_batch(network, dataset, batch_images, indices).to(torch.device(device))
@@ -358,12 +371,24 @@ class CrossModalMethod(ABC):
             images.append(self.retrieval_vectors(output.image_features, output.image_codes).float().cpu().numpy())
             texts.append(self.retrieval_vectors(output.text_features, output.text_codes).float().cpu().numpy())
             owners.append(batch.owner.cpu().numpy() + int(indices[0]))
+            if self.hashing:
+                # Real-valued methods retrieve by the features themselves: `images`/`texts` already hold them.
+                image_features.append(output.image_features.float().cpu().numpy())
+                text_features.append(output.text_features.float().cpu().numpy())
+            if output.image_codes is not None and output.text_codes is not None:
+                image_codes.append(output.image_codes.float().cpu().numpy())
+                text_codes.append(output.text_codes.float().cpu().numpy())
         network.train(was_training)
+        encoded_images, encoded_texts = np.concatenate(images), np.concatenate(texts)
         return EncodedSplit(
-            images=np.concatenate(images),
-            texts=np.concatenate(texts),
+            images=encoded_images,
+            texts=encoded_texts,
             owner=np.concatenate(owners),
             image_labels=None if dataset.labels is None else np.asarray(dataset.labels, dtype=np.float32),
+            image_features=np.concatenate(image_features) if self.hashing else encoded_images,
+            text_features=np.concatenate(text_features) if self.hashing else encoded_texts,
+            image_codes=np.concatenate(image_codes) if image_codes else None,
+            text_codes=np.concatenate(text_codes) if text_codes else None,
         )
 
     @abstractmethod
@@ -565,6 +590,48 @@ def alternating_step(
     generator_optimizer.step()
     discriminator_optimizer.zero_grad(set_to_none=True)
     return terms, adversary
+
+
+@torch.no_grad()
+def modality_accuracy(discriminator: nn.Module, splits: Sequence[EncodedSplit]) -> dict[str, float]:
+    """Balanced accuracy of the trained modality classifiers on the items of `splits` (e.g. held-out ones).
+
+    Each classifier reads what it was trained on: the features (`feature_accuracy`) and, for
+    hashing, the relaxed codes (`code_accuracy`). Balanced: the mean of the accuracy on the
+    images and the accuracy on the texts, pooled over the splits, so five captions per image do
+    not outvote the images; 0.5 is a classifier that cannot tell the modalities apart.
+
+    Raises:
+        ValueError: a split without the features `encode_split` keeps, or no split at all.
+    """
+    if not splits:
+        raise ValueError("modality_accuracy needs at least one encoded split")
+    if any(split.image_features is None or split.text_features is None for split in splits):
+        raise ValueError("modality_accuracy needs the features `encode_split` keeps; this split has none")
+    bare = discriminator.module if isinstance(discriminator, nn.parallel.DistributedDataParallel) else discriminator
+    if not isinstance(bare, ModalityDiscriminator):
+        raise TypeError(f"expected a ModalityDiscriminator, got {type(bare).__name__}")
+    parameter = next(bare.parameters())
+    was_training = bare.training
+    bare.eval()
+
+    def balanced(classifier: nn.Module, image_key: str, text_key: str) -> float:
+        rates = []
+        for key, modality in ((image_key, IMAGE), (text_key, TEXT)):
+            hits = []
+            for split in splits:
+                values = torch.from_numpy(np.ascontiguousarray(getattr(split, key)))
+                logits = classifier(values.to(device=parameter.device, dtype=parameter.dtype))
+                hits.append((logits.argmax(dim=1) == modality).cpu())
+            rates.append(float(torch.cat(hits).double().mean()))
+        return 0.5 * (rates[0] + rates[1])
+
+    scores = {"feature_accuracy": balanced(bare.features, "image_features", "text_features")}
+    has_codes = all(split.image_codes is not None and split.text_codes is not None for split in splits)
+    if has_codes and bare.codes is not None:
+        scores["code_accuracy"] = balanced(bare.codes, "image_codes", "text_codes")
+    bare.train(was_training)
+    return scores
 
 
 CROSS_MODAL_METHOD_CLASSES: dict[str, type[CrossModalMethod]] = {

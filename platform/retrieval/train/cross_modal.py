@@ -40,6 +40,7 @@ from retrieval.methods.cross_modal import (
     TextContext,
     alternating_step,
     build_cross_modal_method,
+    modality_accuracy,
     relevance_labels,
 )
 from retrieval.methods.package import load_model_package, save_model_package
@@ -61,7 +62,15 @@ from retrieval.train.worker import (
 logger = logging.getLogger(__name__)
 
 TEXT_CONTEXT_FILE = "text_context.json"
-DISCRIMINATOR_KEYS = ("train/disc/feature_accuracy", "train/disc/code_accuracy")
+# The classifiers' running accuracy on the training batches, and their accuracy after each epoch
+# on the held-out query and retrieval items (what `score_model` adds with a discriminator).
+DISCRIMINATOR_KEYS = (
+    "train/disc/feature_accuracy",
+    "train/disc/code_accuracy",
+    "disc/feature_accuracy",
+    "disc/code_accuracy",
+)
+HELD_OUT_DISCRIMINATOR_PREFIX = "disc/"
 
 
 def cross_modal_loop_per_worker(config: dict[str, Any]) -> None:
@@ -141,7 +150,11 @@ def cross_modal_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = _mean_across_workers(sums, steps, device=device, world_size=world_size)
         metrics.update(epoch=epoch, lr=generator_scheduler.get_last_lr()[0], resumed_from_epoch=start_epoch)
         if rank == 0:
-            metrics.update(score_model(method, bare_model, spec=spec, splits=splits, device=device))
+            metrics.update(
+                score_model(
+                    method, bare_model, spec=spec, splits=splits, device=device, discriminator=bare_discriminator
+                )
+            )
             if run is not None:
                 run.log_metrics({key: value for key, value in metrics.items() if key != "epoch"}, step=epoch)
             with tempfile.TemporaryDirectory() as folder:
@@ -180,10 +193,20 @@ def score_model(
     spec: JobSpec,
     splits: CrossModalSplits | None = None,
     device: torch.device | str = "cpu",
+    discriminator: torch.nn.Module | None = None,
 ) -> dict[str, float]:
-    """The method's metrics of `model` on the job's query and retrieval splits (read from the spec if not given)."""
+    """The method's metrics of `model` on the job's query and retrieval splits (read from the spec if not given).
+
+    With the trained `discriminator`, also its balanced accuracy on the features (and codes) of
+    both modalities of those held-out items: `disc/feature_accuracy` (and `disc/code_accuracy`);
+    0.5 when the modality classifier cannot tell images from texts.
+    """
     query, retrieval = encode_evaluation_splits(method, model, spec=spec, splits=splits, device=device)
-    return method.score(query, retrieval)
+    scores = method.score(query, retrieval)
+    if discriminator is not None:
+        held_out = modality_accuracy(discriminator, [query, retrieval])
+        scores.update({f"{HELD_OUT_DISCRIMINATOR_PREFIX}{key}": value for key, value in held_out.items()})
+    return scores
 
 
 def encode_evaluation_splits(

@@ -106,6 +106,11 @@ def test_hashing_job_resumes_registers_and_answers_text_queries(ray_cluster, tmp
             2,
             3,
         ]
+    # And the trained classifiers' balanced accuracy on the held-out query + retrieval items, once per epoch.
+    for key in ("disc/feature_accuracy", "disc/code_accuracy"):
+        history = client.get_metric_history(outcome.run_id, key)
+        assert sorted(point.step for point in history) == [0, 1, 2, 3]
+        assert all(0.0 <= point.value <= 1.0 for point in history)
     assert {"map@all", "i2t/map@all", "t2i/map@all", "i2t/map@100", "t2i/p@10"} <= set(outcome.metrics)
     artifacts = {
         item.path for folder in ("evaluation", "training") for item in client.list_artifacts(outcome.run_id, folder)

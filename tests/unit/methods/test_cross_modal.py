@@ -256,3 +256,114 @@ def _caption_only_dataset() -> CrossModalDataset:
         tag_names=[],
         sources=[f"caption:{index}" for index in range(4)],
     )
+
+
+def _reference_balanced_accuracy(
+    method: CrossModalMethod, model: torch.nn.Module, discriminator: Any, datasets: list[Any]
+) -> dict[str, float]:
+    """Plain-loop reference: embed in small batches, classify each row alone, average the two modalities' hit rates."""
+    heads = {"feature_accuracy": discriminator.features}
+    if discriminator.codes is not None:
+        heads["code_accuracy"] = discriminator.codes
+    hits: dict[tuple[str, int], list[bool]] = {(name, modality): [] for name in heads for modality in (0, 1)}
+    model.eval()
+    with torch.no_grad():
+        for dataset in datasets:
+            for images, indices in DataLoader(dataset, batch_size=25, shuffle=False):
+                batch = method.make_batch(model, dataset, images, indices)
+                output = model(batch.images, batch.text_inputs)
+                inputs = {
+                    ("feature_accuracy", 0): output.image_features,
+                    ("feature_accuracy", 1): output.text_features,
+                    ("code_accuracy", 0): output.image_codes,
+                    ("code_accuracy", 1): output.text_codes,
+                }
+                for (name, modality), values in inputs.items():
+                    if name not in heads:
+                        continue
+                    assert values is not None
+                    for row in values:
+                        predicted = int(heads[name](row.unsqueeze(0))[0].argmax())
+                        hits[(name, modality)].append(predicted == modality)
+    return {name: 0.5 * sum(sum(hits[(name, m)]) / len(hits[(name, m)]) for m in (0, 1)) for name in heads}
+
+
+@pytest.mark.parametrize("method", [HASHING, ADVERSARIAL], ids=["hashing", "adversarial"])
+def test_held_out_modality_accuracy_matches_a_plain_loop(method: dict[str, Any]) -> None:
+    from retrieval.methods.cross_modal import modality_accuracy
+
+    spec = job(method)
+    method_, model, discriminator, train = setup(spec)
+    generator_optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    discriminator_optimizer = torch.optim.Adam(discriminator.parameters(), lr=1e-3)
+    batch = first_batch(method_, model, train)
+    for _ in range(2):
+        alternating_step(
+            method_,
+            model=model,
+            discriminator=discriminator,
+            generator_optimizer=generator_optimizer,
+            discriminator_optimizer=discriminator_optimizer,
+            batch=batch,
+        )
+    splits = cross_modal_datasets_from_spec(spec.dataset)
+    query = method_.encode_split(model, splits.query, batch_size=64)
+    retrieval = method_.encode_split(model, splits.retrieval, batch_size=64)
+    scores = modality_accuracy(discriminator, [query, retrieval])
+    expected = _reference_balanced_accuracy(method_, model, discriminator, [splits.query, splits.retrieval])
+    assert set(scores) == ({"feature_accuracy", "code_accuracy"} if method_.hashing else {"feature_accuracy"})
+    for name, value in expected.items():
+        assert scores[name] == pytest.approx(value, abs=1e-9)
+    if method_.hashing:
+        # What the code classifier reads is the relaxed code, not the sign code retrieval uses.
+        assert query.image_codes is not None and np.all(np.abs(query.image_codes) < 1.0)
+
+
+def test_held_out_modality_accuracy_is_balanced_over_the_modalities() -> None:
+    """Five captions per image: a classifier that always answers "image" scores 0.5, not 1/6."""
+    from retrieval.methods.cross_modal import modality_accuracy
+
+    spec = job(ADVERSARIAL)
+    method, model, discriminator, _ = setup(spec)
+    query = method.encode_split(model, cross_modal_datasets_from_spec(spec.dataset).query, batch_size=64)
+    assert len(query.texts) == 5 * len(query.images)
+    last = discriminator.features.layers[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([1.0, 0.0]))  # always "image"
+    assert modality_accuracy(discriminator, [query])["feature_accuracy"] == pytest.approx(0.5)
+    with torch.no_grad():
+        last.bias.copy_(torch.tensor([0.0, 1.0]))  # always "text"
+    assert modality_accuracy(discriminator, [query])["feature_accuracy"] == pytest.approx(0.5)
+
+
+def test_score_model_adds_the_held_out_modality_accuracy() -> None:
+    from retrieval.methods.cross_modal import modality_accuracy
+    from retrieval.train.cross_modal import score_model
+
+    spec = job(HASHING)
+    method, model, discriminator, _ = setup(spec)
+    splits = cross_modal_datasets_from_spec(spec.dataset)
+    without = score_model(method, model, spec=spec, splits=splits)
+    assert not any(key.startswith("disc/") for key in without)
+    scores = score_model(method, model, spec=spec, splits=splits, discriminator=discriminator)
+    query = method.encode_split(model, splits.query, batch_size=64)
+    retrieval = method.encode_split(model, splits.retrieval, batch_size=64)
+    expected = modality_accuracy(discriminator, [query, retrieval])
+    assert scores["disc/feature_accuracy"] == pytest.approx(expected["feature_accuracy"])
+    assert scores["disc/code_accuracy"] == pytest.approx(expected["code_accuracy"])
+    assert scores["map@all"] == pytest.approx(without["map@all"])
+
+
+def test_modality_accuracy_refuses_a_split_without_features() -> None:
+    from retrieval.methods.cross_modal import EncodedSplit, modality_accuracy
+
+    spec = job(HASHING)
+    _, _, discriminator, _ = setup(spec)
+    bare = EncodedSplit(
+        images=np.ones((2, 16), np.float32), texts=np.ones((2, 16), np.float32), owner=np.arange(2), image_labels=None
+    )
+    with pytest.raises(ValueError, match="features"):
+        modality_accuracy(discriminator, [bare])
+    with pytest.raises(ValueError, match="at least one"):
+        modality_accuracy(discriminator, [])

@@ -227,3 +227,21 @@ def test_a_plain_metric_is_refused_for_an_incremental_sweep(tmp_path):
     )
     with pytest.raises(ConfigError, match="seen_mean/recall@1"):
         load_sweep_spec(path)
+
+
+@pytest.mark.parametrize("job_file", ["digit_pairs_hashing.yaml", "digit_pairs_adversarial.yaml"])
+def test_cross_modal_trials_report_the_held_out_modality_accuracy(tmp_path, job_file):
+    """The classifier's held-out balanced accuracy is a column of the sweep table (and a valid metric)."""
+    from retrieval.config import sweep_metric_names
+
+    path = _write(
+        tmp_path,
+        base_job=str(ROOT / "jobs" / job_file),
+        space={"method.entropy_weight": {"grid": [0.0, 0.1]}},
+        metric="disc/feature_accuracy",
+        mode="min",
+    )
+    sweep = load_sweep_spec(path)
+    names = sweep_metric_names(sweep.base_job)
+    assert "disc/feature_accuracy" in names
+    assert ("disc/code_accuracy" in names) == (job_file == "digit_pairs_hashing.yaml")
