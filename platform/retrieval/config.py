@@ -1274,6 +1274,12 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     >>> apply_override(spec, "train.epochs=5"); spec
     {'train': {'epochs': 5}}
     """
+    key, value = parse_override(override)
+    set_dotted(data, key, value, source=f"--set {override!r}")
+
+
+def parse_override(override: str) -> tuple[str, Any]:
+    """`dotted.key=value` -> `(dotted.key, the value parsed as YAML)`."""
     key, sep, raw_value = override.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {override!r}: expected 'dotted.key=value'")
@@ -1281,7 +1287,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(raw_value) if raw_value.strip() else None
     except yaml.YAMLError as error:
         raise ConfigError(f"--set {override!r}: value is not valid YAML: {error}") from error
-    set_dotted(data, key, value, source=f"--set {override!r}")
+    return key.strip(), value
 
 
 @dataclass(frozen=True)
@@ -1319,7 +1325,16 @@ def load_sweep_spec(path: str | Path, overrides: Sequence[str] = ()) -> LoadedSw
     file = Path(path)
     data = read_yaml_mapping(file)
     for override in overrides:
-        apply_override(data, override)
+        key, value = parse_override(override)
+        if key.startswith("overrides."):
+            # The sweep's overrides are flat dotted keys of the base job: `overrides.train.epochs=3` sets the
+            # key `train.epochs` there (nested, it would replace the base job's whole `train` section).
+            section = data.setdefault("overrides", {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"--set {override!r}: {file}'s 'overrides' is not a mapping")
+            section[key.removeprefix("overrides.")] = value
+        else:
+            set_dotted(data, key, value, source=f"--set {override!r}")
     spec = SweepSpec.from_mapping(data, source=str(file))
     base_file = (file.parent / spec.base_job).resolve()
     if not base_file.is_file():

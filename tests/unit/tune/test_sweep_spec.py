@@ -53,6 +53,16 @@ def test_valid_file_loads_with_base_job_and_overrides(tmp_path):
     assert job.train.epochs == 3
 
 
+def test_a_set_override_of_one_train_key_keeps_the_base_jobs_other_train_keys(tmp_path):
+    """`retrieval tune --set overrides.train.epochs=8` replaced the base job's whole train section."""
+    path = _write(tmp_path, overrides={"train.epochs": 3})
+    sweep = load_sweep_spec(path, ["overrides.train.epochs=8", "overrides.train.seed=4"])
+    assert (sweep.base_job.train.epochs, sweep.base_job.train.seed) == (8, 4)
+    assert sweep.base_job.train.samples_per_class == 16  # jobs/digits_deep_metric.yaml's, not the default 8
+    with pytest.raises(ConfigError, match="train.epoch"):
+        load_sweep_spec(path, ["overrides.train.epoch=8"])
+
+
 def test_base_job_is_relative_to_the_sweep_file(tmp_path):
     jobs = tmp_path / "jobs"
     jobs.mkdir()
