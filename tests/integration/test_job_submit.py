@@ -8,21 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from mlflow import MlflowClient
-
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_ray_job_submit_trains_and_registers(ray_cluster, tmp_path, mlflow_db):
+def test_ray_job_submit_trains_and_registers(ray_train, tmp_path, mlflow_db):
     tracking = mlflow_db
     summary = tmp_path / "summary.json"
     bin_dir = Path(sys.executable).parent
     command = [
         str(bin_dir / "ray"), "job", "submit",
-        "--address", ray_cluster.dashboard_url,
+        "--address", ray_train.dashboard_url,
         "--working-dir", str(ROOT),
         "--runtime-env", str(ROOT / "jobs" / "runtime_env.yaml"),
         "--",

@@ -21,8 +21,6 @@ from mlflow import MlflowClient
 from retrieval.tracking import load_embedder
 from retrieval.train import run_training
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 
 @pytest.fixture(scope="module")
 def mlflow_server(s3_endpoint, tmp_path_factory, mlflow_template_db) -> Iterator[str]:
@@ -64,7 +62,7 @@ def _healthy(url: str) -> bool:
 
 
 def test_training_logs_and_registers_through_a_tracking_server_with_s3_artifacts(
-    ray_cluster, s3_endpoint, mlflow_server, make_job_spec, tmp_path
+    ray_train, s3_endpoint, mlflow_server, make_job_spec, tmp_path
 ):
     spec = make_job_spec(
         name="mlflow_s3_job",

@@ -12,8 +12,6 @@ from retrieval.config import ServingSpec
 from retrieval.errors import ConfigError, IndexIntegrityError
 from retrieval.serving.app import build_app
 
-pytestmark = pytest.mark.integration
-
 CONFIG = Path(__file__).resolve().parents[3] / "serve" / "digits.yaml"
 
 

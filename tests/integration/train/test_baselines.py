@@ -12,8 +12,6 @@ from retrieval.cli import main
 from retrieval.config import load_job_spec
 from retrieval.train import run_training
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 JOBS = Path(__file__).resolve().parents[3] / "jobs"
 
 
@@ -35,7 +33,7 @@ def _digits_overrides(tmp_path: Path, tracking: str, registered: str) -> list[st
 
 
 def test_triplet_finetuning_beats_the_same_untrained_backbone_on_held_out_images_of_its_classes(
-    ray_cluster, tmp_path, mlflow_db
+    ray_train, tmp_path, mlflow_db
 ):
     # Held-out *images* of the training classes (image_fraction split): fine-tuning must help.
     # (On held-out *classes* it need not on digits; the README reports what it does.)
@@ -61,7 +59,7 @@ def test_triplet_finetuning_beats_the_same_untrained_backbone_on_held_out_images
     [("cub_finetune_arcface.yaml", "digits-arcface"), ("cub_unsupervised.yaml", "digits-unsupervised")],
 )
 def test_classification_and_unsupervised_recipes_train_and_register_on_digits(
-    ray_cluster, tmp_path, mlflow_db, job, registered
+    ray_train, tmp_path, mlflow_db, job, registered
 ):
     summary = tmp_path / "summary.json"
     overrides = [*_digits_overrides(tmp_path, mlflow_db, registered), "train.epochs=1", "evaluation.baselines=[]"]

@@ -9,8 +9,6 @@ from mlflow import MlflowClient
 
 from retrieval.train import run_training
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 
 def _spec(make_job_spec, tmp_path: Path, tracking: str, *, name: str, epochs: int, gate: list[str], **extra):
     return make_job_spec(
@@ -34,7 +32,7 @@ def _spec(make_job_spec, tmp_path: Path, tracking: str, *, name: str, epochs: in
     )
 
 
-def test_train_records_registers_gates_and_resumes(ray_cluster, make_job_spec, tmp_path, mlflow_db):
+def test_train_records_registers_gates_and_resumes(ray_train, make_job_spec, tmp_path, mlflow_db):
     spec = _spec(make_job_spec, tmp_path, mlflow_db, name="driver_job", epochs=2, gate=["recall@1 >= 1.01"])
     outcome = run_training(spec)
 

@@ -22,8 +22,6 @@ from retrieval.cli import main as cli_main
 from retrieval.config import JobSpec
 from retrieval.index.manifest import read_manifest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 TOKEN = "incremental-test-token"
 APP_NAME = "incremental-swap-test"
 ROUTE = "/incremental-test"
@@ -58,7 +56,8 @@ def spec_for(method: str, tmp_path: Path, tracking: str, tasks: list[dict[str, A
 
 
 def test_tasks_register_index_resume_and_swap_the_live_app(
-    ray_cluster: Any,
+    ray_train: Any,
+    serve_instance: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -72,7 +71,7 @@ def test_tasks_register_index_resume_and_swap_the_live_app(
     from retrieval.train.incremental import run_incremental
 
     tasks = [{"name": "digits0-4", "classes": "0-4"}, {"name": "digits5-9", "classes": "5-9"}]
-    url = f"http://127.0.0.1:{ray_cluster.serve_port}{ROUTE}"
+    url = f"{serve_instance}{ROUTE}"
     spec = spec_for("incremental_kd_mmd", tmp_path, mlflow_db, tasks, serve_url=url)
 
     first = run_incremental(spec, stop_after_task=0)
@@ -80,7 +79,6 @@ def test_tasks_register_index_resume_and_swap_the_live_app(
     first_version = first.tasks[0].index_version
     assert first_version is not None and first.tasks[0].promoted
 
-    serve.start(http_options={"host": "127.0.0.1", "port": ray_cluster.serve_port})
     state_name = "incremental-test-swap-state"
     app = build_app(
         {"index": str(tmp_path / "indices"), "tracking_uri": spec.tracking.tracking_uri, "swap_timeout_s": 120},
@@ -159,7 +157,7 @@ METHOD_TERMS = {
 
 @pytest.mark.parametrize("method", sorted(METHOD_TERMS))
 def test_each_kind_of_carry_learns_a_second_task_with_two_workers(
-    method: str, ray_cluster: Any, tmp_path: Path, mlflow_db: str
+    method: str, ray_train: Any, tmp_path: Path, mlflow_db: str
 ) -> None:
     from retrieval.train.incremental import run_incremental
 

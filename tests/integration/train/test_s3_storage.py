@@ -5,16 +5,13 @@ from __future__ import annotations
 import os
 
 import boto3
-import pytest
 from mlflow import MlflowClient
 
 from retrieval.train import run_training
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 
 def test_s3_checkpoints_survive_a_killed_worker_and_no_secret_is_recorded(
-    ray_cluster, s3_endpoint, make_job_spec, tmp_path, mlflow_db
+    ray_train, s3_endpoint, make_job_spec, tmp_path, mlflow_db
 ):
     spec = make_job_spec(
         name="s3_job",
