@@ -64,5 +64,13 @@ constraints:
 	@test -x $(BIN)/python || { echo "no $(VENV): run make install first"; exit 2; }
 	$(BIN)/python tools/constraints.py --python $(BIN)/python --out constraints.txt
 
+## Lint, type-check and every test that starts no Ray Train/Tune run and kills no node (a few minutes).
+## The markers come from the fixtures each test uses (tests/conftest.py: FIXTURE_MARKS).
+.PHONY: test-fast
+test-fast: $(STAMP) $(BROWSER)
+	$(BIN)/ruff check platform tests
+	$(BIN)/mypy
+	$(BIN)/pytest -m "not train_run and not faults"
+
 clean:
 	rm -rf $(VENV) mlflow.db mlruns ray_results indices demo-summary.json site

@@ -1,8 +1,14 @@
-"""One local Ray cluster for the whole test session.
+"""One local Ray cluster for the whole test session, and the services the integration tests share.
 
 The head runs as `ray start --head --block` in a child process group, with every port
 picked free on 127.0.0.1, so parallel test sessions never collide and teardown stops only
 this cluster (never a machine-wide `ray stop`).
+
+The fixtures named in `FIXTURE_MARKS` (tests/conftest.py) mark the tests that use them. A test
+or fixture that starts a Ray Train or Tune run asks for `ray_train` (or `two_nodes_training`)
+rather than the bare cluster: that marks it `train_run`, which `make test-fast` leaves out.
+Every test's Train runs and Tune trials are counted from the clusters' own actor tables, so a
+test that starts one without that marker fails, and the session's totals end the report.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +149,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
         )
         address = f"127.0.0.1:{port}"
         ray.init(address=address, log_to_driver=False, _node_ip_address="127.0.0.1")
+        RUNS.watch(dashboard_url)
         yield RayCluster(
             address=address,
             dashboard_url=dashboard_url,
@@ -150,6 +158,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
             metrics_port=metrics_port,
         )
     finally:
+        RUNS.forget(dashboard_url)
         try:
             from ray import serve
 
@@ -158,6 +167,62 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
             pass
         ray.shutdown()
         _stop_group(head)
+
+
+@pytest.fixture(scope="session")
+def ray_train(ray_cluster: RayCluster) -> RayCluster:
+    """The session cluster, for a test or fixture that starts Ray Train or Tune runs on it.
+
+    Asking for it (directly or through a run fixture) marks a test `train_run`; see `FIXTURE_MARKS`.
+    """
+    return ray_cluster
+
+
+@pytest.fixture(scope="session")
+def serve_instance(ray_cluster: RayCluster) -> str:
+    """Ray Serve on the session cluster, its proxy on 127.0.0.1:`serve_port`; yields the proxy's URL."""
+    from ray import serve
+
+    serve.start(http_options={"host": "127.0.0.1", "port": ray_cluster.serve_port})
+    return f"http://127.0.0.1:{ray_cluster.serve_port}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(
+    s3_endpoint: S3Endpoint, tmp_path_factory: pytest.TempPathFactory, mlflow_template_db: Path
+) -> Iterator[str]:
+    """`mlflow server` with a sqlite backend and `--artifacts-destination s3://...`, proxying artifacts."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    # An empty database with its migrations applied: the server does not spend ~5 s creating one.
+    shutil.copyfile(mlflow_template_db, folder / "mlflow.db")
+    command = [
+        str(Path(sys.executable).parent / "mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination", f"s3://{s3_endpoint.bucket}/mlflow",
+        "--host", "127.0.0.1", "--port", str(port := free_port()), "--workers", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint.url}
+    log = (folder / "server.log").open("w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _healthy(url):
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError(f"mlflow server did not start; see {folder / 'server.log'}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/health", timeout=2).ok
+    except requests.RequestException:
+        return False
 
 
 def _stop_group(process: subprocess.Popen[bytes]) -> None:
@@ -354,8 +419,10 @@ def two_node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNo
             what=f"the fault cluster's head (log: {logs / 'head.log'})",
         )
         cluster.start_worker()
+        RUNS.watch(dashboard_url)
         yield cluster
     finally:
+        RUNS.forget(dashboard_url)
         if cluster.worker is not None:
             _stop_group(cluster.worker)
         _stop_group(head)
@@ -367,3 +434,106 @@ def two_nodes(two_node_cluster: TwoNodeCluster) -> TwoNodeCluster:
     if two_node_cluster.worker is None:
         two_node_cluster.start_worker()
     return two_node_cluster
+
+
+@pytest.fixture
+def two_nodes_training(two_nodes: TwoNodeCluster) -> TwoNodeCluster:
+    """`two_nodes`, for a test that starts a Ray Train run on them (marks it `train_run`)."""
+    return two_nodes
+
+
+# --------------------------------------------------------------------------- counting runs
+# Ray Train V2 starts one `TrainController` actor per run (a resumed job is a new run), and Tune
+# one trainable actor per trial (`ImplicitFunc` for a function trainable, a Train job's too).
+# Dead actors stay in the GCS's table, so counting them before and after a test tells what it
+# started, whether in this process or in a driver it spawned (`ray job submit`, `retrieval tune`).
+RUN_ACTORS = {"TrainController": "Ray Train runs", "ImplicitFunc": "Tune trials"}
+
+
+class RunCounter:
+    def __init__(self) -> None:
+        self.live: dict[str, Counter[str]] = {}  # dashboard URL -> its counts when last read
+        self.gone: Counter[str] = Counter()  # the final counts of clusters already stopped
+        self.by_test: dict[str, Counter[str]] = {}
+        self.unreadable = False
+
+    def watch(self, dashboard_url: str) -> None:
+        self.live[dashboard_url] = Counter()
+
+    def forget(self, dashboard_url: str) -> None:
+        """Keep a cluster's final counts before it stops."""
+        if dashboard_url not in self.live:
+            return
+        final = self._read(dashboard_url)
+        last = self.live.pop(dashboard_url)
+        self.gone += last if final is None else final
+
+    def known(self) -> Counter[str]:
+        """The counts as last read (nothing starts a run between two tests)."""
+        return sum(self.live.values(), Counter(self.gone))
+
+    def read(self) -> Counter[str]:
+        for url in self.live:
+            counts = self._read(url)
+            if counts is not None:
+                self.live[url] = counts
+        return self.known()
+
+    def _read(self, dashboard_url: str) -> Counter[str] | None:
+        try:
+            reply = requests.get(f"{dashboard_url}/api/v0/actors", params={"limit": 10000}, timeout=30)
+            reply.raise_for_status()
+            actors = reply.json()["data"]["result"]["result"]
+        except (requests.RequestException, KeyError, ValueError):
+            self.unreadable = True
+            return None
+        return Counter(actor["class_name"] for actor in actors if actor.get("class_name") in RUN_ACTORS)
+
+
+RUNS = RunCounter()
+_CLUSTER_FIXTURES = ("ray_cluster", "two_node_cluster")
+_BEFORE = pytest.StashKey[Counter[str]]()
+
+
+def _on_a_cluster(item: pytest.Item) -> bool:
+    return any(name in getattr(item, "fixturenames", ()) for name in _CLUSTER_FIXTURES)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    # Before the test's fixtures: a module-scoped run fixture starts its runs in the first test's setup.
+    if _on_a_cluster(item):
+        item.stash[_BEFORE] = RUNS.known()
+    yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
+    yield
+    if _BEFORE not in item.stash:
+        return
+    started = RUNS.read() - item.stash[_BEFORE]
+    if not started:
+        return
+    RUNS.by_test[item.nodeid] = started
+    if item.get_closest_marker("train_run") is None:
+        raise pytest.fail.Exception(
+            f"{item.nodeid} started {_describe(started)} but is not marked `train_run`: ask for the "
+            "`ray_train` fixture (or a run fixture built on it) instead of `ray_cluster`, so that "
+            "`make test-fast` leaves it out (tests/conftest.py: FIXTURE_MARKS)"
+        )
+
+
+def _describe(counts: Counter[str]) -> str:
+    return ", ".join(f"{counts[name]} {label}" for name, label in RUN_ACTORS.items() if counts[name]) or "nothing"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not RUNS.by_test:
+        return
+    terminalreporter.section("Ray Train runs and Tune trials started")
+    for nodeid, counts in RUNS.by_test.items():
+        terminalreporter.write_line(f"{_describe(counts)}: {nodeid}")
+    totals = sum(RUNS.by_test.values(), Counter())
+    unread = " (the actor table could not always be read: counts may be short)" if RUNS.unreadable else ""
+    terminalreporter.write_line(f"total: {_describe(totals)}{unread}")

@@ -12,12 +12,10 @@ from mlflow import MlflowClient
 from retrieval.cli import main
 from retrieval.config import load_job_spec
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "digits_deep_metric.yaml"
 
 
-def test_demo_once_trains_registers_indexes_serves_and_answers(ray_cluster, tmp_path, monkeypatch, mlflow_db):
+def test_demo_once_trains_registers_indexes_serves_and_answers(ray_train, tmp_path, monkeypatch, mlflow_db):
     # The demo writes mlflow.db (here an empty one already: `mlflow_db`), ray_results and indices
     # in the working directory.
     monkeypatch.chdir(tmp_path)
@@ -29,7 +27,7 @@ def test_demo_once_trains_registers_indexes_serves_and_answers(ray_cluster, tmp_
             "--spec",
             str(JOB),
             "--port",
-            str(ray_cluster.serve_port),
+            str(ray_train.serve_port),
             "--summary",
             str(summary_path),
             "--set",
@@ -94,4 +92,4 @@ def test_demo_once_trains_registers_indexes_serves_and_answers(ray_cluster, tmp_
             assert ids[0] == query["query_id"]
             assert query["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
     # --once takes the app down again (Serve's proxy stays and knows no route).
-    assert requests.get(f"http://127.0.0.1:{ray_cluster.serve_port}/healthz", timeout=5).status_code == 404
+    assert requests.get(f"http://127.0.0.1:{ray_train.serve_port}/healthz", timeout=5).status_code == 404

@@ -34,8 +34,6 @@ import requests
 
 from retrieval.index import ModelRef, build_shards
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
-
 COUNT = 200
 K = 5
 CLIENTS = 4

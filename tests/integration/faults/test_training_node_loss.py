@@ -15,10 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
-
 REPO = Path(__file__).resolve().parents[3]
 EPOCHS = 5
 
@@ -33,7 +29,7 @@ def committed_checkpoints(storage: Path) -> int:
 
 
 def test_losing_a_node_mid_training_resumes_from_the_last_checkpoint_and_finishes(
-    two_nodes: Any, tmp_path: Path, poll: Any
+    two_nodes_training: Any, tmp_path: Path, poll: Any
 ) -> None:
     storage = tmp_path / "ray_results"
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -56,28 +52,28 @@ def test_losing_a_node_mid_training_resumes_from_the_last_checkpoint_and_finishe
     command = [str(Path(sys.executable).parent / "retrieval"), "train", str(REPO / "jobs" / "digits_deep_metric.yaml")]
     for key, value in overrides.items():
         command += ["--set", f"{key}={value}"]
-    command += ["--address", two_nodes.address, "--summary", str(summary)]
+    command += ["--address", two_nodes_training.address, "--summary", str(summary)]
     log = tmp_path / "train.log"
     with log.open("w") as output:
         job = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
-        worker_node = two_nodes.worker_node_id()
+        worker_node = two_nodes_training.worker_node_id()
 
         def a_worker_runs_on_the_worker_node() -> bool:
-            return any(actor["node_id"] == worker_node for actor in two_nodes.actors("RayTrainWorker"))
+            return any(actor["node_id"] == worker_node for actor in two_nodes_training.actors("RayTrainWorker"))
 
         poll(a_worker_runs_on_the_worker_node, timeout=180, what=f"a training worker on the worker node ({log})")
         poll(lambda: committed_checkpoints(storage) > 0, timeout=300, what=f"a committed checkpoint ({log})")
         committed_before_the_kill = committed_checkpoints(storage)
         assert job.poll() is None, f"the job ended before the kill: {log.read_text()[-3000:]}"
-        two_nodes.kill_worker()
+        two_nodes_training.kill_worker()
         killed_at = time.monotonic()
         returncode = job.wait(timeout=600)
     finally:
         if job.poll() is None:
             job.kill()
-        if two_nodes.worker is None:
-            two_nodes.start_worker()  # the next fault test starts from two nodes again
+        if two_nodes_training.worker is None:
+            two_nodes_training.start_worker()  # the next fault test starts from two nodes again
     output = log.read_text()
     assert returncode == 0, output[-5000:]
     assert time.monotonic() - killed_at < 600

@@ -20,8 +20,6 @@ from PIL import Image
 from retrieval.index import ModelRef, build_shards, read_manifest
 from retrieval.serving.images import decode_image
 
-pytestmark = pytest.mark.integration
-
 APP_NAME = "retrieval-serving-test"
 ROUTE = "/serving-test"
 COUNT = 200
@@ -54,6 +52,7 @@ def png_bytes(seed: int, size: int = 24) -> bytes:
 def deployed(
     request: pytest.FixtureRequest,
     ray_cluster: Any,
+    serve_instance: str,
     model_package: Path,
     tmp_path_factory: pytest.TempPathFactory,
     http_ready: Any,
@@ -83,7 +82,6 @@ def deployed(
     )
     manifest, _ = read_manifest(root)
 
-    serve.start(http_options={"host": "127.0.0.1", "port": ray_cluster.serve_port})
     app = build_app(
         {
             "index": str(root),

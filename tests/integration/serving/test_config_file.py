@@ -17,8 +17,6 @@ from retrieval.errors import ConfigError, IndexIntegrityError
 from retrieval.index import ModelRef, build_shards
 from retrieval.serving.app import build_app
 
-pytestmark = pytest.mark.integration
-
 CONFIG = Path(__file__).resolve().parents[3] / "serve" / "digits.yaml"
 
 

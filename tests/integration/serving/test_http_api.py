@@ -32,8 +32,6 @@ from retrieval.serving.images import decode_image
 from retrieval.serving.replies import ShardHits
 from retrieval.serving.service import SearchService
 
-pytestmark = pytest.mark.integration
-
 DIM = 8
 COUNT = 60
 MAX_UPLOAD_BYTES = 20_000

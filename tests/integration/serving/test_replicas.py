@@ -33,8 +33,6 @@ import requests
 
 from retrieval.index import ModelRef, build_shards
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 COUNT = 120
 FIRST_ID = 2000
 K = 5
@@ -83,7 +81,6 @@ def deployed_app(
 
     root, vectors, ids = index
     state_name = f"swap-state-{name}"
-    serve.start(http_options={"host": "127.0.0.1", "port": cluster.serve_port})
     serve.run(build_search_app({"index": str(root), **args}, state_name=state_name), name=name, route_prefix=f"/{name}")
     url = f"http://127.0.0.1:{cluster.serve_port}/{name}"
     http_ready(f"{url}/healthz", deadline_s=60)
@@ -131,7 +128,7 @@ def search(deployed: Deployed, query: np.ndarray, session: requests.Session | No
 
 
 def test_killing_one_of_two_replicas_under_load_loses_no_request(
-    ray_cluster: Any, index_root: tuple[Path, np.ndarray, np.ndarray], http_ready: Any, poll: Any
+    ray_cluster: Any, serve_instance: str, index_root: tuple[Path, np.ndarray, np.ndarray], http_ready: Any, poll: Any
 ) -> None:
     args = {"layout": "distributed", "shard_replicas": 2, "shard_num_cpus": 0.25, "health_check_period_s": 0.5}
     with deployed_app("replicas-two", args, cluster=ray_cluster, index=index_root, http_ready=http_ready) as deployed:
@@ -185,7 +182,7 @@ def test_killing_one_of_two_replicas_under_load_loses_no_request(
 
 
 def test_with_one_replica_requests_fail_with_a_503_naming_the_shard_until_serve_restarts_it(
-    ray_cluster: Any, index_root: tuple[Path, np.ndarray, np.ndarray], http_ready: Any, poll: Any
+    ray_cluster: Any, serve_instance: str, index_root: tuple[Path, np.ndarray, np.ndarray], http_ready: Any, poll: Any
 ) -> None:
     args = {
         "layout": "distributed",
@@ -231,7 +228,7 @@ def answered_by_the_application(status: int, body: dict[str, Any]) -> bool:
 
 
 def test_killing_one_of_two_ingress_replicas_in_the_local_layout_loses_no_search(
-    ray_cluster: Any, index_root: tuple[Path, np.ndarray, np.ndarray], http_ready: Any, poll: Any
+    ray_cluster: Any, serve_instance: str, index_root: tuple[Path, np.ndarray, np.ndarray], http_ready: Any, poll: Any
 ) -> None:
     args = {
         "layout": "local",

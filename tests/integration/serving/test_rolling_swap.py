@@ -28,8 +28,6 @@ import requests
 
 from retrieval.index import ModelRef, build_shards, read_manifest
 
-pytestmark = pytest.mark.integration
-
 APP_NAME = "retrieval-rolling-swap-test"
 ROUTE = "/rolling-swap-test"
 STATE_NAME = "swap-state-rolling-swap-test"
@@ -114,6 +112,7 @@ def build_version(root: Path, name: str, *, seed: int, model_version: str, model
 def deployed(
     request: pytest.FixtureRequest,
     ray_cluster: Any,
+    serve_instance: str,
     model_package: Path,
     tmp_path_factory: pytest.TempPathFactory,
     http_ready: Any,
@@ -149,7 +148,6 @@ def deployed(
     layout = request.param
     replicas = {"shard_replicas": 2} if layout == "distributed" else {"ingress_replicas": 2}
     app_name, route, state_name = f"{APP_NAME}-{layout}", f"{ROUTE}-{layout}", f"{STATE_NAME}-{layout}"
-    serve.start(http_options={"host": "127.0.0.1", "port": ray_cluster.serve_port})
     app = build_search_app(
         {
             "index": str(versions["v1"].manifest_path),

@@ -24,8 +24,6 @@ from retrieval.index.manifest import read_manifest
 from retrieval.index.object_store import fetch_index, parse_s3_index_uri
 from retrieval.index.shards import load_shard
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 APP_NAME = "retrieval-s3-index-test"
 ROUTE = "/s3-index-test"
 
@@ -39,6 +37,7 @@ def png_bytes(seed: int, size: int = 32) -> bytes:
 
 def test_index_built_to_s3_is_served_from_s3(
     ray_cluster: Any,
+    serve_instance: str,
     s3_endpoint: Any,
     model_package: Path,
     tmp_path: Path,
@@ -79,7 +78,6 @@ def test_index_built_to_s3_is_served_from_s3(
     assert len(vectors) == manifest.num_items > 0
 
     serve_cache = tmp_path / "serve-cache"
-    serve.start(http_options={"host": "127.0.0.1", "port": ray_cluster.serve_port})
     app = build_app(
         {"index": index_uri, "endpoint_url": s3_endpoint.url, "cache_dir": str(serve_cache), "default_k": 5}
     )

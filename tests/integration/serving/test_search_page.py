@@ -29,8 +29,6 @@ from retrieval.config import ServingSpec
 from retrieval.index import ModelRef, build_shards, read_manifest
 from retrieval.serving.images import decode_image
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 APP_NAME = "retrieval-search-page-test"
 ROUTE = "/search-page-test"
 COUNT = 60
@@ -61,7 +59,11 @@ def png_bytes(seed: int, size: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def deployed(
-    ray_cluster: Any, model_package: Path, tmp_path_factory: pytest.TempPathFactory, http_ready: Any
+    ray_cluster: Any,
+    serve_instance: str,
+    model_package: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    http_ready: Any,
 ) -> Iterator[Deployed]:
     from ray import serve
 
@@ -88,7 +90,6 @@ def deployed(
     manifest, _ = read_manifest(root)
     assert manifest.thumbnails
 
-    serve.start(http_options={"host": "127.0.0.1", "port": ray_cluster.serve_port})
     serve.run(
         build_app({"index": str(root), "tracking_uri": None, "max_k": 20, "default_k": 4}),
         name=APP_NAME,

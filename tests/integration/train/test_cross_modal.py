@@ -29,8 +29,6 @@ from retrieval.tracking.registry import load_embedder
 from retrieval.train import run_training
 from retrieval.train.worker import CHECKPOINT_STATE
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 ROOT = Path(__file__).resolve().parents[3]
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SMALL_PAIRS = [
@@ -63,7 +61,6 @@ def _served(
 
     from retrieval.serving.app import build_app
 
-    serve.start(http_options={"host": "127.0.0.1", "port": ray_cluster.serve_port})
     app = build_app({"index": str(index_root), "tracking_uri": tracking_uri, "max_k": 50, "default_k": 10})
     serve.run(app, name=name, route_prefix=route)
     try:
@@ -78,7 +75,7 @@ def _label_sets(labels: np.ndarray) -> list[set[int]]:
     return [set(np.flatnonzero(row).tolist()) for row in labels]
 
 
-def test_hashing_job_resumes_registers_and_answers_text_queries(ray_cluster, tmp_path, http_ready):
+def test_hashing_job_resumes_registers_and_answers_text_queries(ray_train, serve_instance, tmp_path, http_ready):
     spec = _job(
         "digit_pairs_hashing.yaml",
         tmp_path,
@@ -140,7 +137,7 @@ def test_hashing_job_resumes_registers_and_answers_text_queries(ray_cluster, tmp
     assert manifest.metric == "hamming"
 
     with _served(
-        ray_cluster,
+        ray_train,
         tmp_path / "index",
         name="pairs-hashing",
         route="/pairs-hashing",
@@ -169,7 +166,9 @@ def _text_queries_find_their_digits(url: str, spec: Any) -> None:
     assert response.status_code == 400 and "text" in response.json()["error"]["message"]
 
 
-def test_adversarial_job_registers_and_answers_image_queries_with_captions(ray_cluster, tmp_path, http_ready):
+def test_adversarial_job_registers_and_answers_image_queries_with_captions(
+    ray_train, serve_instance, tmp_path, http_ready
+):
     spec = _job(
         "digit_pairs_adversarial.yaml",
         tmp_path,
@@ -195,7 +194,7 @@ def test_adversarial_job_registers_and_answers_image_queries_with_captions(ray_c
         modality="text",
     )
     with _served(
-        ray_cluster,
+        ray_train,
         tmp_path / "index",
         name="pairs-captions",
         route="/pairs-captions",

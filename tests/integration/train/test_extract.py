@@ -15,8 +15,6 @@ from retrieval.index.gallery import gallery_dataset
 from retrieval.methods.package import load_model_package
 from retrieval.train.extract import contiguous_ranges, extract_features_distributed
 
-pytestmark = [pytest.mark.integration]
-
 
 def test_two_workers_extract_what_one_process_does(ray_cluster, model_package: Path, tmp_path: Path) -> None:
     package = load_model_package(model_package)

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import ray.tune
 
 from retrieval.config import load_sweep_spec
 from retrieval.tune.driver import build_search, tune_distribution
 
-pytestmark = [pytest.mark.integration]
-
 SPACES = Path(__file__).resolve().parents[3] / "tune_spaces"
 
 
-def test_optuna_search_samples_the_space_of_a_sweep_file(ray_cluster, tmp_path):
+def test_optuna_search_samples_the_space_of_a_sweep_file(ray_train, tmp_path):
     sweep = load_sweep_spec(SPACES / "unsupervised_metric.yaml")
     assert sweep.spec.search.algorithm == "optuna"
     space = sweep.spec.space

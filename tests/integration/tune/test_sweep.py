@@ -14,8 +14,6 @@ import ray
 import yaml
 from mlflow import MlflowClient
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
 ROOT = Path(__file__).resolve().parents[3]
 # Three epochs give ASHA two rungs (1 and 2): its stop lands before a stopped trial could finish.
 EPOCHS = 3
@@ -77,7 +75,7 @@ def _terminated_in_tune_state(experiment: Path) -> set[str]:
     return {trial["trial_id"] for trial in trials if trial.get("status") == "TERMINATED"}
 
 
-def test_sweep_is_tracked_registers_the_best_and_resumes_after_the_driver_dies(ray_cluster, tmp_path, poll, mlflow_db):
+def test_sweep_is_tracked_registers_the_best_and_resumes_after_the_driver_dies(ray_train, tmp_path, poll, mlflow_db):
     tracking = mlflow_db
     space = _space_file(tmp_path, tracking)
     summary = tmp_path / "summary.json"
@@ -88,7 +86,7 @@ def test_sweep_is_tracked_registers_the_best_and_resumes_after_the_driver_dies(r
     # 1. Start the sweep and kill its driver once the first trial has finished.
     log = (tmp_path / "first.log").open("w")
     driver = subprocess.Popen(
-        _command(space, ray_cluster.address, summary), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+        _command(space, ray_train.address, summary), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
         start_new_session=True,
     )  # fmt: skip
     try:
@@ -107,7 +105,7 @@ def test_sweep_is_tracked_registers_the_best_and_resumes_after_the_driver_dies(r
 
     # 2. The same command again restores the experiment and runs only what is left.
     rerun = subprocess.run(
-        _command(space, ray_cluster.address, summary), capture_output=True, text=True, env=env, cwd=tmp_path,
+        _command(space, ray_train.address, summary), capture_output=True, text=True, env=env, cwd=tmp_path,
         timeout=900,
     )  # fmt: skip
     output = rerun.stdout + rerun.stderr

@@ -59,7 +59,7 @@ def test_a_set_override_of_one_train_key_keeps_the_base_jobs_other_train_keys(tm
     sweep = load_sweep_spec(path, ["overrides.train.epochs=8", "overrides.train.seed=4"])
     assert (sweep.base_job.train.epochs, sweep.base_job.train.seed) == (8, 4)
     assert sweep.base_job.train.samples_per_class == 16  # jobs/digits_deep_metric.yaml's, not the default 8
-    with pytest.raises(ConfigError, match="train.epoch"):
+    with pytest.raises(ConfigError, match=r"train\.epoch"):
         load_sweep_spec(path, ["overrides.train.epoch=8"])
 
 
