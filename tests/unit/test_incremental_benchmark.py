@@ -120,3 +120,11 @@ def test_ch7_runs_report_the_specialist_on_each_new_task_and_others_none(bench: 
     assert specialists[0] is None and 0.0 <= specialists[1] <= 1.0
     _, baseline = bench.run_sequence(bench.job("incremental_finetune", tasks, epochs=1, synthesis_iterations=1, seed=0))
     assert baseline == [None, None]
+
+
+def test_the_long_cross_domain_scenario_trains_the_pair_task_longer(bench: ModuleType, tmp_path: Path) -> None:
+    tasks = bench.scenario_tasks("cross_domain_long", pair_root=tmp_path, epochs=2)
+    spec = bench.job("lwf", tasks, epochs=2, synthesis_iterations=1, seed=0)
+    assert [task.epochs for task in spec.incremental.tasks] == [None, 2 * bench.LONG_PAIR_EPOCH_FACTOR]
+    assert spec.incremental.tasks[1].dataset.name == "image_folder"
+    assert bench.scenario_tasks("cross_domain", pair_root=tmp_path, epochs=2)[1].get("epochs") is None
