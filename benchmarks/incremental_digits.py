@@ -317,6 +317,45 @@ def _cell(stats: dict[str, float] | None, *, signed: bool = False) -> str:
     return f"{stats['mean']:{sign}.3f} ± {stats['std']:.3f}"
 
 
+def paired_differences(
+    runs: dict[str, dict[str, Any]], method: str, *, baseline: str = "incremental_finetune"
+) -> dict[str, dict[str, float]]:
+    """Per metric, mean ± std over seeds of `method - baseline`, paired by seed (same splits, batches, init)."""
+    seeds = sorted(set(runs.get(method, {})) & set(runs.get(baseline, {})), key=int)
+    per_seed = []
+    for seed in seeds:
+        ours, theirs = (
+            run_metrics(np.array(runs[name][seed]["matrix"], dtype=float), runs[name][seed]["specialist"])
+            for name in (method, baseline)
+        )
+        per_seed.append({key: ours[key] - theirs[key] for key in ("new_task", "final_mean", "forgetting")})
+    return {key: mean_std([item[key] for item in per_seed]) for key in per_seed[0]} if per_seed else {}
+
+
+def paired_tables(results: dict[str, Any]) -> list[str]:
+    """Each method minus plain fine-tuning, paired by seed, per scenario (the thesis' lower bound)."""
+    lines = [
+        "**Against plain fine-tuning, paired by seed** (method − `incremental_finetune` on the same seed; "
+        "mean ± std of the per-seed differences; forgetting: negative is less forgetting)",
+        "",
+        "| scenario | method | Δ new-task R@1 | Δ final mean R@1 | Δ mean forgetting | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for scenario in SCENARIO_NAMES:
+        runs = results["runs"].get(scenario, {})
+        for method in INCREMENTAL_METHODS:
+            if method == "incremental_finetune" or not runs.get(method):
+                continue
+            deltas = paired_differences(runs, method)
+            if deltas:
+                lines.append(
+                    f"| {scenario} | {method} | {_cell(deltas['new_task'], signed=True)} | "
+                    f"{_cell(deltas['final_mean'], signed=True)} | {_cell(deltas['forgetting'], signed=True)} | "
+                    f"{deltas['new_task']['n']} |"
+                )
+    return [*lines, ""]
+
+
 def markdown_tables(results: dict[str, Any]) -> str:
     """The README tables: one per scenario, ch. 7 student vs specialist, and the EWC sweep."""
     settings = results["settings"]
@@ -345,6 +384,7 @@ def markdown_tables(results: dict[str, Any]) -> str:
                 f"{stats['seconds']['mean']:.0f} |"
             )
         lines.append("")
+    lines += paired_tables(results)
     chapter7 = [
         (scenario, summary[scenario]["dual_distillation"])
         for scenario in SCENARIO_NAMES

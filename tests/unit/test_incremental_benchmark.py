@@ -128,3 +128,19 @@ def test_the_long_cross_domain_scenario_trains_the_pair_task_longer(bench: Modul
     assert [task.epochs for task in spec.incremental.tasks] == [None, 2 * bench.LONG_PAIR_EPOCH_FACTOR]
     assert spec.incremental.tasks[1].dataset.name == "image_folder"
     assert bench.scenario_tasks("cross_domain", pair_root=tmp_path, epochs=2)[1].get("epochs") is None
+
+
+def test_differences_to_fine_tuning_are_paired_by_seed(bench: ModuleType) -> None:
+    def run(first: float, second: float, kept: float) -> dict[str, object]:
+        return {"matrix": [[first, None], [kept, second]], "specialist": [None, None], "seconds": 1.0}
+
+    runs = {
+        "incremental_finetune": {"0": run(0.9, 0.8, 0.7), "1": run(0.9, 0.6, 0.5)},
+        "lwf": {"0": run(0.9, 0.7, 0.8), "1": run(0.9, 0.6, 0.8), "2": run(0.9, 0.9, 0.9)},
+    }
+    deltas = bench.paired_differences(runs, "lwf")
+    # Seed 2 has no fine-tuning run to pair with; seeds 0 and 1 differ by -0.1 and 0.0 in new-task recall.
+    assert deltas["new_task"]["n"] == 2
+    assert deltas["new_task"]["mean"] == pytest.approx(-0.05)
+    assert deltas["new_task"]["std"] == pytest.approx(statistics.stdev([-0.1, 0.0]))
+    assert deltas["forgetting"]["mean"] == pytest.approx(((0.1 - 0.2) + (0.1 - 0.4)) / 2)
