@@ -366,7 +366,7 @@ def markdown_tables(results: dict[str, Any]) -> str:
             continue
         methods = summary[scenario]
         seeds = sorted({stats["new_task"]["n"] for stats in methods.values()})
-        epochs = f"{settings['epochs']} epochs per task"
+        epochs = f"{settings['epochs']} epoch{'' if settings['epochs'] == 1 else 's'} per task"
         if scenario == "cross_domain_long":
             epochs += f" ({LONG_PAIR_EPOCH_FACTOR * settings['epochs']} on pairs)"
         lines += [
