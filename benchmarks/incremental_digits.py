@@ -165,6 +165,7 @@ def job(
     synthesis_iterations: int,
     seed: int,
     ewc_weight: float | None = None,
+    stem: str = "imagenet",
 ) -> JobSpec:
     """The job of one method on one sequence with one seed (splits, batches and initial weights)."""
     settings: dict[str, Any] = {"name": method}
@@ -183,7 +184,7 @@ def job(
             "name": f"bench-{method}",
             "method": settings,
             "dataset": {"name": "digits", "image_size": 32},
-            "model": {"backbone": "resnet18", "embedding_dim": 128},
+            "model": {"backbone": "resnet18", "embedding_dim": 128, "stem": stem},
             "optimizer": {"name": "adam", "lr": 0.0005, "schedule": "cosine"},
             "train": {"epochs": epochs, "classes_per_batch": 5, "samples_per_class": 8, "seed": seed},
             "incremental": {"tasks": tasks, "test_fraction": 0.3, "index": False, "seed": seed},
@@ -576,6 +577,12 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="tables, plots and MLflow from --out; no training")
     parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument(
+        "--stem",
+        choices=["imagenet", "small"],
+        default="imagenet",
+        help="the backbone's stem (model.stem): imagenet (stride 4) or small (3x3 stride 1, no max-pool)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -603,11 +610,13 @@ def main() -> None:
             "tasks": {scenario: [task["name"] for task in items] for scenario, items in tasks.items()},
             "pair_folder": json.loads((pair_root / "MANIFEST.json").read_text()) if pair_root else None,
             "torch_threads": torch.get_num_threads(),
+            "stem": args.stem,
         }
         results = {"settings": settings, "ewc_sweep": {}, "runs": {}}
         if args.resume and args.out.exists():
             previous = json.loads(args.out.read_text())
-            same = {key: previous["settings"].get(key) for key in ("epochs", "synthesis_iterations")}
+            same = {key: previous["settings"].get(key, "imagenet" if key == "stem" else None)
+                    for key in ("epochs", "synthesis_iterations", "stem")}  # fmt: skip
             if same != {key: settings[key] for key in same}:
                 parser.error(f"--resume: {args.out} was written with {same}; run without --resume to start over")
             results["ewc_sweep"], results["runs"] = previous.get("ewc_sweep", {}), previous.get("runs", {})
@@ -624,6 +633,7 @@ def main() -> None:
                 synthesis_iterations=args.synthesis_iterations,
                 seed=seed,
                 ewc_weight=ewc_weight,
+                stem=args.stem,
             )
             started = time.perf_counter()
             matrix, specialists = run_sequence(spec)

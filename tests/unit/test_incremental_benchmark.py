@@ -144,3 +144,10 @@ def test_differences_to_fine_tuning_are_paired_by_seed(bench: ModuleType) -> Non
     assert deltas["new_task"]["mean"] == pytest.approx(-0.05)
     assert deltas["new_task"]["std"] == pytest.approx(statistics.stdev([-0.1, 0.0]))
     assert deltas["forgetting"]["mean"] == pytest.approx(((0.1 - 0.2) + (0.1 - 0.4)) / 2)
+
+
+def test_the_stem_option_reaches_the_model_spec(bench: ModuleType) -> None:
+    tasks = bench.scenario_tasks("two_tasks", pair_root=None)
+    assert bench.job("incremental_finetune", tasks, epochs=1, synthesis_iterations=1, seed=0).model.stem == "imagenet"
+    small = bench.job("incremental_finetune", tasks, epochs=1, synthesis_iterations=1, seed=0, stem="small")
+    assert small.model.stem == "small"
