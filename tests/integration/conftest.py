@@ -310,23 +310,39 @@ class TwoNodeCluster:
     # ------------------------------------------------------------------ nodes
 
     def start_worker(self) -> None:
-        """Start (or restart) the worker node and wait until the GCS counts it alive."""
+        """Start (or restart) the worker node and wait until the GCS counts it alive.
+
+        `ray start` picks fresh ports each time; one still held by the killed node's processes makes it
+        exit at once, so an exited start is retried (twice) instead of waited on until the deadline.
+        """
         assert self.worker is None, "the worker node is already running"
-        self.starts += 1
-        command = [
-            str(BIN / "ray"), "start", "--block", "--disable-usage-stats",
-            "--address", self.address, "--node-ip-address", "127.0.0.1",
-            "--num-cpus", str(WORKER_CPUS), "--resources", json.dumps({"worker_node": 100}),
-            "--metrics-export-port", str(free_port()),
-            "--dashboard-agent-listen-port", str(free_port()),
-            "--dashboard-agent-grpc-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()),
-        ]  # fmt: skip
-        with (self.logs / f"worker-{self.starts}.log").open("w") as log:
-            self.worker = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True
+        for _ in range(3):
+            self.starts += 1
+            command = [
+                str(BIN / "ray"), "start", "--block", "--disable-usage-stats",
+                "--address", self.address, "--node-ip-address", "127.0.0.1",
+                "--num-cpus", str(WORKER_CPUS), "--resources", json.dumps({"worker_node": 100}),
+                "--metrics-export-port", str(free_port()),
+                "--dashboard-agent-listen-port", str(free_port()),
+                "--dashboard-agent-grpc-port", str(free_port()),
+                "--runtime-env-agent-port", str(free_port()),
+            ]  # fmt: skip
+            log_path = self.logs / f"worker-{self.starts}.log"
+            with log_path.open("w") as log:
+                worker = subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True
+                )
+            self.worker = worker
+            # A loaded 2-core machine can take minutes to bring a node back: a wait, not a speed check.
+            wait_until(
+                lambda worker=worker: self.worker_node_id() is not None or worker.poll() is not None,
+                timeout=300,
+                what="the worker node to join",
             )
-        wait_until(lambda: self.worker_node_id() is not None, timeout=120, what="the worker node to join")
+            if self.worker_node_id() is not None:
+                return
+            self.worker = None
+        raise RuntimeError(f"the worker node exited at start three times; last log: {log_path.read_text()[-2000:]}")
 
     def kill_worker(self) -> None:
         """SIGKILL the worker node's whole process group: a machine lost without warning."""
