@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -236,27 +235,10 @@ def test_show_reads_a_version_or_the_current_one(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def endpoint() -> Iterator[str]:
+def endpoint(moto_s3: Any) -> Iterator[str]:
     """A moto S3 server on a free 127.0.0.1 port with one bucket; dummy credentials in the environment."""
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AWS_ACCESS_KEY_ID", "inventory-test-key")
-        patch.setenv("AWS_SECRET_ACCESS_KEY", "inventory-test-secret")
-        patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        patch.delenv("AWS_ENDPOINT_URL", raising=False)
-        patch.delenv("AWS_PROFILE", raising=False)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        url = f"http://127.0.0.1:{port}"
-        boto3.client("s3", endpoint_url=url).create_bucket(Bucket=BUCKET)
-        try:
-            yield url
-        finally:
-            server.stop()
+    with moto_s3(BUCKET, key="inventory-test-key", secret="inventory-test-secret") as url:
+        yield url
 
 
 @pytest.fixture
