@@ -51,9 +51,14 @@ from torch.utils.data import DataLoader
 
 from retrieval.config import JobSpec, load_job_spec
 from retrieval.data.cross_modal import CrossModalSplits, cross_modal_datasets_from_spec
-from retrieval.methods.cross_modal import CrossModalMethod, EncodedSplit, alternating_step, modality_accuracy
-from retrieval.train.cross_modal import method_for
-from retrieval.train.worker import build_optimizer, build_scheduler
+from retrieval.methods.cross_modal import (
+    CrossModalMethod,
+    EncodedSplit,
+    alternating_step,
+    method_for,
+    modality_accuracy,
+)
+from retrieval.methods.training import build_optimizer, build_scheduler
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = {"hashing": ROOT / "jobs/digit_pairs_hashing.yaml", "adversarial": ROOT / "jobs/digit_pairs_adversarial.yaml"}

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from retrieval.config import JobSpec
 from retrieval.data.cross_modal import cross_modal_datasets_from_spec
-from retrieval.methods.cross_modal import TextContext, alternating_step, build_cross_modal_method
+from retrieval.methods.cross_modal import alternating_step, method_for
 
 METHODS: dict[str, dict[str, Any]] = {
     "cross_modal_hashing (ch. 3, 64 bits, BoW tags)": {
@@ -64,13 +64,10 @@ def measure(
     spec = spec_for(method_settings, image_size=image_size, batch_size=batch_size, use_gpu=device.type == "cuda")
     splits = cross_modal_datasets_from_spec(spec.dataset)
     torch.manual_seed(0)
-    method = build_cross_modal_method(
-        spec,
-        context=TextContext.from_dataset(splits.train, text=spec.method.text),  # type: ignore[union-attr]
-    )
+    method = method_for(spec, splits.train)
     model = method.build_model().to(device)
     discriminator = method.build_discriminator().to(device)
-    # Adam, as the jobs use (`retrieval.train.worker.build_optimizer` imports Ray, absent on the GPU machine).
+    # Adam, as the jobs use (`retrieval.methods.training.build_optimizer` with the jobs' settings).
     generator_optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=spec.optimizer.lr)
     discriminator_optimizer = torch.optim.Adam(discriminator.parameters(), lr=spec.optimizer.lr)
     images, indices = next(iter(DataLoader(splits.train, batch_size=batch_size, shuffle=False)))

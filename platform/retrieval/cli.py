@@ -802,22 +802,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         for override in args.overrides:
             apply_override(data, override)
         spec = JobSpec.from_mapping(data, source=f"{args.model} job spec")
-        if package.is_cross_modal:
-            return _print_cross_modal(package, spec, args)
-        result = evaluate_suite(
-            spec,
-            embedders={"trained": lambda batch: package.method.embed(package.model, batch)},
-            device=package.device,
-        )
+        result = package.method.evaluate_suite(package.model, spec=spec, device=package.device)
     else:
         spec = load_job_spec(args.spec, args.overrides)
         if spec.incremental is not None:
             return _print_incremental(spec, args)
-        if spec.is_cross_modal:
-            raise RetrievalError(
-                f"{spec.name}: a cross-modal job is scored with its trained encoders: "
-                "`retrieval evaluate --model models:/<name>@champion`"
-            )
         result = evaluate_suite(spec)
     print(f"{spec.name} on {spec.dataset.name} ({result.protocol} protocol)")
     print(result.table())
@@ -829,19 +818,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"logged to MLflow run {run_id} ({where}, experiment {spec.tracking.experiment})")
     if args.summary:
         _write_json(args.summary, {"job": spec.name, "protocol": result.protocol, "rows": result.rows})
-    return 0
-
-
-def _print_cross_modal(package: Any, spec: Any, args: argparse.Namespace) -> int:
-    """`retrieval evaluate --model` of a cross-modal model: its metrics on the job's query / retrieval splits."""
-    from retrieval.train.cross_modal import score_model
-
-    metrics = score_model(package.method, package.model, spec=spec, device=package.device)
-    print(f"{spec.name} ({spec.method.name}) on {spec.dataset.name}")
-    for key in sorted(metrics):
-        print(f"  {key:<20} {metrics[key]:.4f}")
-    if args.summary:
-        _write_json(args.summary, {"job": spec.name, "metrics": metrics})
     return 0
 
 

@@ -14,8 +14,8 @@ from retrieval.config import OptimizerSpec
 from retrieval.errors import IntegrityError
 from retrieval.losses.feature_estimation import BackwardMap
 from retrieval.methods.incremental import TaskCarry
+from retrieval.methods.training import build_optimizer, build_scheduler
 from retrieval.serialization import from_plain, load_state, to_plain
-from retrieval.train.worker import build_optimizer, build_scheduler
 
 
 class _Planted:

@@ -30,6 +30,7 @@ from retrieval.data.base import ImageDataset
 from retrieval.data.from_spec import benchmark_from_spec, datasets_from_spec
 from retrieval.data.landmarks import LandmarkBenchmark
 from retrieval.data.transforms import eval_transform
+from retrieval.errors import ConfigError
 from retrieval.evaluation.enhancement import PCAWhitening, alpha_query_expansion, average_query_expansion
 from retrieval.evaluation.landmarks import landmark_metrics
 from retrieval.evaluation.metrics import retrieval_metrics
@@ -53,10 +54,12 @@ class SuiteResult:
     job: str
     protocol: str
     rows: dict[str, dict[str, float]]
+    # The headline metric, where the protocol's usual one (`PRIMARY_METRIC`) does not apply.
+    primary: str | None = None
 
     @property
     def primary_metric(self) -> str:
-        return PRIMARY_METRIC[self.protocol]
+        return self.primary or PRIMARY_METRIC[self.protocol]
 
     @property
     def columns(self) -> list[str]:
@@ -101,6 +104,11 @@ class _EvaluationData:
 def _evaluation_data(spec: JobSpec) -> _EvaluationData:
     settings = spec.evaluation
     dataset = spec.dataset
+    if dataset.is_cross_modal:
+        raise ConfigError(
+            f"{spec.name}: an image-text dataset has no off-the-shelf protocol; a cross-modal model is scored "
+            "with its trained encoders: `retrieval evaluate --model models:/<name>@champion`"
+        )
     held_out: ImageDataset | None = None
     if settings.whitening:
         held_out = _held_out_images(spec)

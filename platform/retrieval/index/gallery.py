@@ -127,7 +127,7 @@ def build_gallery_index(
         ConfigError: ``modality`` "text" for an image-only model, or a gallery a cross-modal
             dataset does not have.
     """
-    if package.is_cross_modal:
+    if package.embeds_texts:
         return build_cross_modal_index(
             package,
             model=model,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -42,12 +42,13 @@ from retrieval.errors import BadRequestError, ConfigError, DatasetError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from retrieval.data.base import ImageDataset
     from retrieval.evaluation.suite import SuiteResult
     from retrieval.methods.package import ModelPackage
 
 Modality = Literal["image", "text"]
 GalleryName = Literal["test", "train", "all"]
+# Which model a run of a task trains: the student, or (ch. 7) the specialist trained on the task alone.
+Phase = Literal["student", "specialist"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class TaskAssignment:
     """
 
     index: int
-    phase: str
+    phase: Phase
     epochs: int
     step_offset: int
 
@@ -198,6 +199,10 @@ class RetrievalMethod(ABC):
     def build_loss(self) -> nn.Module:
         """The loss module; called once per worker, moved to the device by the loop. Default: none."""
         return nn.Identity()
+
+    def trainable_parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
+        """What the model's optimiser steps (default: every parameter of the model)."""
+        return model.parameters()
 
     def build_adversary(self) -> nn.Module | None:
         """A second player trained against the model (e.g. modality classifiers), or None (the default)."""
@@ -373,7 +378,7 @@ class RetrievalMethod(ABC):
 
     # ----------------------------------------------------------------- task sequences
 
-    def begin_task(self, *, model: nn.Module, carry: Any, phase: str, device: torch.device) -> None:
+    def begin_task(self, *, model: nn.Module, carry: Any, phase: Phase, device: torch.device) -> None:
         """Set `model` and the method up for one task of a sequence, from the earlier tasks' `carry`.
 
         Raises:
@@ -446,7 +451,7 @@ class RetrievalMethod(ABC):
         """Text files saved with the model (what the architecture took from the training data). Default: none."""
         return {}
 
-    def load_package_files(self, folder: Path) -> None:
+    def load_package_files(self, folder: Path) -> None:  # noqa: B027 (optional part: nothing to read by default)
         """Read back what `package_files` saved, before `build_model` of a stored model. Default: nothing."""
 
     def registration_tags(self) -> dict[str, str]:
@@ -455,9 +460,7 @@ class RetrievalMethod(ABC):
 
     # ----------------------------------------------------------------- the index
 
-    def gallery(
-        self, package: ModelPackage, gallery: GalleryName, *, modality: Modality, batch_size: int
-    ) -> Gallery:
+    def gallery(self, package: ModelPackage, gallery: GalleryName, *, modality: Modality, batch_size: int) -> Gallery:
         """What an index of this model holds: the embedded `gallery` split of the job's dataset.
 
         Raises:

@@ -16,19 +16,27 @@ accuracy is the balanced accuracy (chance: 0.5).
 from __future__ import annotations
 
 import json
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from retrieval.config import AdversarialCrossModalSpec, CrossModalHashingSpec, JobSpec, TextEncoderSpec
-from retrieval.data.cross_modal import CrossModalDataset
-from retrieval.errors import ConfigError, ModelNotFoundError
+from retrieval.config import (
+    AdversarialCrossModalSpec,
+    CrossModalHashingSpec,
+    JobSpec,
+    OptimizerSpec,
+    TextEncoderSpec,
+)
+from retrieval.data.cross_modal import CrossModalDataset, CrossModalSplits, cross_modal_datasets_from_spec
+from retrieval.errors import ConfigError, DatasetError, ModelNotFoundError
 from retrieval.evaluation.cross_modal import cross_modal_hash_scores, cross_modal_recall
 from retrieval.losses.cross_modal import (
     bidirectional_ranking_loss,
@@ -40,8 +48,34 @@ from retrieval.losses.cross_modal import (
     projection_matching_loss,
     quantization_loss,
 )
+from retrieval.methods.base import (
+    Evaluation,
+    Gallery,
+    GalleryName,
+    Modality,
+    Players,
+    RetrievalMethod,
+    TaskAssignment,
+    TrainingData,
+    unwrap,
+)
 from retrieval.models.cross_modal import CrossModalNetwork, CrossModalOutput, ModalityDiscriminator
 from retrieval.models.text import Vocabulary, build_text_encoder
+
+if TYPE_CHECKING:
+    from retrieval.evaluation.suite import SuiteResult
+    from retrieval.methods.package import ModelPackage
+
+TEXT_CONTEXT_FILE = "text_context.json"
+# The classifiers' running accuracy on the training batches, and their accuracy after each epoch
+# on the held-out query and retrieval items (what `score_model` adds with a discriminator).
+DISCRIMINATOR_KEYS = (
+    "train/disc/feature_accuracy",
+    "train/disc/code_accuracy",
+    "disc/feature_accuracy",
+    "disc/code_accuracy",
+)
+HELD_OUT_DISCRIMINATOR_PREFIX = "disc/"
 
 IMAGE, TEXT = 0, 1
 
@@ -165,26 +199,46 @@ class EncodedSplit:
         return None if self.image_labels is None else self.image_labels[self.owner]
 
 
-class CrossModalMethod(ABC):
-    """A cross-modal method: two encoders, a modality discriminator, and each player's loss.
+class CrossModalMethod(RetrievalMethod):
+    """A cross-modal method: two encoders, a modality discriminator (the adversary), and each player's loss.
+
+    Its architecture takes a `TextContext` from the training data: `load_training_data` (or
+    `bind_training_split`) builds it on every worker, `package_files` saves it with the model and
+    `load_package_files` reads it back before a stored model is built.
 
     Args:
         spec: the validated job spec (method: one of the cross-modal method specs).
-        context: what the architecture takes from the training data (`TextContext.from_dataset`).
+        context: what the architecture takes from the training data, when already known.
     """
 
-    name: str
-    hashing: bool
+    hashing: ClassVar[bool]
+    modalities = ("image", "text")
+    required_package_files = (TEXT_CONTEXT_FILE,)
     settings: CrossModalHashingSpec | AdversarialCrossModalSpec
 
-    def __init__(self, spec: JobSpec, *, context: TextContext) -> None:
-        self.spec = spec
-        self.context = context
-        self.epoch = 0
+    def __init__(self, spec: JobSpec, *, context: TextContext | None = None) -> None:
+        super().__init__(spec)
+        self._context = context
+        self._train_split: CrossModalDataset | None = None
 
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch about to be trained (a loss may change with it, e.g. a ranking warm-up)."""
-        self.epoch = epoch
+    @property
+    def context(self) -> TextContext:
+        """The text context; raises if neither training data nor a package has given it yet."""
+        if self._context is None:
+            raise ConfigError(
+                f"method {self.name!r} has no text context yet: it comes from the training split "
+                "(load_training_data / bind_training_split) or from a model package (load_package_files)"
+            )
+        return self._context
+
+    def bind_training_split(self, dataset: CrossModalDataset) -> CrossModalMethod:
+        """Take the text context of a training split (deterministic: every worker builds the same one)."""
+        self._context = TextContext.from_dataset(dataset, text=self.text_spec)
+        self._check_context()
+        return self
+
+    def _check_context(self) -> None:
+        """A method's own requirements on its text context (default: none)."""
 
     @property
     def text_spec(self) -> TextEncoderSpec:
@@ -200,6 +254,147 @@ class CrossModalMethod(ABC):
     def discriminator_lr(self) -> float | None:
         """Learning rate of the modality classifiers (None: the encoders' rate)."""
         return self.settings.discriminator_lr
+
+    # ----------------------------------------------------------------- training (the protocol's parts)
+
+    def load_training_data(self, task: TaskAssignment | None = None) -> TrainingData:
+        if task is not None:
+            raise ConfigError(f"method {self.name!r} does not train task sequences")
+        splits = cross_modal_datasets_from_spec(self.spec.dataset)
+        self.bind_training_split(splits.train)
+        self._train_split = splits.train
+        return TrainingData(
+            train=splits.train,
+            evaluation=splits,
+            epochs=self.spec.train.epochs,
+            classes_per_batch=self.spec.train.classes_per_batch,
+        )
+
+    def check_inputs(self) -> None:
+        splits = cross_modal_datasets_from_spec(self.spec.dataset)
+        workers = self.spec.scaling.num_workers
+        needed = 2 * workers
+        if len(splits.train) < needed:
+            raise DatasetError(
+                f"the training split of {self.spec.dataset.name!r} has {len(splits.train)} pairs; "
+                f"{workers} workers need at least {needed}"
+            )
+        # Builds the text context (and, for a BoW encoder, checks the dataset has tag vectors).
+        self.bind_training_split(splits.train)
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The encoders' parameters that train (a frozen pretrained text encoder's do not)."""
+        return [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+    def build_adversary(self) -> ModalityDiscriminator:
+        return self.build_discriminator()
+
+    def adversary_optimizer(self) -> OptimizerSpec:
+        return self.spec.optimizer.model_copy(update={"lr": self.discriminator_lr or self.spec.optimizer.lr})
+
+    def training_loader(
+        self,
+        data: TrainingData,
+        *,
+        training_labels: np.ndarray | None,
+        num_replicas: int,
+        rank: int,
+    ) -> tuple[DataLoader[Any], DistributedSampler[Any]]:
+        """This worker's shard of the training pairs, in batches of `train.pairs_per_batch` (images and indices)."""
+        pairs = data.train
+        sampler: DistributedSampler[Any] = DistributedSampler(
+            pairs, num_replicas=num_replicas, rank=rank, shuffle=True, seed=self.spec.train.seed, drop_last=True
+        )
+        batch_size = min(self.spec.train.pairs_per_batch, max(len(pairs) // num_replicas, 2))  # type: ignore[arg-type]
+        loader = DataLoader(
+            pairs,
+            batch_sampler=BatchSampler(sampler, batch_size=batch_size, drop_last=True),
+            num_workers=self.spec.train.loader_workers,
+        )
+        return loader, sampler
+
+    def train_step(
+        self,
+        players: Players,
+        *,
+        loss: nn.Module,
+        batch: Any,
+        training_labels: np.ndarray | None,
+        device: torch.device,
+    ) -> dict[str, torch.Tensor]:
+        """One step of the two-player schedule (`alternating_step`); the classifiers' terms under `disc/`."""
+        if players.adversary is None or players.adversary_optimizer is None:
+            raise TypeError(f"method {self.name!r} trains against its modality classifiers: none given")
+        images, indices = batch
+        prepared = self.make_batch(players.bare_model, self._training_split, images, indices).to(device)
+        terms, adversary = alternating_step(
+            self,
+            model=players.model,
+            discriminator=players.adversary,
+            generator_optimizer=players.optimizer,
+            discriminator_optimizer=players.adversary_optimizer,
+            batch=prepared,
+        )
+        return {**terms, **{f"disc/{name}": value for name, value in adversary.items()}}
+
+    @property
+    def _training_split(self) -> CrossModalDataset:
+        if self._train_split is None:
+            raise ConfigError(f"method {self.name!r}: train_step before load_training_data")
+        return self._train_split
+
+    # ----------------------------------------------------------------- scoring
+
+    def evaluate(
+        self, model: nn.Module, data: TrainingData, *, device: torch.device, adversary: nn.Module | None = None
+    ) -> dict[str, float]:
+        """The method's scores on the query and retrieval splits, and the classifiers' held-out accuracy."""
+        return score_model(self, model, spec=self.spec, splits=data.evaluation, device=device, discriminator=adversary)
+
+    def evaluate_package(self, package: ModelPackage, *, history: Sequence[Mapping[str, Any]] = ()) -> Evaluation:
+        """Scores on the job's query / retrieval splits, the results table, curves and (hashing) PR and P@N plots."""
+        query, retrieval = encode_evaluation_splits(self, package.model, spec=self.spec)
+        metrics = self.score(query, retrieval)
+        evaluation = Evaluation(metrics=metrics, documents={"evaluation/results.json": {"trained": metrics}})
+        add_cross_modal_figures(
+            evaluation, method=self, spec=self.spec, query=query, retrieval=retrieval, history=history
+        )
+        return evaluation
+
+    def evaluate_suite(self, model: nn.Module, *, spec: JobSpec, device: torch.device | str) -> SuiteResult:
+        """The model's scores on `spec`'s query / retrieval splits (protocol `cross_modal`)."""
+        from retrieval.evaluation.suite import SuiteResult
+
+        metrics = score_model(self, model, spec=spec, device=device)
+        primary = "map@all" if self.hashing else "rsum"
+        return SuiteResult(job=spec.name, protocol="cross_modal", rows={"trained": metrics}, primary=primary)
+
+    # ----------------------------------------------------------------- the package and the index
+
+    @property
+    def embedding_dim(self) -> int | None:
+        bits = getattr(self.settings, "bits", None)
+        return int(bits) if self.hashing and bits is not None else int(self.settings.embedding_dim)  # type: ignore[union-attr]
+
+    @property
+    def code_bits(self) -> int | None:
+        return self.embedding_dim if self.hashing else None
+
+    def package_files(self) -> dict[str, str]:
+        return {TEXT_CONTEXT_FILE: self.context.to_json()}
+
+    def load_package_files(self, folder: Path) -> None:
+        context_file = Path(folder) / TEXT_CONTEXT_FILE
+        if not context_file.is_file():
+            raise ModelNotFoundError(f"{folder}: cross-modal model package without {TEXT_CONTEXT_FILE}")
+        self._context = TextContext.from_json(context_file.read_text(), source=str(context_file))
+        self._check_context()
+
+    def gallery(self, package: ModelPackage, gallery: GalleryName, *, modality: Modality, batch_size: int) -> Gallery:
+        """The retrieval split's images (one item per image) or texts (one item per caption)."""
+        from retrieval.methods.cross_modal_gallery import cross_modal_gallery
+
+        return cross_modal_gallery(self, package, gallery, modality=modality, batch_size=batch_size)
 
     @abstractmethod
     def build_model(self) -> CrossModalNetwork:
@@ -402,7 +597,7 @@ class CrossModalHashing(CrossModalMethod):
     name = "cross_modal_hashing"
     hashing = True
 
-    def __init__(self, spec: JobSpec, *, context: TextContext) -> None:
+    def __init__(self, spec: JobSpec, *, context: TextContext | None = None) -> None:
         super().__init__(spec, context=context)
         if not isinstance(spec.method, CrossModalHashingSpec):
             raise TypeError(f"CrossModalHashing needs a cross_modal_hashing method spec, got {spec.method.name!r}")
@@ -488,14 +683,18 @@ class AdversarialCrossModal(CrossModalMethod):
     name = "adversarial_cross_modal"
     hashing = False
 
-    def __init__(self, spec: JobSpec, *, context: TextContext) -> None:
+    def __init__(self, spec: JobSpec, *, context: TextContext | None = None) -> None:
         super().__init__(spec, context=context)
         if not isinstance(spec.method, AdversarialCrossModalSpec):
             raise TypeError(
                 f"AdversarialCrossModal needs an adversarial_cross_modal method spec, got {spec.method.name!r}"
             )
         self.settings: AdversarialCrossModalSpec = spec.method
-        if self.settings.label_weight > 0 and context.num_labels is None:
+        if context is not None:
+            self._check_context()
+
+    def _check_context(self) -> None:
+        if self.settings.label_weight > 0 and self.context.num_labels is None:
             raise ConfigError(
                 "method.label_weight > 0 needs category labels, but this dataset has none (e.g. Flickr30K, COCO)"
             )
@@ -634,21 +833,118 @@ def modality_accuracy(discriminator: nn.Module, splits: Sequence[EncodedSplit]) 
     return scores
 
 
-CROSS_MODAL_METHOD_CLASSES: dict[str, type[CrossModalMethod]] = {
-    CrossModalHashing.name: CrossModalHashing,
-    AdversarialCrossModal.name: AdversarialCrossModal,
-}
+def method_for(spec: JobSpec, train_split: CrossModalDataset) -> CrossModalMethod:
+    """The job's cross-modal method with the text context of its training split."""
+    from retrieval.methods.registry import build_method
+
+    method = build_method(spec)
+    if not isinstance(method, CrossModalMethod):
+        raise TypeError(f"method {spec.method.name!r} is not cross-modal")
+    return method.bind_training_split(train_split)
 
 
-def build_cross_modal_method(spec: JobSpec, *, context: TextContext) -> CrossModalMethod:
-    """The cross-modal method named by `spec.method.name`, bound to the spec and its text context."""
-    try:
-        method_class = CROSS_MODAL_METHOD_CLASSES[spec.method.name]
-    except KeyError:
-        raise ValueError(
-            f"{spec.method.name!r} is not a cross-modal method; those are {sorted(CROSS_MODAL_METHOD_CLASSES)}"
-        ) from None
-    return method_class(spec, context=context)
+def score_model(
+    method: CrossModalMethod,
+    model: torch.nn.Module,
+    *,
+    spec: JobSpec,
+    splits: CrossModalSplits | None = None,
+    device: torch.device | str = "cpu",
+    discriminator: torch.nn.Module | None = None,
+) -> dict[str, float]:
+    """The method's metrics of `model` on the job's query and retrieval splits (read from the spec if not given).
+
+    With the trained `discriminator`, also its balanced accuracy on the features (and codes) of
+    both modalities of those held-out items: `disc/feature_accuracy` (and `disc/code_accuracy`);
+    0.5 when the modality classifier cannot tell images from texts.
+    """
+    query, retrieval = encode_evaluation_splits(method, model, spec=spec, splits=splits, device=device)
+    scores = method.score(query, retrieval)
+    if discriminator is not None:
+        held_out = modality_accuracy(discriminator, [query, retrieval])
+        scores.update({f"{HELD_OUT_DISCRIMINATOR_PREFIX}{key}": value for key, value in held_out.items()})
+    return scores
+
+
+def encode_evaluation_splits(
+    method: CrossModalMethod,
+    model: torch.nn.Module,
+    *,
+    spec: JobSpec,
+    splits: CrossModalSplits | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[EncodedSplit, EncodedSplit]:
+    # A worker passes the splits it already holds: a caption JSON is not parsed again every epoch.
+    splits = splits or cross_modal_datasets_from_spec(spec.dataset)
+    batch_size = spec.train.embed_batch_size
+    query = method.encode_split(model, splits.query, batch_size=batch_size, device=device)
+    retrieval = method.encode_split(model, splits.retrieval, batch_size=batch_size, device=device)
+    return query, retrieval
+
+
+def add_cross_modal_figures(
+    evaluation: Evaluation,
+    *,
+    method: CrossModalMethod,
+    spec: JobSpec,
+    query: EncodedSplit,
+    retrieval: EncodedSplit,
+    history: Sequence[Mapping[str, Any]],
+) -> None:
+    """The results table, training curves, the discriminator's accuracy and (hashing) PR and P@N curves."""
+    from retrieval.evaluation.cross_modal import hamming_pr_curve, precision_at_n
+    from retrieval.evaluation.cross_modal_plots import (
+        discriminator_accuracy_figure,
+        pr_curve_figure,
+        precision_at_n_figure,
+    )
+    from retrieval.evaluation.plots import training_curve_figure
+    from retrieval.evaluation.suite import format_table
+    from retrieval.models.codes import pack_codes
+
+    metrics = evaluation.metrics
+    columns = sorted(metrics)
+    evaluation.texts["evaluation/table.md"] = (
+        format_table({"trained": metrics}, columns, markdown=True, label="model") + "\n"
+    )
+    rows = [dict(row) for row in history]
+    if rows:
+        keys = [key for key in DISCRIMINATOR_KEYS if any(key in row for row in rows)]
+        if keys:
+            evaluation.figures["training/discriminator_accuracy.png"] = discriminator_accuracy_figure(
+                rows, keys=keys, title=f"{spec.name}: modality classifier accuracy (0.5 = maximally uncertain)"
+            )
+        loss_keys = [key for key in ("train/loss", "train/entropy") if any(key in row for row in rows)]
+        evaluation.figures["training/curves.png"] = training_curve_figure(rows, keys=loss_keys)
+    if not method.hashing:
+        return
+    query_labels, retrieval_labels = relevance_labels(query), relevance_labels(retrieval)
+    directions = {
+        "i2t": (query.images, query_labels, retrieval.texts, retrieval_labels[retrieval.owner]),
+        "t2i": (query.texts, query_labels[query.owner], retrieval.images, retrieval_labels),
+    }
+    bits = query.images.shape[1]
+    pr_curves, p_at_n = {}, {}
+    for direction, (queries, labels_q, gallery, labels_r) in directions.items():
+        packed_queries, packed_gallery = pack_codes(queries), pack_codes(gallery)
+        name = f"{direction} {bits} bits"
+        pr_curves[name] = hamming_pr_curve(packed_queries, labels_q, packed_gallery, labels_r)
+        # A cut-off beyond the gallery counts the whole gallery, as in the method's own scores.
+        ns = sorted({min(n, len(gallery)) for n in spec.evaluation.precision_ns})
+        p_at_n[name] = precision_at_n(packed_queries, labels_q, packed_gallery, labels_r, ns=ns)
+    evaluation.documents["evaluation/curves.json"] = {
+        "pr_curves": {
+            name: {"precision": list(map(float, p)), "recall": list(map(float, r))}
+            for name, (p, r) in pr_curves.items()
+        },
+        "precision_at_n": {name: {str(n): v for n, v in values.items()} for name, values in p_at_n.items()},
+    }
+    evaluation.figures["evaluation/pr_curves.png"] = pr_curve_figure(
+        pr_curves, title=f"{spec.name}: precision-recall (Hamming radius)"
+    )
+    evaluation.figures["evaluation/precision_at_n.png"] = precision_at_n_figure(
+        p_at_n, title=f"{spec.name}: precision@N"
+    )
 
 
 def tag_vectors(texts: Sequence[str], *, tag_names: Sequence[str], tag_dim: int) -> np.ndarray:
@@ -690,7 +986,7 @@ def _balanced_accuracy(logits: torch.Tensor, modality: torch.Tensor) -> torch.Te
 
 
 def _bare(model: nn.Module) -> CrossModalNetwork:
-    network = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    network = unwrap(model)
     if not isinstance(network, CrossModalNetwork):
         raise TypeError(f"expected a CrossModalNetwork, got {type(network).__name__}")
     return network

@@ -29,7 +29,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from retrieval.config import (
     LwfSpec,
 )
 from retrieval.data.base import ImageDataset, concatenate_datasets
+from retrieval.errors import ConfigError
 from retrieval.evaluation.runs import embed_dataset, score_embeddings
 from retrieval.losses.distillation import (
     correlation_distillation,
@@ -61,7 +62,7 @@ from retrieval.losses.feature_estimation import (
     fit_backward_map,
 )
 from retrieval.losses.metric import MetricLoss
-from retrieval.methods.base import RetrievalMethod
+from retrieval.methods.base import Phase, RetrievalMethod, TaskAssignment, TrainingData
 from retrieval.models.incremental import IncrementalNetwork
 from retrieval.models.inversion import class_mean_logits, synthesize_images
 
@@ -69,8 +70,6 @@ if TYPE_CHECKING:
     from retrieval.data.tasks import TaskData
 
 logger = logging.getLogger(__name__)
-
-Phase = Literal["student", "specialist"]
 
 
 @dataclass
@@ -139,6 +138,7 @@ class IncrementalMethod(RetrievalMethod):
     the carry for the next task.
     """
 
+    carry_type = TaskCarry
     #: Whether a task trains on the images of earlier tasks too (only the joint upper bound).
     reads_old_tasks = False
     #: Whether the losses read a frozen copy of the previous model (not fine-tuning, joint or EWC).
@@ -196,6 +196,29 @@ class IncrementalMethod(RetrievalMethod):
     def training_data(self, tasks: Sequence[TaskData], task: int) -> ImageDataset:
         """The images task `task` trains on: its own only (the joint bound overrides this)."""
         return tasks[task].train
+
+    def load_training_data(self, task: TaskAssignment | None = None) -> TrainingData:
+        """One task's training images and test split; only this task's images (the joint bound: every task's so far).
+
+        Raises:
+            ConfigError: no task (an incremental method trains task sequences only).
+        """
+        from retrieval.data.tasks import build_task_sequence
+
+        if task is None or self.spec.incremental is None:
+            raise ConfigError(
+                f"method {self.name!r} trains task sequences: its job needs an `incremental` section "
+                "and runs through retrieval.train.incremental"
+            )
+        tasks = build_task_sequence(dataset=self.spec.dataset, incremental=self.spec.incremental)
+        train = self.training_data(tasks, task.index)
+        return TrainingData(
+            train=train,
+            evaluation=tasks[task.index].test,
+            epochs=task.epochs,
+            # A task of two classes cannot fill a batch of five: balance over the classes it has.
+            classes_per_batch=min(self.spec.train.classes_per_batch, len(np.unique(train.labels))),
+        )
 
     def begin_task(self, *, model: nn.Module, carry: TaskCarry, phase: Phase, device: torch.device) -> None:
         """Make `model` (fresh, bare) the start of this task and keep what the losses need.

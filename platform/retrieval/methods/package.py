@@ -9,7 +9,9 @@ Layout::
     <folder>/job.yaml       the validated JobSpec
     <folder>/model.pt       the model's state_dict
     <folder>/package.json   format version, method, embedding dim, sha256 of model.pt
-    <folder>/text_context.json   cross-modal models: vocabulary / tag names the text encoder reads
+    <folder>/<more files>   what the method took from its training data (`RetrievalMethod.package_files`;
+                            an image-text model's `text_context.json`: the vocabulary / tag names its text
+                            encoder reads)
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ from torch import nn
 from retrieval.config import JobSpec
 from retrieval.errors import BadRequestError, ModelNotFoundError
 from retrieval.methods.base import RetrievalMethod
-from retrieval.methods.cross_modal import CrossModalMethod, TextContext, build_cross_modal_method
+from retrieval.methods.cross_modal import TEXT_CONTEXT_FILE
 from retrieval.methods.registry import build_method
 
-TEXT_CONTEXT_FILE = "text_context.json"
+__all__ = ["TEXT_CONTEXT_FILE", "ModelPackage", "load_model_package", "package_digest", "save_model_package"]
 
 PACKAGE_FORMAT = 1
 
@@ -43,7 +45,7 @@ class ModelPackage:
     """A loaded, ready-to-embed model."""
 
     spec: JobSpec
-    method: RetrievalMethod | CrossModalMethod
+    method: RetrievalMethod
     model: nn.Module
     dim: int
     device: torch.device
@@ -54,16 +56,14 @@ class ModelPackage:
         return self.source
 
     @property
-    def is_cross_modal(self) -> bool:
+    def embeds_texts(self) -> bool:
         """Embeds texts as well as images, into one space."""
-        return isinstance(self.method, CrossModalMethod)
+        return self.method.embeds_texts
 
     @property
     def code_bits(self) -> int | None:
         """K for a hashing model, whose every embedding is a sign code of ±1.0; None for float embeddings."""
-        if isinstance(self.method, CrossModalMethod) and self.method.hashing:
-            return self.dim
-        return None
+        return self.method.code_bits
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> np.ndarray:
@@ -72,7 +72,7 @@ class ModelPackage:
         Raises:
             BadRequestError: the model embeds images only.
         """
-        if not isinstance(self.method, CrossModalMethod):
+        if not self.method.embeds_texts:
             raise BadRequestError(
                 f"model {self.source} ({self.spec.method.name}) embeds images only; text queries need a "
                 "cross-modal model (cross_modal_hashing or adversarial_cross_modal)"
@@ -125,7 +125,11 @@ def save_model_package(
         directory: created if missing; existing package files are overwritten.
         spec: the job spec the weights were trained with.
         state_dict: the bare model's weights (not DDP-wrapped).
-        extra_files: more text files of the package by name (a cross-modal model's `text_context.json`).
+        extra_files: more text files of the package by name (`RetrievalMethod.package_files`: a
+            cross-modal model's `text_context.json`).
+
+    Raises:
+        ValueError: a file the method needs to load again (`required_package_files`) is missing.
     """
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
@@ -134,12 +138,17 @@ def save_model_package(
     (folder / "job.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     for name, text in (extra_files or {}).items():
         (folder / name).write_text(text)
-    if spec.is_cross_modal and not (folder / TEXT_CONTEXT_FILE).is_file():
-        raise ValueError(f"a cross-modal model package needs {TEXT_CONTEXT_FILE} (its text encoder's vocabulary)")
+    method = build_method(spec)
+    missing = [name for name in method.required_package_files if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(
+            f"a {spec.method.name} model package needs {', '.join(missing)} (what its architecture took from "
+            "the training data: RetrievalMethod.package_files)"
+        )
     info = {
         "format": PACKAGE_FORMAT,
         "method": spec.method.name,
-        "embedding_dim": _embedding_dim(spec),
+        "embedding_dim": method.embedding_dim,
         "model_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
     }
     (folder / "package.json").write_text(json.dumps(info, indent=2))
@@ -182,16 +191,8 @@ def load_model_package(directory: str | Path, *, device: str = "cpu", source: st
     spec = JobSpec.from_mapping(
         _stored_spec(yaml.safe_load((folder / "job.yaml").read_text())), source=str(folder / "job.yaml")
     )
-    method: RetrievalMethod | CrossModalMethod
-    if spec.is_cross_modal:
-        context_file = folder / TEXT_CONTEXT_FILE
-        if not context_file.is_file():
-            raise ModelNotFoundError(f"{folder}: cross-modal model package without {TEXT_CONTEXT_FILE}")
-        method = build_cross_modal_method(
-            spec, context=TextContext.from_json(context_file.read_text(), source=str(context_file))
-        )
-    else:
-        method = build_method(spec)
+    method = build_method(spec)
+    method.load_package_files(folder)
     model = method.build_model()
     try:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
@@ -213,18 +214,6 @@ def load_model_package(directory: str | Path, *, device: str = "cpu", source: st
         device=torch_device,
         source=source or str(folder),
     )
-
-
-def _embedding_dim(spec: JobSpec) -> int | None:
-    """What the model embeds into: K bits of a hashing model, the common space of ch. 4, or the head's D."""
-    settings = spec.method
-    bits = getattr(settings, "bits", None)
-    if bits is not None:
-        return int(bits)
-    common = getattr(settings, "embedding_dim", None)
-    if common is not None:
-        return int(common)
-    return spec.model.embedding_dim
 
 
 def _stored_spec(data: Any) -> Any:

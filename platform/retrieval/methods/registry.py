@@ -1,10 +1,15 @@
-"""The method registry: a plain mapping from a method name to its class."""
+"""The method registry: one mapping from every method's name to its class, whatever its family.
+
+Its names are the config's: a method spec the config accepts without a class here, or a class
+here without a spec, fails at import, not inside a Ray worker.
+"""
 
 from __future__ import annotations
 
 from retrieval.config import JobSpec
 from retrieval.methods.base import RetrievalMethod
 from retrieval.methods.classification import Classification
+from retrieval.methods.cross_modal import AdversarialCrossModal, CrossModalHashing
 from retrieval.methods.deep_metric import DeepMetric
 from retrieval.methods.incremental import (
     DualDistillation,
@@ -31,9 +36,33 @@ METHODS: dict[str, type[RetrievalMethod]] = {
             IncrementalKdMmd,
             FeatureEstimation,
             DualDistillation,
+            CrossModalHashing,
+            AdversarialCrossModal,
         )
     },
 }
+
+
+def _check_names() -> None:
+    """Every method name the job spec accepts has exactly one class here, and no class is unreachable."""
+    from typing import Annotated, get_args, get_origin
+
+    from retrieval.config import JobSpec
+
+    annotation = JobSpec.model_fields["method"].annotation
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    accepted = {
+        name for spec_class in get_args(annotation) for name in get_args(spec_class.model_fields["name"].annotation)
+    }
+    if accepted != set(METHODS):
+        raise RuntimeError(
+            f"the method registry and the job spec disagree: specs without a class {sorted(accepted - set(METHODS))}, "
+            f"classes without a spec {sorted(set(METHODS) - accepted)}"
+        )
+
+
+_check_names()
 
 
 def build_method(spec: JobSpec) -> RetrievalMethod:

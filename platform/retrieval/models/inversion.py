@@ -158,9 +158,7 @@ def _restore(modes: dict[nn.Module, bool], grads: dict[nn.Parameter, bool]) -> N
         parameter.requires_grad_(requires_grad)
 
 
-def class_mean_logits(
-    embeddings: torch.Tensor, class_means: torch.Tensor, *, temperature: float = 0.1
-) -> torch.Tensor:
+def class_mean_logits(embeddings: torch.Tensor, class_means: torch.Tensor, *, temperature: float = 0.1) -> torch.Tensor:
     """`cos(f, m_c) / temperature` for every class mean `m_c`: logits whose cross-entropy towards
     class c pulls an embedding to c's mean and away from the others'.
 

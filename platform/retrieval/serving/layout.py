@@ -58,9 +58,7 @@ def index_file_bytes(manifest: IndexManifest, manifest_location: str, *, endpoin
     return sum((folder / name).stat().st_size for name in names if (folder / name).is_file())
 
 
-def choose_layout(
-    spec: ServingSpec, *, index_bytes: int, view: MemoryView | None = None
-) -> LayoutChoice:
+def choose_layout(spec: ServingSpec, *, index_bytes: int, view: MemoryView | None = None) -> LayoutChoice:
     """The layout for ``spec`` and an index of ``index_bytes`` of shard files.
 
     Args:

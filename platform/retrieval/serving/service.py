@@ -343,9 +343,7 @@ class SearchService:
             answer = await self._submit(_Query(active=active, params=settings, queries=queries, k=resolved_k))
             return self._reply(active, settings, resolved_k, answer, results=answer.rows, batch=True)
 
-    async def search_image(
-        self, image_bytes: bytes, k: int | None, params: SearchParams | None = None
-    ) -> SearchReply:
+    async def search_image(self, image_bytes: bytes, k: int | None, params: SearchParams | None = None) -> SearchReply:
         """Embed an encoded image with the index's model version and search with it."""
         resolved_k = self.resolve_k(k)
         with self._pin() as active:

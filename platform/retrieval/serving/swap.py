@@ -70,7 +70,6 @@ from retrieval.serving.metrics import ServingMetrics, SwapOutcome
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class IndexRef:
     """One index version as the swap protocol names it.

@@ -19,24 +19,25 @@ import matplotlib.pyplot as plt
 import pyarrow.fs
 import ray
 import ray.train
-import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from retrieval.config import JobSpec
-from retrieval.data.base import ImageDataset
-from retrieval.data.from_spec import datasets_from_spec
-from retrieval.errors import DatasetError
-from retrieval.evaluation.plots import recall_curve_figure, training_curve_figure, variant_bar_figure
-from retrieval.evaluation.runs import SEEN_CLASSES_PREFIX, embed_dataset, raw_pixel_embeddings, score_embeddings
-from retrieval.evaluation.suite import format_table
 from retrieval.methods import build_method, load_model_package, save_model_package
-from retrieval.methods.package import ModelPackage
+from retrieval.methods.base import Evaluation, TaskAssignment
+from retrieval.methods.training import package_files_of
 from retrieval.serialization import load_state
 from retrieval.tracking.registry import register_model_package
 from retrieval.tracking.runs import TrainingRun, code_version
 from retrieval.train.outcome import TrainingOutcome, apply_gate
-from retrieval.train.worker import CHECKPOINT_STATE, train_loop_per_worker, with_system_metrics
+from retrieval.train.worker import (
+    CHECKPOINT_STATE,
+    FaultPlan,
+    RunAddress,
+    WorkerConfig,
+    train_loop_per_worker,
+    with_system_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,37 +63,16 @@ def storage_location(spec: JobSpec, path: str | None = None) -> tuple[str, pyarr
 
 
 def check_job_inputs(spec: JobSpec) -> None:
-    """Fail fast, before any Ray worker starts, on inputs that would only fail inside one.
+    """Fail fast, before any Ray worker starts, on inputs that would only fail inside one (the method's `check_inputs`).
 
     Raises:
-        DatasetError: the dataset cannot be read or split as specified, or its training split
-            has fewer classes than a batch needs (or, for a cross-modal job, fewer pairs than a
-            batch per worker).
+        DatasetError: the dataset cannot be read or split as specified, or is too small for a batch
+            (too few classes for a P x K batch, or too few pairs for a batch per worker).
     """
-    if spec.is_cross_modal:
-        from retrieval.data.cross_modal import cross_modal_datasets_from_spec
-        from retrieval.train.cross_modal import method_for
-
-        pairs = cross_modal_datasets_from_spec(spec.dataset)
-        needed = 2 * spec.scaling.num_workers
-        if len(pairs.train) < needed:
-            raise DatasetError(
-                f"the training split of {spec.dataset.name!r} has {len(pairs.train)} pairs; "
-                f"{spec.scaling.num_workers} workers need at least {needed}"
-            )
-        # Builds the text context (and, for a BoW encoder, checks the dataset has tag vectors).
-        method_for(spec, pairs.train)
-        return
-    splits = datasets_from_spec(spec.dataset)
-    train_classes = len(set(splits.train.labels.tolist()))
-    if train_classes < spec.train.classes_per_batch:
-        raise DatasetError(
-            f"train.classes_per_batch is {spec.train.classes_per_batch} but the training split of "
-            f"{spec.dataset.name!r} has only {train_classes} classes"
-        )
+    build_method(spec).check_inputs()
 
 
-def run_training(spec: JobSpec, *, fault: dict[str, Any] | None = None) -> TrainingOutcome:
+def run_training(spec: JobSpec, *, fault: FaultPlan | Mapping[str, Any] | None = None) -> TrainingOutcome:
     """Train, evaluate, log and register one job. Starting it again with the same spec resumes it.
 
     Args:
@@ -126,7 +106,9 @@ def run_training(spec: JobSpec, *, fault: dict[str, Any] | None = None) -> Train
     return outcome
 
 
-def _train_and_register(spec: JobSpec, *, run: TrainingRun, fault: dict[str, Any] | None) -> TrainingOutcome:
+def _train_and_register(
+    spec: JobSpec, *, run: TrainingRun, fault: FaultPlan | Mapping[str, Any] | None
+) -> TrainingOutcome:
     with tempfile.TemporaryDirectory() as folder:
         spec_file = Path(folder) / "job.yaml"
         spec_file.write_text(_yaml(spec))
@@ -144,39 +126,39 @@ def build_trainer(
     spec: JobSpec,
     *,
     run: TrainingRun | None,
-    fault: dict[str, Any] | None = None,
+    fault: FaultPlan | Mapping[str, Any] | None = None,
     name: str | None = None,
     storage: str | None = None,
     callbacks: Sequence[Any] = (),
-    task: Mapping[str, Any] | None = None,
+    task: TaskAssignment | None = None,
+    carry: Any = None,
 ) -> TorchTrainer:
     """The TorchTrainer of a job: one run named `name` (default the job's) under `storage`.
 
+    Every method trains in the one worker loop (`retrieval.train.worker.train_loop_per_worker`).
     Starting a trainer again with the same name and storage resumes from its last checkpoint.
     `callbacks` go to the run config (e.g. Tune's `TuneReportCallback` inside a sweep trial).
-    `task` makes it one task of an incremental sequence (see `retrieval.train.incremental`).
+    `task` and `carry` (a Ray object reference to the earlier tasks' carry) make it one task of an
+    incremental sequence (see `retrieval.train.incremental`).
     """
     location, filesystem = storage_location(spec, storage)
-    if spec.is_cross_modal:
-        from retrieval.train.cross_modal import cross_modal_loop_per_worker
-
-        loop: Any = cross_modal_loop_per_worker
-    else:
-        loop = train_loop_per_worker
+    worker = WorkerConfig(
+        spec=spec.model_dump(mode="json"),
+        tracking=(
+            RunAddress(tracking_uri=run.tracking_uri, run_id=run.run_id, experiment_id=run.experiment_id)
+            if run is not None
+            else None
+        ),
+        fault=FaultPlan(**fault) if isinstance(fault, Mapping) else fault,
+        task=task,
+        carry=carry,
+    )
+    loop: Any = train_loop_per_worker
     if spec.tracking.system_metrics and run is not None:
         loop = functools.partial(with_system_metrics, loop)
     return TorchTrainer(
         loop,
-        train_loop_config={
-            "spec": spec.model_dump(mode="json"),
-            "tracking": (
-                {"tracking_uri": run.tracking_uri, "run_id": run.run_id, "experiment_id": run.experiment_id}
-                if run is not None
-                else None
-            ),
-            "fault": fault,
-            "task": dict(task) if task is not None else None,
-        },
+        train_loop_config=worker.to_loop_config(),
         scaling_config=ScalingConfig(
             num_workers=spec.scaling.num_workers,
             use_gpu=spec.scaling.use_gpu,
@@ -203,47 +185,20 @@ def register_checkpoint(
     promote_with_gate: bool,
     tags: Mapping[str, str] | None = None,
 ) -> TrainingOutcome:
-    """Evaluate a training checkpoint beside the baselines, log it to `run`, register it.
+    """Evaluate a training checkpoint (the method's `evaluate_package`), log it to `run`, register it.
 
-    The new version gets the alias `candidate`; with `promote_with_gate` it also becomes
-    `champion` when the job's gate holds.
+    The one registration path of every method. The new version gets the alias `candidate`; with
+    `promote_with_gate` it also becomes `champion` when the job's gate holds.
     """
-    if spec.is_cross_modal:
-        from retrieval.train.cross_modal import register_cross_modal_checkpoint
-
-        outcome: TrainingOutcome = register_cross_modal_checkpoint(
-            spec, checkpoint=checkpoint, run=run, history=history, promote_with_gate=promote_with_gate, tags=tags
-        )
-        return outcome
     with tempfile.TemporaryDirectory() as folder:
         with checkpoint.as_directory() as checkpoint_dir:
             state = load_state(Path(checkpoint_dir) / CHECKPOINT_STATE)
-        package_dir = save_model_package(Path(folder) / "package", spec=spec, state_dict=state["model"])
-        metrics, baselines = evaluate_with_baselines(spec, package_dir)
-
-        run.log_metrics({f"test/{key}": value for key, value in metrics.items()})
-        for baseline, values in baselines.items():
-            run.log_metrics({f"baseline/{baseline}/{key}": value for key, value in values.items()})
-        run.log_dict({"trained": metrics, **baselines}, "evaluation/results.json")
-        table = {"trained": metrics, **baselines}
-        columns = [f"recall@{k}" for k in spec.evaluation.recall_ks] + ["map@r"]
-        run.client.log_text(
-            run.run_id, format_table(table, columns, markdown=True, label="model") + "\n", "evaluation/table.md"
+        package_dir = save_model_package(
+            Path(folder) / "package", spec=spec, state_dict=state["model"], extra_files=package_files_of(state)
         )
-        first = f"recall@{spec.evaluation.recall_ks[0]}"
-        figure = variant_bar_figure(table, metric=first, title=f"{spec.name}: held-out {first}")
-        run.log_figure(figure, "evaluation/recall_bars.png")
-        plt.close(figure)
-        figure = recall_curve_figure(
-            {"trained": metrics, **baselines}, ks=spec.evaluation.recall_ks, title=f"{spec.name}: held-out classes"
-        )
-        run.log_figure(figure, "evaluation/recall_at_k.png")
-        plt.close(figure)
-        if history:
-            figure = training_curve_figure(list(history), keys=["train/loss", "recall@1"])
-            run.log_figure(figure, "training/curves.png")
-            plt.close(figure)
-
+        package = load_model_package(package_dir)
+        evaluation = package.method.evaluate_package(package, history=history)
+        log_evaluation(run, evaluation)
         registered = register_model_package(
             package_dir,
             tracking_uri=run.tracking_uri,
@@ -252,17 +207,19 @@ def register_checkpoint(
             aliases=("candidate",),
             tags={
                 "retrieval.job": spec.name,
-                **{f"test.{key}": f"{value:.6f}" for key, value in metrics.items()},
+                **package.method.registration_tags(),
+                **{f"test.{key}": f"{value:.6f}" for key, value in evaluation.metrics.items()},
                 **(tags or {}),
             },
         )
 
+    metrics = evaluation.metrics
     registered, promoted, gate = apply_gate(
         spec, registered=registered, metrics=metrics, run=run, promote_with_gate=promote_with_gate
     )
     return TrainingOutcome(
         metrics=metrics,
-        baselines=baselines,
+        baselines=evaluation.baselines,
         model=registered,
         promoted=promoted,
         gate=gate,
@@ -272,53 +229,18 @@ def register_checkpoint(
     )
 
 
-def evaluate_with_baselines(spec: JobSpec, package_dir: Path) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Scores of the trained model and of the spec's baselines on the held-out split(s).
-
-    Keys as `score_embeddings` names them (`recall@1`, `map@r`, ...) are the test split; when
-    the split holds out images of the training classes (`dataset.split.seen_test_fraction`),
-    the same scores on those images follow under `seen_classes/` (`seen_classes/recall@1`).
-    """
-    splits = datasets_from_spec(spec.dataset)
-    package = load_model_package(package_dir)
-    trained: dict[str, float] = {}
-    baselines: dict[str, dict[str, float]] = {baseline: {} for baseline in spec.evaluation.baselines}
-    held_out = [("", splits.test)]
-    if splits.seen_test is not None:
-        held_out.append((SEEN_CLASSES_PREFIX, splits.seen_test))
-    for prefix, test in held_out:
-        trained.update(_prefixed(prefix, _score_trained(spec, package, test)))
-        for baseline, values in _score_baselines(spec, test).items():
-            baselines[baseline].update(_prefixed(prefix, values))
-    return trained, baselines
-
-
-def _prefixed(prefix: str, values: Mapping[str, float]) -> dict[str, float]:
-    return {f"{prefix}{key}": value for key, value in values.items()}
-
-
-def _score_trained(spec: JobSpec, package: ModelPackage, test: ImageDataset) -> dict[str, float]:
-    vectors = embed_dataset(
-        functools.partial(package.method.embed, package.model), test, batch_size=spec.train.embed_batch_size
-    )
-    return score_embeddings(vectors, test.labels, ks=spec.evaluation.recall_ks)
-
-
-def _score_baselines(spec: JobSpec, test: ImageDataset) -> dict[str, dict[str, float]]:
-    scores: dict[str, dict[str, float]] = {}
-    for baseline in spec.evaluation.baselines:
-        if baseline == "raw_pixels":
-            vectors = raw_pixel_embeddings(test, batch_size=spec.train.embed_batch_size)
-        else:
-            # Seeded by the job: the same untrained network on every split.
-            torch.manual_seed(spec.train.seed)
-            method = build_method(spec)
-            untrained = method.build_model().eval()
-            vectors = embed_dataset(
-                functools.partial(method.embed, untrained), test, batch_size=spec.train.embed_batch_size
-            )
-        scores[baseline] = score_embeddings(vectors, test.labels, ks=spec.evaluation.recall_ks)
-    return scores
+def log_evaluation(run: TrainingRun, evaluation: Evaluation) -> None:
+    """Log a registered model's scores (`test/...`, `baseline/<name>/...`), documents, texts and plots."""
+    run.log_metrics({f"test/{key}": value for key, value in evaluation.metrics.items()})
+    for baseline, values in evaluation.baselines.items():
+        run.log_metrics({f"baseline/{baseline}/{key}": value for key, value in values.items()})
+    for path, document in evaluation.documents.items():
+        run.log_dict(document, path)
+    for path, text in evaluation.texts.items():
+        run.client.log_text(run.run_id, text, path)
+    for path, figure in evaluation.figures.items():
+        run.log_figure(figure, path)
+        plt.close(figure)
 
 
 def _history(result: ray.train.Result) -> list[dict[str, float]]:

@@ -51,6 +51,7 @@ from retrieval.evaluation.runs import embed_dataset
 from retrieval.index.manifest import ModelRef, read_manifest
 from retrieval.index.shards import build_shards
 from retrieval.methods import build_method, save_model_package
+from retrieval.methods.base import TaskAssignment
 from retrieval.methods.incremental import IncrementalMethod, TaskCarry
 from retrieval.serialization import from_plain, load_state, to_plain
 from retrieval.tracking.registry import RegisteredModel, register_model_package, set_alias
@@ -281,13 +282,8 @@ def _run_tasks(
                 spec,
                 run=run,
                 name=f"{spec.name}-task{task.index}-{phase}",
-                task={
-                    "index": task.index,
-                    "phase": phase,
-                    "epochs": epochs,
-                    "step_offset": step_offset,
-                    "carry": ray.put(carry),
-                },
+                task=TaskAssignment(index=task.index, phase=phase, epochs=epochs, step_offset=step_offset),
+                carry=ray.put(carry),
             )
             result = trainer.fit()
             if result.checkpoint is None:

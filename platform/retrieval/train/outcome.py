@@ -48,7 +48,6 @@ class TrainingOutcome:
         }
 
 
-
 def apply_gate(
     spec: JobSpec,
     *,

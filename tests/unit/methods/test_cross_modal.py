@@ -18,11 +18,11 @@ from retrieval.methods.cross_modal import (
     CrossModalMethod,
     TextContext,
     alternating_step,
+    method_for,
     tag_vectors,
 )
 from retrieval.methods.package import TEXT_CONTEXT_FILE, load_model_package, save_model_package
 from retrieval.models.text import Vocabulary
-from retrieval.train.cross_modal import method_for
 
 HASHING = {
     "name": "cross_modal_hashing",
@@ -184,7 +184,7 @@ def test_package_round_trip_embeds_images_and_texts(method: dict[str, Any], tmp_
         extra_files={TEXT_CONTEXT_FILE: trained.context.to_json()},
     )
     package = load_model_package(folder)
-    assert package.is_cross_modal
+    assert package.embeds_texts
     texts = ["a three next to a seven", "", "zebra quartz " * 40]  # known, empty, unknown and over-long
     from_package = package.embed_texts(texts)
     model.eval()
@@ -218,7 +218,7 @@ def test_an_image_only_package_refuses_text(tmp_path: Path) -> None:
     )
     folder = save_model_package(tmp_path / "p", spec=spec, state_dict=build_method(spec).build_model().state_dict())
     package = load_model_package(folder)
-    assert not package.is_cross_modal and package.code_bits is None
+    assert not package.embeds_texts and package.code_bits is None
     with pytest.raises(BadRequestError, match="embeds images only"):
         package.embed_texts(["a three"])
 
@@ -338,8 +338,7 @@ def test_held_out_modality_accuracy_is_balanced_over_the_modalities() -> None:
 
 
 def test_score_model_adds_the_held_out_modality_accuracy() -> None:
-    from retrieval.methods.cross_modal import modality_accuracy
-    from retrieval.train.cross_modal import score_model
+    from retrieval.methods.cross_modal import modality_accuracy, score_model
 
     spec = job(HASHING)
     method, model, discriminator, _ = setup(spec)

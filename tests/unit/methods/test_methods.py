@@ -1,7 +1,9 @@
-"""The contract every registered method keeps (timm-style): one test, every registry entry.
+"""The batch contract of every registered method with a `training_step` (timm-style): one test, every entry.
 
-A new method in `retrieval.methods.METHODS` is covered automatically with its default
-spec; add an entry to `METHOD_VARIANTS` to also cover its loss options.
+A new method in `retrieval.methods.METHODS` that defines `training_step` on image batches is
+covered automatically with its default spec; add an entry to `METHOD_VARIANTS` to also cover
+its loss options. (Every method, whatever its step, keeps the protocol of
+`test_method_protocol.py`.)
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from retrieval.config import INCREMENTAL_METHODS, JobSpec
 from retrieval.methods import METHODS, build_method
+from retrieval.methods.base import RetrievalMethod
 from retrieval.methods.incremental import IncrementalMethod, TaskCarry
 
 METHOD_VARIANTS: dict[str, list[dict[str, Any]]] = {
@@ -27,6 +30,7 @@ METHOD_VARIANTS: dict[str, list[dict[str, Any]]] = {
 CASES = [
     pytest.param(method, id="-".join(str(value) for value in method.values()))
     for name in METHODS
+    if METHODS[name].training_step is not RetrievalMethod.training_step
     for method in METHOD_VARIANTS.get(name, [{"name": name}])
 ]
 

@@ -217,9 +217,7 @@ class LeakyShard:
         raise RuntimeError("raylet at 10.1.2.3:6379 says: /srv/retrieval/index is gone")
 
 
-def test_a_500_names_an_error_id_and_the_log_holds_the_detail(
-    index: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_500_names_an_error_id_and_the_log_holds_the_detail(index: Path, caplog: pytest.LogCaptureFixture) -> None:
     manifest, _ = read_manifest(index)
     spec = ServingSpec(index=str(index))
     service = SearchService(

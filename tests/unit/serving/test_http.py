@@ -751,18 +751,21 @@ def test_the_client_has_a_method_for_every_route_and_each_answers(monkeypatch: p
         client = RetrievalClient(url, admin_token="s3cret-admin-token-0123", transport=Recording())
         calls: dict[str, Any] = {
             "search_vector": lambda: client.search_vector(VECTORS[3].tolist(), k=4).hits[0].id == 3,
-            "search_vectors": lambda: [hits[0].id for hits in client.search_vectors(VECTORS[:2].tolist()).hits]
-            == [0, 1],
+            "search_vectors": lambda: (
+                [hits[0].id for hits in client.search_vectors(VECTORS[:2].tolist()).hits] == [0, 1]
+            ),
             "search_id": lambda: 3 not in [hit.id for hit in client.search_id(3, k=4).hits],
             "search_text": lambda: client.search_text(TEXT_QUERY, k=1).hits[0].id == 17,
             "search_image": lambda: client.search_image(png_of_id(9), k=1).hits[0].id == 9,
-            "search": lambda: [
-                client.search(vector=VECTORS[5].tolist(), k=1).hits[0].id,
-                client.search(item_id=5, k=1).hits[0].id != 5,
-                client.search(text=TEXT_QUERY, k=1).hits[0].id,
-                client.search(image=png_of_id(12), k=1).hits[0].id,
-            ]
-            == [5, True, 17, 12],
+            "search": lambda: (
+                [
+                    client.search(vector=VECTORS[5].tolist(), k=1).hits[0].id,
+                    client.search(item_id=5, k=1).hits[0].id != 5,
+                    client.search(text=TEXT_QUERY, k=1).hits[0].id,
+                    client.search(image=png_of_id(12), k=1).hits[0].id,
+                ]
+                == [5, True, 17, 12]
+            ),
             "item": lambda: client.item(5).fields == {"id": 5, **ITEMS[5]},
             "thumbnail": lambda: Image.open(io.BytesIO(client.thumbnail(5))).format == "PNG",
             "version": lambda: client.version().index_version == VERSION,

@@ -518,9 +518,7 @@ def test_a_dead_shard_is_missing_fails_fast_while_down_and_comes_back(index: Ind
 
 
 @distributed_only
-def test_a_dead_shard_is_a_503_naming_it_in_error_mode_and_all_dead_always_is(
-    index: Index, replicas: Backend
-) -> None:
+def test_a_dead_shard_is_a_503_naming_it_in_error_mode_and_all_dead_always_is(index: Index, replicas: Backend) -> None:
     served = serve(index, replicas, on_shard_timeout="error")
     served.shards[0].dead_calls = 10**6
     with pytest.raises(ShardUnavailableError, match=r"shard 0 has no live replica \(ActorDiedError"):
@@ -606,9 +604,7 @@ def test_thumbnails_and_items_by_id(index: Index, replicas: Backend) -> None:
         run(lambda: service.thumbnail(FIRST_ID))
 
 
-def test_a_shard_answers_a_batch_of_calls_with_one_search_per_setting(
-    index: Index, shard_replicas: list[Any]
-) -> None:
+def test_a_shard_answers_a_batch_of_calls_with_one_search_per_setting(index: Index, shard_replicas: list[Any]) -> None:
     replica = shard_replicas[0]
     version = index.manifest.index_version
     rng = np.random.default_rng(5)
@@ -680,9 +676,7 @@ def test_the_embedder_answers_a_batch_with_one_model_call_per_kind_and_version()
 
 
 @distributed_only
-def test_a_dead_replica_whose_retry_waits_past_the_deadline_is_a_503_not_a_504(
-    index: Index, replicas: Backend
-) -> None:
+def test_a_dead_replica_whose_retry_waits_past_the_deadline_is_a_503_not_a_504(index: Index, replicas: Backend) -> None:
     served = serve(index, replicas, batching=False, shard_timeout_s=0.05, on_shard_timeout="error")
 
     async def main() -> dict[str, Any]:

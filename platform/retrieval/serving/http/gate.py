@@ -207,7 +207,5 @@ def describe_limits(spec: ServingSpec, dim: int, routes: Sequence[Any]) -> dict[
     """Every POST route's body limit (for documentation and tests)."""
     limits = BodyLimits(spec)
     return {
-        route.path: limits.of(route.path, dim)
-        for route in routes
-        if "POST" in (getattr(route, "methods", None) or ())
+        route.path: limits.of(route.path, dim) for route in routes if "POST" in (getattr(route, "methods", None) or ())
     }

@@ -68,9 +68,7 @@ class JSONBody(Response):
         return orjson.dumps(content, option=_ORJSON_OPTIONS)
 
 
-def error_response(
-    status: int, error_type: str, message: str, *, headers: Mapping[str, str] | None = None
-) -> JSONBody:
+def error_response(status: int, error_type: str, message: str, *, headers: Mapping[str, str] | None = None) -> JSONBody:
     """The one shape of every error reply: ``{"error": {"type", "message"}}``."""
     return JSONBody(
         status_code=status,
