@@ -136,7 +136,8 @@ class DatasetInfo:
         if not sep or not module or not function.isidentifier():
             raise ValueError(f"loader {self.loader!r} is not a 'package.module:function' path")
         if (self.kind == "landmark") != (self.protocol is not None):
-            raise ValueError(f"a {self.kind} dataset {'needs' if self.kind == 'landmark' else 'takes no'} protocol")
+            needs = "needs a" if self.kind == "landmark" else "takes no"
+            raise ValueError(f"{KIND_WORDS[self.kind]} (kind {self.kind!r}) {needs} protocol")
 
     @property
     def bundled(self) -> bool:
@@ -153,14 +154,14 @@ DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo(
         kind="image",
         loader="retrieval.data.digits:load_digits_dataset",
-        description="scikit-learn's 1,797 real 8x8 handwritten digits, 10 classes (bundled)",
+        description="scikit-learn's 1,797 real 8x8 handwritten digits, 10 classes",
         root=None,
     ),
     "image_folder": DatasetInfo(
         kind="image",
         loader="retrieval.data.image_folder:load_image_folder",
         description="your own images, one folder per class",
-        root="laid out as root/<class>/<image>",
+        root="laid out as `root/<class>/<image>`",
     ),
     "cub200": DatasetInfo(
         kind="image",
@@ -211,7 +212,7 @@ DATASETS: dict[str, DatasetInfo] = {
     "digit_pairs": DatasetInfo(
         kind="image_text",
         loader="retrieval.data.digit_pairs:load_digit_pairs_for_job",
-        description="strips of 2-3 real digits with generated captions and tags (bundled)",
+        description="strips of 2-3 real digits with generated captions and tags",
         root=None,
     ),
     "mirflickr25k": DatasetInfo(
