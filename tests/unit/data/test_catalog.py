@@ -219,3 +219,12 @@ def test_a_bundled_dataset_loads_without_a_root_and_ignores_one() -> None:
     digits = load_image_dataset("digits")
     assert isinstance(digits, ImageDataset) and len(digits) == 1797
     np.testing.assert_array_equal(load_image_dataset("digits", root="/ignored").labels, digits.labels)
+
+
+def test_every_landmark_row_names_a_protocol_the_evaluation_scores() -> None:
+    from retrieval.evaluation.landmarks import LANDMARK_PROTOCOLS
+    from retrieval.evaluation.suite import PRIMARY_METRIC
+
+    for name in LANDMARK_BENCHMARKS:
+        protocol = DATASETS[name].protocol
+        assert protocol in LANDMARK_PROTOCOLS and protocol in PRIMARY_METRIC, name
