@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from retrieval.config import DATASETS, KIND_WORDS, CrossModalSplitSpec, DatasetInfo, DatasetKind, dataset_names
 from retrieval.data.base import ImageDataset
@@ -28,6 +28,8 @@ from retrieval.errors import DatasetError
 if TYPE_CHECKING:
     from retrieval.data.cross_modal import LoadedCrossModal
     from retrieval.data.landmarks import LandmarkBenchmark
+
+_Loaded = TypeVar("_Loaded")
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -85,7 +87,7 @@ def _root_argument(name: str, root: str | Path | None) -> dict[str, str | Path]:
     return {"root": root}
 
 
-def _checked(name: str, loaded: object, expected: type) -> Any:
+def _checked(name: str, loaded: object, expected: type[_Loaded]) -> _Loaded:
     if not isinstance(loaded, expected):
         raise DatasetError(
             f"the loader of dataset {name!r} ({dataset_info(name).loader}) returned a {type(loaded).__name__}, "
@@ -102,7 +104,7 @@ def load_image_dataset(name: str, *, root: str | Path | None = None) -> ImageDat
             loader rejects the data.
     """
     loader = loader_for(name, "image")
-    return _checked(name, loader(**_root_argument(name, root)), ImageDataset)  # type: ignore[no-any-return]
+    return _checked(name, loader(**_root_argument(name, root)), ImageDataset)
 
 
 def load_landmark_dataset(name: str, *, root: str | Path | None) -> LandmarkBenchmark:
@@ -115,7 +117,7 @@ def load_landmark_dataset(name: str, *, root: str | Path | None) -> LandmarkBenc
     from retrieval.data.landmarks import LandmarkBenchmark
 
     loader = loader_for(name, "landmark")
-    return _checked(name, loader(**_root_argument(name, root)), LandmarkBenchmark)  # type: ignore[no-any-return]
+    return _checked(name, loader(**_root_argument(name, root)), LandmarkBenchmark)
 
 
 def load_image_text_dataset(name: str, *, root: str | Path | None, split: CrossModalSplitSpec) -> LoadedCrossModal:
@@ -129,4 +131,4 @@ def load_image_text_dataset(name: str, *, root: str | Path | None, split: CrossM
 
     loader = loader_for(name, "image_text")
     loaded = loader(**_root_argument(name, root), split=split)
-    return _checked(name, loaded, LoadedCrossModal)  # type: ignore[no-any-return]
+    return _checked(name, loaded, LoadedCrossModal)
