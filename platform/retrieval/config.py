@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import inspect
 import operator
 import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeAlias, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -91,16 +92,175 @@ class SplitSpec(StrictModel):
         return self
 
 
-LANDMARK_DATASETS: tuple[str, ...] = ("roxford5k", "rparis6k", "holidays", "ukbench")
+DatasetKind = Literal["image", "landmark", "image_text"]
+DATASET_KINDS: tuple[DatasetKind, ...] = get_args(DatasetKind)
+
+# Each kind in words, for errors: "dataset 'digits' is not an image-text dataset".
+KIND_WORDS: dict[DatasetKind, str] = {
+    "image": "an image dataset",
+    "landmark": "a landmark benchmark",
+    "image_text": "an image-text dataset",
+}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One row of the dataset table `DATASETS`: what a dataset name stands for.
+
+    Attributes:
+        kind: `image` (images with class labels: split, trained and evaluated on), `landmark`
+            (queries, a database and their ground truth: evaluated, never trained on) or
+            `image_text` (images with captions or tags: the cross-modal methods train on it).
+        loader: `"module:function"` of its loader, imported only when the dataset is loaded
+            (by `retrieval.data.catalog`). The function takes keyword arguments only, by kind:
+            `image`: `(root=...) -> ImageDataset`; `landmark`: `(root=...) -> LandmarkBenchmark`;
+            `image_text`: `(root=..., split=CrossModalSplitSpec) -> LoadedCrossModal`; a bundled
+            dataset's loader gets no `root`.
+        description: One line for the docs.
+        root: What the `root` folder must hold, completing "needs a root folder ..." (e.g.
+            "in its published layout"); None: bundled with the package, takes no `root`.
+        protocol: Landmark benchmarks: the evaluation protocol (`revisited`, `holidays`,
+            `ukbench`; see `retrieval.evaluation.landmarks`); None for the other kinds.
+    """
+
+    kind: DatasetKind
+    loader: str
+    description: str
+    root: str | None
+    protocol: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in DATASET_KINDS:
+            raise ValueError(f"dataset kind {self.kind!r} is not one of {list(DATASET_KINDS)}")
+        module, sep, function = self.loader.partition(":")
+        if not sep or not module or not function.isidentifier():
+            raise ValueError(f"loader {self.loader!r} is not a 'package.module:function' path")
+        if (self.kind == "landmark") != (self.protocol is not None):
+            needs = "needs a" if self.kind == "landmark" else "takes no"
+            raise ValueError(f"{KIND_WORDS[self.kind]} (kind {self.kind!r}) {needs} protocol")
+
+    @property
+    def bundled(self) -> bool:
+        """Shipped with the package: no `root` folder."""
+        return self.root is None
+
+
+_PUBLISHED_LAYOUT = "in its published layout"
+
+# The one place a dataset name is written: configuration, the data layer's loaders, the docs and
+# every list of names (LANDMARK_DATASETS, ...) come from this table. Adding a dataset is one row here
+# and its loader module under retrieval/data/.
+DATASETS: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo(
+        kind="image",
+        loader="retrieval.data.digits:load_digits_dataset",
+        description="scikit-learn's 1,797 real 8x8 handwritten digits, 10 classes",
+        root=None,
+    ),
+    "image_folder": DatasetInfo(
+        kind="image",
+        loader="retrieval.data.image_folder:load_image_folder",
+        description="your own images, one folder per class",
+        root="laid out as `root/<class>/<image>`",
+    ),
+    "cub200": DatasetInfo(
+        kind="image",
+        loader="retrieval.data.cub200:load_cub200",
+        description="CUB-200-2011 birds, 200 classes",
+        root=_PUBLISHED_LAYOUT,
+    ),
+    "stanford_dogs": DatasetInfo(
+        kind="image",
+        loader="retrieval.data.stanford_dogs:load_stanford_dogs",
+        description="Stanford Dogs, 120 breeds",
+        root=_PUBLISHED_LAYOUT,
+    ),
+    "stanford_cars": DatasetInfo(
+        kind="image",
+        loader="retrieval.data.stanford_cars:load_stanford_cars",
+        description="Stanford Cars, 196 models",
+        root=_PUBLISHED_LAYOUT,
+    ),
+    "roxford5k": DatasetInfo(
+        kind="landmark",
+        loader="retrieval.data.landmarks:load_roxford5k",
+        description="revisited Oxford5k, mAP Easy/Medium/Hard",
+        root=_PUBLISHED_LAYOUT,
+        protocol="revisited",
+    ),
+    "rparis6k": DatasetInfo(
+        kind="landmark",
+        loader="retrieval.data.landmarks:load_rparis6k",
+        description="revisited Paris6k, mAP Easy/Medium/Hard",
+        root=_PUBLISHED_LAYOUT,
+        protocol="revisited",
+    ),
+    "holidays": DatasetInfo(
+        kind="landmark",
+        loader="retrieval.data.landmarks:load_holidays",
+        description="INRIA Holidays, mAP",
+        root=_PUBLISHED_LAYOUT,
+        protocol="holidays",
+    ),
+    "ukbench": DatasetInfo(
+        kind="landmark",
+        loader="retrieval.data.landmarks:load_ukbench",
+        description="UKBench, N-S score",
+        root=_PUBLISHED_LAYOUT,
+        protocol="ukbench",
+    ),
+    "digit_pairs": DatasetInfo(
+        kind="image_text",
+        loader="retrieval.data.digit_pairs:load_digit_pairs_for_job",
+        description="strips of 2-3 real digits with generated captions and tags",
+        root=None,
+    ),
+    "mirflickr25k": DatasetInfo(
+        kind="image_text",
+        loader="retrieval.data.multilabel:load_mirflickr25k_for_job",
+        description="MIRFlickr-25K, tags and 24 labels (raw download or DCMH .mat)",
+        root=_PUBLISHED_LAYOUT,
+    ),
+    "nus_wide": DatasetInfo(
+        kind="image_text",
+        loader="retrieval.data.multilabel:load_nus_wide_for_job",
+        description="NUS-WIDE, tags and the 10 most frequent concepts (raw download or DCMH .mat)",
+        root=_PUBLISHED_LAYOUT,
+    ),
+    "flickr30k": DatasetInfo(
+        kind="image_text",
+        loader="retrieval.data.karpathy:load_flickr30k_for_job",
+        description="Flickr30K, 5 captions per image, Karpathy split",
+        root="holding its Karpathy JSON and images",
+    ),
+    "coco": DatasetInfo(
+        kind="image_text",
+        loader="retrieval.data.karpathy:load_coco_for_job",
+        description="MS-COCO captions, Karpathy split (5k test or 1k folds)",
+        root="holding its Karpathy JSON and images",
+    ),
+}
+
+
+def dataset_names(kind: DatasetKind | None = None) -> tuple[str, ...]:
+    """The names in `DATASETS` (of one kind), in table order, as the table is now."""
+    return tuple(name for name, info in DATASETS.items() if kind is None or info.kind == kind)
+
+
+LANDMARK_DATASETS: tuple[str, ...] = dataset_names("landmark")
+CROSS_MODAL_DATASETS: tuple[str, ...] = dataset_names("image_text")
+
+if TYPE_CHECKING:
+    DatasetName: TypeAlias = str
+else:
+    # A Literal of the table's names, for the JSON schema and the reference docs; validation reads the table.
+    DatasetName = Literal[dataset_names()]
 
 
 def dataset_shorthand(name: str) -> dict[str, Any]:
     """`dataset: digits` (or `--set dataset=digits`): the named dataset with the usual
     class-disjoint protocol (first half of the class ids trains, second half is retrieved)."""
     return {"name": name, "split": {"mode": "class_ranges"}}
-
-
-CROSS_MODAL_DATASETS: tuple[str, ...] = ("digit_pairs", "mirflickr25k", "nus_wide", "flickr30k", "coco")
 
 
 class CrossModalSplitSpec(StrictModel):
@@ -125,29 +285,14 @@ class CrossModalSplitSpec(StrictModel):
 class DatasetSpec(StrictModel):
     """Which images to train and evaluate on.
 
-    `digits` is bundled (scikit-learn's real 8x8 handwritten digits); `image_folder`
-    reads a user's own `root/<class>/<image>` tree; `cub200`, `stanford_dogs` and
-    `stanford_cars` read each dataset's published layout under `root`; `roxford5k`,
-    `rparis6k`, `holidays` and `ukbench` are landmark benchmarks (queries, a database and
-    their ground truth) that a job evaluates on but never trains on.
+    `name` is a row of the dataset table (`retrieval.config.DATASETS`), listed below with its
+    kind: `image` datasets are split and trained on, `landmark` benchmarks (queries, a
+    database and their ground truth) are evaluated but never trained on, and `image_text`
+    datasets train the cross-modal methods. Every dataset not bundled with the package needs
+    `root`, the folder holding it.
     """
 
-    name: Literal[
-        "digits",
-        "image_folder",
-        "cub200",
-        "stanford_dogs",
-        "stanford_cars",
-        "roxford5k",
-        "rparis6k",
-        "holidays",
-        "ukbench",
-        "digit_pairs",
-        "mirflickr25k",
-        "nus_wide",
-        "flickr30k",
-        "coco",
-    ] = "digits"
+    name: DatasetName = "digits"
     root: str | None = None
     image_size: int = Field(32, ge=8, le=2048)
     augment: bool = True
@@ -163,29 +308,52 @@ class DatasetSpec(StrictModel):
     def _name_shorthand(cls, data: Any) -> Any:
         return dataset_shorthand(data) if isinstance(data, str) else data
 
-    @property
-    def is_cross_modal(self) -> bool:
-        """An image-text dataset (images with captions or tags and multi-hot labels)."""
-        return self.name in CROSS_MODAL_DATASETS
+    @field_validator("name", mode="wrap")
+    @classmethod
+    def _name_is_in_the_table(cls, value: Any, handler: Any) -> str:
+        # Checked against the table as it is now, not the Literal built at import (which only feeds the docs).
+        del handler
+        if isinstance(value, str) and value in DATASETS:
+            return value
+        hint = difflib.get_close_matches(str(value), list(DATASETS), n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ValueError(f"unknown dataset {value!r}{suggestion}; expected one of {list(DATASETS)}")
 
     @property
-    def is_landmark_benchmark(self) -> bool:
-        """A query/database benchmark with its own ground truth, evaluated, never trained on."""
-        return self.name in LANDMARK_DATASETS
+    def info(self) -> DatasetInfo:
+        """This dataset's row of `DATASETS`."""
+        return DATASETS[self.name]
+
+    @property
+    def kind(self) -> DatasetKind:
+        """`image`, `landmark` or `image_text` (see `DatasetInfo.kind`)."""
+        return self.info.kind
+
+    @property
+    def is_cross_modal(self) -> bool:
+        """An image-text dataset; the same as `kind == "image_text"` (kept for older callers)."""
+        return self.kind == "image_text"
 
     @model_validator(mode="after")
     def _root_matches_name(self) -> DatasetSpec:
-        if self.name == "image_folder" and not self.root:
-            raise ValueError("dataset 'image_folder' needs 'root' (a folder laid out as root/<class>/<image>)")
-        if (
-            self.name in ("cub200", "stanford_dogs", "stanford_cars", *LANDMARK_DATASETS, *CROSS_MODAL_DATASETS)
-            and self.name != "digit_pairs"
-            and not self.root
-        ):
-            raise ValueError(f"dataset {self.name!r} needs 'root' (the folder holding its published layout)")
-        if self.name in ("digits", "digit_pairs") and self.root:
+        info = self.info
+        if info.bundled and self.root:
             raise ValueError(f"dataset {self.name!r} is bundled and takes no 'root'")
+        if not info.bundled and not self.root:
+            raise ValueError(f"dataset {self.name!r} needs 'root' (a folder {info.root})")
         return self
+
+
+def _dataset_list() -> str:
+    """The dataset table in Markdown, appended to `DatasetSpec`'s docstring (the reference docs show it)."""
+    lines = ["| name | kind | root | description |", "|---|---|---|---|"]
+    for name, info in DATASETS.items():
+        root = "none (bundled)" if info.bundled else f"a folder {info.root}"
+        lines.append(f"| `{name}` | `{info.kind}` | {root} | {info.description} |")
+    return "\n".join(lines)
+
+
+DatasetSpec.__doc__ = f"{inspect.cleandoc(DatasetSpec.__doc__ or '')}\n\n{_dataset_list()}\n"
 
 
 # --------------------------------------------------------------------------- model and method
@@ -267,9 +435,21 @@ class ModelSpec(StrictModel):
         return "small" if small_images and small_stem_supported(self.backbone) else "imagenet"
 
 
+MethodFamily = Literal["image", "incremental", "image_text"]
+METHOD_FAMILIES: tuple[MethodFamily, ...] = get_args(MethodFamily)
+
+# The dataset kind each method family trains on.
+FAMILY_TRAINS_ON: dict[MethodFamily, DatasetKind] = {
+    "image": "image",
+    "incremental": "image",
+    "image_text": "image_text",
+}
+
+
 class DeepMetricSpec(StrictModel):
     """Thesis ch. 2, verification-based fine-tuning with pytorch-metric-learning losses."""
 
+    family: ClassVar[MethodFamily] = "image"
     name: Literal["deep_metric"] = "deep_metric"
     loss: Literal["triplet", "multi_similarity", "contrastive"] = "multi_similarity"
     miner: Literal["default", "none"] = "default"
@@ -297,6 +477,7 @@ class ClassificationSpec(StrictModel):
     settings and miner) on the same embeddings.
     """
 
+    family: ClassVar[MethodFamily] = "image"
     name: Literal["classification"] = "classification"
     head: Literal["softmax", "normalized_softmax", "arcface"] = "normalized_softmax"
     temperature: float = Field(0.05, gt=0.0)
@@ -344,6 +525,7 @@ class IncrementalMethodSpec(StrictModel):
     task (`ce_weight`, 0 turns it off). The classifier grows with each task.
     """
 
+    family: ClassVar[MethodFamily] = "incremental"
     metric_loss: Literal["triplet", "multi_similarity", "contrastive"] = "triplet"
     triplet_margin: float = Field(0.1, ge=0.0)
     metric_weight: float = Field(1.0, ge=0.0)
@@ -507,6 +689,7 @@ class CrossModalHashingSpec(StrictModel):
     of the hashing nets.
     """
 
+    family: ClassVar[MethodFamily] = "image_text"
     name: Literal["cross_modal_hashing"] = "cross_modal_hashing"
     bits: int = Field(64, ge=8, le=1024, multiple_of=8)
     feature_dim: int = Field(512, ge=8, description="D: the real-valued feature before the hash layer")
@@ -523,6 +706,7 @@ class CrossModalHashingSpec(StrictModel):
 class AdversarialCrossModalSpec(StrictModel):
     """Ch. 4: common-space encoders, ranking + projection matching losses, entropy vs a discriminator."""
 
+    family: ClassVar[MethodFamily] = "image_text"
     name: Literal["adversarial_cross_modal"] = "adversarial_cross_modal"
     embedding_dim: int = Field(1024, ge=8)
     text: TextEncoderSpec = Field(default_factory=lambda: TextEncoderSpec(kind="gru"))
@@ -542,20 +726,9 @@ class AdversarialCrossModalSpec(StrictModel):
     discriminator_lr: float | None = Field(None, gt=0.0, description="default optimizer.lr")
 
 
-CROSS_MODAL_METHODS: tuple[str, ...] = ("cross_modal_hashing", "adversarial_cross_modal")
-
-
-INCREMENTAL_METHODS: tuple[str, ...] = (
-    "incremental_finetune",
-    "incremental_joint",
-    "lwf",
-    "ewc",
-    "incremental_kd_mmd",
-    "feature_estimation",
-    "dual_distillation",
-)
-
-MethodSpec = Annotated[
+# The one list of method spec classes, in the order the docs and the name lists show them: a method is
+# one class above (its `name` Literal and its `family`) and one entry here.
+_MethodSpecUnion: TypeAlias = (
     DeepMetricSpec
     | ClassificationSpec
     | UnsupervisedMetricSpec
@@ -567,9 +740,41 @@ MethodSpec = Annotated[
     | FeatureEstimationSpec
     | DualDistillationSpec
     | CrossModalHashingSpec
-    | AdversarialCrossModalSpec,
-    Field(discriminator="name"),
-]
+    | AdversarialCrossModalSpec
+)
+
+METHOD_SPECS: tuple[type[_MethodSpecUnion], ...] = get_args(_MethodSpecUnion)
+
+MethodSpec = Annotated[_MethodSpecUnion, Field(discriminator="name")]
+
+
+def method_name(spec_class: type[BaseModel]) -> str:
+    """The `name` a method spec class is selected by (the default of its one-value `name` Literal)."""
+    field = spec_class.model_fields.get("name")
+    values = get_args(field.annotation) if field is not None else ()
+    if field is None or get_origin(field.annotation) is not Literal or len(values) != 1 or field.default != values[0]:
+        raise TypeError(f'{spec_class.__name__} needs a field `name: Literal["<method>"] = "<method>"`')
+    return str(values[0])
+
+
+def _method_families() -> dict[str, MethodFamily]:
+    families: dict[str, MethodFamily] = {}
+    for spec_class in METHOD_SPECS:
+        name = method_name(spec_class)
+        family = getattr(spec_class, "family", None)
+        if family not in METHOD_FAMILIES:
+            raise TypeError(f"{spec_class.__name__} needs `family: ClassVar[MethodFamily]`, one of {METHOD_FAMILIES}")
+        if name in families:
+            raise TypeError(f"two method spec classes are named {name!r}")
+        families[name] = family
+    return families
+
+
+# Method name -> family, in METHOD_SPECS order; every list of method names is derived from it.
+METHOD_FAMILY: dict[str, MethodFamily] = _method_families()
+METHOD_NAMES: tuple[str, ...] = tuple(METHOD_FAMILY)
+CROSS_MODAL_METHODS: tuple[str, ...] = tuple(name for name, family in METHOD_FAMILY.items() if family == "image_text")
+INCREMENTAL_METHODS: tuple[str, ...] = tuple(name for name, family in METHOD_FAMILY.items() if family == "incremental")
 
 
 # --------------------------------------------------------------------------- training
@@ -863,8 +1068,13 @@ class IncrementalSpec(StrictModel):
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique, got {names}")
         for position, task in enumerate(self.tasks):
-            if task.dataset is not None and task.dataset.is_landmark_benchmark:
-                raise ValueError(f"tasks[{position}].dataset {task.dataset.name!r} is a landmark benchmark")
+            if task.dataset is None or task.dataset.kind == "image":
+                continue
+            raise ValueError(
+                f"tasks[{position}].dataset {task.dataset.name!r} is {KIND_WORDS[task.dataset.kind]} "
+                f"(kind {task.dataset.kind!r}); a task "
+                f"trains on an image dataset, one of {list(dataset_names('image'))}"
+            )
         return self
 
 
@@ -897,7 +1107,7 @@ class JobSpec(StrictModel):
 
     @model_validator(mode="after")
     def _incremental_methods_need_tasks(self) -> JobSpec:
-        is_incremental = self.method.name in INCREMENTAL_METHODS
+        is_incremental = self.method.family == "incremental"
         if is_incremental and self.incremental is None:
             raise ValueError(
                 f"method {self.method.name!r} is incremental and needs an 'incremental' section with tasks"
@@ -910,28 +1120,29 @@ class JobSpec(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _cross_modal_methods_need_pairs(self) -> JobSpec:
-        is_cross_modal = self.method.name in CROSS_MODAL_METHODS
-        if is_cross_modal and not self.dataset.is_cross_modal:
-            raise ValueError(
-                f"method {self.method.name!r} trains on image-text pairs; dataset {self.dataset.name!r} has none "
-                f"(use one of {list(CROSS_MODAL_DATASETS)})"
-            )
-        if not is_cross_modal and self.dataset.is_cross_modal:
-            raise ValueError(
-                f"dataset {self.dataset.name!r} is image-text; train it with one of {list(CROSS_MODAL_METHODS)}"
-            )
-        return self
+    def _method_family_fits_the_dataset_kind(self) -> JobSpec:
+        family, kind = self.method.family, self.dataset.kind
+        needed = FAMILY_TRAINS_ON[family]
+        # A landmark benchmark is evaluated only: its jobs name an image method that is never trained.
+        if kind == needed or (kind == "landmark" and needed == "image"):
+            return self
+        method, dataset = self.method.name, self.dataset.name
+        others = [name for name, other in METHOD_FAMILY.items() if FAMILY_TRAINS_ON[other] == kind]
+        raise ValueError(
+            f"method {method!r} (family {family!r}) trains on datasets of kind {needed!r}, but dataset {dataset!r} "
+            f"is of kind {kind!r}; use one of {list(dataset_names(needed))}"
+            + (f", or train {dataset!r} with one of {others}" if others else "")
+        )
 
     @property
     def is_cross_modal(self) -> bool:
-        """Trains one of the cross-modal methods (image and text encoders)."""
-        return self.method.name in CROSS_MODAL_METHODS
+        """Trains one of the cross-modal methods (family `image_text`); kept for older callers."""
+        return self.method.family == "image_text"
 
     @model_validator(mode="after")
     def _landmark_whitening_needs_held_out_images(self) -> JobSpec:
         settings = self.evaluation
-        if self.dataset.is_landmark_benchmark and settings.whitening and settings.whitening_dataset is None:
+        if self.dataset.kind == "landmark" and settings.whitening and settings.whitening_dataset is None:
             raise ValueError(
                 f"evaluation.whitening on the landmark benchmark {self.dataset.name!r} needs "
                 "evaluation.whitening_dataset (held-out images, e.g. rparis6k when testing roxford5k)"

@@ -13,12 +13,11 @@ from retrieval.data.base import (
     ImageLoader,
     read_image,
 )
+from retrieval.data.catalog import load_image_dataset
 from retrieval.data.digits import load_digits_dataset
 from retrieval.data.image_folder import IMAGE_EXTENSIONS, load_image_folder
 from retrieval.data.registry import (
-    DATASET_NAMES,
     SPLIT_MODES,
-    DatasetName,
     DatasetSplits,
     SplitMode,
     build_datasets,
@@ -39,14 +38,12 @@ from retrieval.data.transforms import (
 )
 
 __all__ = [
-    "DATASET_NAMES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "SPLIT_MODES",
     "ArrayImageLoader",
     "ClassBalancedBatchSampler",
-    "DatasetName",
     "DatasetSplits",
     "ImageDataset",
     "ImageFileLoader",
@@ -56,6 +53,7 @@ __all__ = [
     "build_datasets",
     "eval_transform",
     "load_digits_dataset",
+    "load_image_dataset",
     "load_image_folder",
     "parse_class_range",
     "read_image",

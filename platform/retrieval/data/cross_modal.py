@@ -29,13 +29,11 @@ from PIL import Image
 
 from retrieval.config import DatasetSpec
 from retrieval.data.base import ImageLoader
+from retrieval.data.catalog import load_image_text_dataset
 from retrieval.data.transforms import ImageTransform, eval_transform, train_transform
 from retrieval.errors import DatasetError
 
 logger = logging.getLogger(__name__)
-
-TAG_DATASETS: tuple[str, ...] = ("digit_pairs", "mirflickr25k", "nus_wide")
-CAPTION_DATASETS: tuple[str, ...] = ("flickr30k", "coco")
 
 
 def _optional_matrix(values: np.ndarray | None, *, name: str, num_items: int) -> np.ndarray | None:
@@ -352,33 +350,8 @@ def random_query_split(*, num_items: int, query_size: int, train_size: int, seed
 
 
 def _load(spec: DatasetSpec) -> tuple[LoadedCrossModal, CrossModalSplitIndices]:
-    # The loaders build CrossModalDataset from this module, so they are imported here.
-    from retrieval.data.digit_pairs import load_digit_pairs
-    from retrieval.data.karpathy import load_karpathy
-    from retrieval.data.multilabel import load_mirflickr25k, load_nus_wide
-
     split = spec.cross_modal
-    if spec.name == "digit_pairs":
-        loaded = LoadedCrossModal(dataset=load_digit_pairs(size=split.size, seed=split.seed))
-    elif spec.name in CAPTION_DATASETS:
-        if spec.root is None:
-            raise DatasetError(f"dataset {spec.name!r} needs a root folder holding its Karpathy JSON, got root=None")
-        loaded = load_karpathy(
-            name=spec.name,  # type: ignore[arg-type]
-            root=spec.root,
-            restval=split.restval,
-            coco_test=split.coco_test,
-            coco_fold=split.coco_fold,
-        )
-    elif spec.name in ("mirflickr25k", "nus_wide"):
-        if spec.root is None:
-            raise DatasetError(f"dataset {spec.name!r} needs a root folder, got root=None")
-        loader = load_mirflickr25k if spec.name == "mirflickr25k" else load_nus_wide
-        loaded = loader(root=spec.root)
-    else:
-        raise DatasetError(
-            f"dataset {spec.name!r} is not an image-text dataset; expected one of {[*TAG_DATASETS, *CAPTION_DATASETS]}"
-        )
+    loaded = load_image_text_dataset(spec.name, root=spec.root, split=split)
     if loaded.packaged_split is not None:
         return loaded, loaded.packaged_split
     indices = random_query_split(
@@ -391,7 +364,7 @@ def cross_modal_datasets_from_spec(spec: DatasetSpec) -> CrossModalSplits:
     """Loads the image-text dataset of a job and splits it into train, query and retrieval.
 
     Args:
-        spec: A validated dataset spec naming one of `CROSS_MODAL_DATASETS`; its
+        spec: A validated dataset spec naming a dataset of kind `image_text`; its
             `cross_modal` part sets the split, `image_size` / `mean` / `std` / `augment`
             the transforms (as `datasets_from_spec` does for image datasets).
 

@@ -24,8 +24,9 @@ import logging
 import numpy as np
 from sklearn.datasets import load_digits
 
+from retrieval.config import CrossModalSplitSpec
 from retrieval.data.base import ArrayImageLoader
-from retrieval.data.cross_modal import CrossModalDataset
+from retrieval.data.cross_modal import CrossModalDataset, LoadedCrossModal
 from retrieval.data.transforms import ImageTransform
 from retrieval.errors import DatasetError
 
@@ -154,3 +155,8 @@ def load_digit_pairs(
         sources=sources,
         transform=transform,
     )
+
+
+def load_digit_pairs_for_job(*, split: CrossModalSplitSpec) -> LoadedCrossModal:
+    """The `digit_pairs` row of the dataset table: `split.size` items from `split.seed`, split by the seed too."""
+    return LoadedCrossModal(dataset=load_digit_pairs(size=split.size, seed=split.seed))

@@ -19,13 +19,13 @@ def datasets_from_spec(spec: DatasetSpec) -> DatasetSplits:
         DatasetError: the dataset is a landmark benchmark (evaluated, never split for
             training), or cannot be read or split as specified.
     """
-    if spec.is_landmark_benchmark:
+    if spec.kind == "landmark":
         raise DatasetError(
             f"dataset {spec.name!r} is a landmark benchmark (queries + database + ground truth): "
             "evaluate on it (retrieval evaluate), train on another dataset"
         )
     return build_datasets(
-        name=spec.name,  # type: ignore[arg-type]
+        name=spec.name,
         root=spec.root,
         image_size=spec.image_size,
         mean=spec.mean,
@@ -42,7 +42,7 @@ def datasets_from_spec(spec: DatasetSpec) -> DatasetSplits:
 
 def benchmark_from_spec(spec: DatasetSpec) -> LandmarkBenchmark:
     """A landmark benchmark with its queries and database preprocessed at `image_size` (longer side)."""
-    if not spec.is_landmark_benchmark or spec.root is None:
+    if spec.kind != "landmark" or spec.root is None:
         raise DatasetError(f"dataset {spec.name!r} is not a landmark benchmark with a root folder")
     benchmark = load_landmark_benchmark(name=spec.name, root=spec.root)
     transform = landmark_transform(max_side=spec.image_size, mean=spec.mean, std=spec.std)

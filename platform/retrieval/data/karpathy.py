@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from retrieval.config import CrossModalSplitSpec
 from retrieval.data.base import ImageFileLoader
 from retrieval.data.cross_modal import CrossModalDataset, CrossModalSplitIndices, LoadedCrossModal
 from retrieval.data.transforms import ImageTransform
@@ -179,3 +180,15 @@ def load_karpathy(
         transform=transform,
     )
     return LoadedCrossModal(dataset=dataset, packaged_split=indices)
+
+
+def load_flickr30k_for_job(*, root: str | Path, split: CrossModalSplitSpec) -> LoadedCrossModal:
+    """The `flickr30k` row of the dataset table: `load_karpathy` with the job's `restval` setting."""
+    return load_karpathy(name="flickr30k", root=root, restval=split.restval)
+
+
+def load_coco_for_job(*, root: str | Path, split: CrossModalSplitSpec) -> LoadedCrossModal:
+    """The `coco` row of the dataset table: `load_karpathy` with the job's `restval`, `coco_test` and `coco_fold`."""
+    return load_karpathy(
+        name="coco", root=root, restval=split.restval, coco_test=split.coco_test, coco_fold=split.coco_fold
+    )

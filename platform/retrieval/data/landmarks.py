@@ -19,13 +19,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from retrieval.config import LANDMARK_DATASETS, dataset_names
 from retrieval.data.base import ImageDataset, ImageFileLoader, ImageLoader, read_image
+from retrieval.data.catalog import load_landmark_dataset
 from retrieval.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
+# The layouts `load_revisited` reads (gnd_<name>.pkl); which benchmarks exist is `retrieval.config.DATASETS`.
 REVISITED_NAMES: tuple[str, ...] = ("roxford5k", "rparis6k")
-LANDMARK_BENCHMARKS: tuple[str, ...] = ("roxford5k", "rparis6k", "holidays", "ukbench")
+# The landmark benchmarks of the dataset table (kind "landmark"), in table order.
+LANDMARK_BENCHMARKS: tuple[str, ...] = LANDMARK_DATASETS
 
 _HOLIDAYS_NAME = re.compile(r"^([0-9]{4})([0-9]{2})$")
 _UKBENCH_NAME = re.compile(r"^ukbench([0-9]{5})$")
@@ -465,11 +469,22 @@ def load_ukbench(*, root: str | Path) -> LandmarkBenchmark:
     )
 
 
+def load_roxford5k(*, root: str | Path) -> LandmarkBenchmark:
+    """Revisited Oxford5k from `root` (the `roxford5k` row of the dataset table; see `load_revisited`)."""
+    return load_revisited(root=root, name="roxford5k")
+
+
+def load_rparis6k(*, root: str | Path) -> LandmarkBenchmark:
+    """Revisited Paris6k from `root` (the `rparis6k` row of the dataset table; see `load_revisited`)."""
+    return load_revisited(root=root, name="rparis6k")
+
+
 def load_landmark_benchmark(*, name: str, root: str | Path) -> LandmarkBenchmark:
-    """Loads the landmark benchmark `name` from `root` (see each loader for its folder tree).
+    """Loads the landmark benchmark `name` from `root` with the loader its dataset table row names.
 
     Args:
-        name: One of `LANDMARK_BENCHMARKS`: "roxford5k", "rparis6k", "holidays", "ukbench".
+        name: A dataset of kind "landmark" in `retrieval.config.DATASETS`: "roxford5k",
+            "rparis6k", "holidays", "ukbench", ...
         root: The benchmark's folder.
 
     Returns:
@@ -478,10 +493,7 @@ def load_landmark_benchmark(*, name: str, root: str | Path) -> LandmarkBenchmark
     Raises:
         DatasetError: `name` is unknown, or the loader rejects the data.
     """
-    if name in REVISITED_NAMES:
-        return load_revisited(root=root, name=name)
-    if name == "holidays":
-        return load_holidays(root=root)
-    if name == "ukbench":
-        return load_ukbench(root=root)
-    raise DatasetError(f"unknown landmark benchmark {name!r}; expected one of {list(LANDMARK_BENCHMARKS)}")
+    benchmarks = dataset_names("landmark")
+    if name not in benchmarks:
+        raise DatasetError(f"unknown landmark benchmark {name!r}; expected one of {list(benchmarks)}")
+    return load_landmark_dataset(name, root=root)

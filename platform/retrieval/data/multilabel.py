@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import scipy.io
 
+from retrieval.config import CrossModalSplitSpec
 from retrieval.data.base import ArrayImageLoader, ImageFileLoader
 from retrieval.data.cross_modal import CrossModalDataset, CrossModalSplitIndices, LoadedCrossModal
 from retrieval.data.transforms import ImageTransform
@@ -518,3 +519,15 @@ def load_nus_wide(
         raw_files=[NUS_IMAGE_LIST, NUS_TAGS, f"{NUS_LABELS}/Labels_<concept>.txt", f"{NUS_IMAGES}/<folder>/<file>.jpg"],
         transform=transform,
     )
+
+
+def load_mirflickr25k_for_job(*, root: str | Path, split: CrossModalSplitSpec) -> LoadedCrossModal:
+    """The `mirflickr25k` row of the dataset table: `load_mirflickr25k`'s defaults (the split is made later)."""
+    del split
+    return load_mirflickr25k(root=root)
+
+
+def load_nus_wide_for_job(*, root: str | Path, split: CrossModalSplitSpec) -> LoadedCrossModal:
+    """The `nus_wide` row of the dataset table: `load_nus_wide`'s defaults (NUS-WIDE-TC10; the split is made later)."""
+    del split
+    return load_nus_wide(root=root)

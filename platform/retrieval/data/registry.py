@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from retrieval.data.base import ImageDataset
-from retrieval.data.cub200 import load_cub200
-from retrieval.data.digits import load_digits_dataset
-from retrieval.data.image_folder import load_image_folder
+from retrieval.data.catalog import load_image_dataset
 from retrieval.data.splits import (
     split_by_class_fraction,
     split_by_class_ranges,
     split_by_image_fraction,
 )
-from retrieval.data.stanford_cars import load_stanford_cars
-from retrieval.data.stanford_dogs import load_stanford_dogs
 from retrieval.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -30,9 +26,7 @@ from retrieval.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
-DatasetName = Literal["digits", "image_folder", "cub200", "stanford_dogs", "stanford_cars"]
 SplitMode = Literal["class_ranges", "class_fraction", "image_fraction"]
-DATASET_NAMES: tuple[str, ...] = ("digits", "image_folder", "cub200", "stanford_dogs", "stanford_cars")
 SPLIT_MODES: tuple[str, ...] = ("class_ranges", "class_fraction", "image_fraction")
 
 
@@ -47,33 +41,6 @@ class DatasetSplits:
     train: ImageDataset
     test: ImageDataset
     seen_test: ImageDataset | None = None
-
-
-# Fine-grained benchmarks read from their own published folder layout; the default
-# class_ranges split (first half of the class ids trains) is their standard protocol.
-_PUBLISHED_LAYOUT_LOADERS: dict[str, Callable[..., ImageDataset]] = {
-    "cub200": load_cub200,
-    "stanford_dogs": load_stanford_dogs,
-    "stanford_cars": load_stanford_cars,
-}
-
-
-def _load(name: DatasetName, *, root: str | None) -> ImageDataset:
-    if name == "digits":
-        return load_digits_dataset()
-    if name == "image_folder":
-        if root is None:
-            raise DatasetError("dataset 'image_folder' needs a root folder (root/<class>/<image>), got root=None")
-        return load_image_folder(root=root)
-    published_layout_loader = _PUBLISHED_LAYOUT_LOADERS.get(name)
-    if published_layout_loader is not None:
-        if root is None:
-            raise DatasetError(
-                f"dataset {name!r} needs a root folder in its published layout "
-                f"(see {published_layout_loader.__module__}.{published_layout_loader.__name__}), got root=None"
-            )
-        return published_layout_loader(root=root)
-    raise DatasetError(f"unknown dataset name {name!r}; expected one of {list(DATASET_NAMES)}")
 
 
 def _class_range_indices(
@@ -99,7 +66,7 @@ def _class_range_indices(
 
 def build_datasets(
     *,
-    name: DatasetName,
+    name: str,
     root: str | None,
     image_size: int,
     mean: Sequence[float] = IMAGENET_MEAN,
@@ -118,11 +85,12 @@ def build_datasets(
     `eval_transform`; both keep the full dataset's class ids and class names.
 
     Args:
-        name: "digits" (bundled, default protocol: classes 0-4 train, 5-9 test),
-            "image_folder" (`root/<class>/<image>`), or "cub200", "stanford_dogs",
-            "stanford_cars" (each dataset's published layout; the default class_ranges
-            split is their standard protocol, e.g. CUB classes 1-100 / 101-200).
-        root: The dataset folder; required for every name but "digits", which ignores it.
+        name: A dataset of kind "image" in `retrieval.config.DATASETS`: "digits" (bundled,
+            default protocol: classes 0-4 train, 5-9 test), "image_folder"
+            (`root/<class>/<image>`), "cub200", "stanford_dogs", "stanford_cars" (each
+            dataset's published layout; the default class_ranges split is their standard
+            protocol, e.g. CUB classes 1-100 / 101-200), ...
+        root: The dataset folder; required for every dataset but the bundled ones, which ignore it.
         image_size: Side of the square model input, in pixels.
         mean: Per-channel normalisation mean.
         std: Per-channel normalisation standard deviation.
@@ -143,9 +111,10 @@ def build_datasets(
         The train and test datasets.
 
     Raises:
-        DatasetError: The dataset cannot be read or the split is invalid.
+        DatasetError: The name is unknown or not of an image dataset, the dataset cannot be
+            read, or the split is invalid.
     """
-    dataset = _load(name, root=root)
+    dataset = load_image_dataset(name, root=root)
     if split_mode == "class_ranges":
         train_indices, test_indices = _class_range_indices(
             dataset.labels, num_classes=dataset.num_classes, train_classes=train_classes, test_classes=test_classes

@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 EmbedFunction = Callable[[torch.Tensor], torch.Tensor]
 
 PRIMARY_METRIC = {"class": "recall@1", "revisited": "mAP_medium", "holidays": "mAP", "ukbench": "ns_score"}
-_LANDMARK_PROTOCOL = {"roxford5k": "revisited", "rparis6k": "revisited", "holidays": "holidays", "ukbench": "ukbench"}
 _QE_LABEL = {"average": "aqe", "alpha": "alpha_qe"}
 
 
@@ -112,11 +111,12 @@ def _evaluation_data(spec: JobSpec) -> _EvaluationData:
     held_out: ImageDataset | None = None
     if settings.whitening:
         held_out = _held_out_images(spec)
-    if dataset.is_landmark_benchmark:
+    protocol = dataset.info.protocol  # set for the landmark benchmarks only (the dataset table)
+    if protocol is not None:
         benchmark = benchmark_from_spec(dataset)
         # Landmark images keep their aspect ratio, so sizes differ within a batch.
         return _EvaluationData(
-            protocol=_LANDMARK_PROTOCOL[dataset.name],
+            protocol=protocol,
             database=benchmark.database,
             queries=benchmark.queries,
             benchmark=benchmark,
@@ -141,10 +141,10 @@ def _held_out_images(spec: JobSpec) -> ImageDataset:
     classes); a landmark benchmark on `evaluation.whitening_dataset` (another benchmark's
     database, or a class dataset's train split).
     """
-    source = spec.evaluation.whitening_dataset if spec.dataset.is_landmark_benchmark else spec.dataset
+    source = spec.evaluation.whitening_dataset if spec.dataset.kind == "landmark" else spec.dataset
     if source is None:
         raise ValueError(f"PCA-whitening on {spec.dataset.name!r} needs evaluation.whitening_dataset")
-    if source.is_landmark_benchmark:
+    if source.kind == "landmark":
         return benchmark_from_spec(source).database
     # The train split: class-disjoint from the retrieved classes, seen without augmentation.
     train = datasets_from_spec(source).train
