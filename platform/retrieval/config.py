@@ -329,11 +329,6 @@ class DatasetSpec(StrictModel):
         """`image`, `landmark` or `image_text` (see `DatasetInfo.kind`)."""
         return self.info.kind
 
-    @property
-    def is_cross_modal(self) -> bool:
-        """An image-text dataset; the same as `kind == "image_text"` (kept for older callers)."""
-        return self.kind == "image_text"
-
     @model_validator(mode="after")
     def _root_matches_name(self) -> DatasetSpec:
         info = self.info
@@ -1133,11 +1128,6 @@ class JobSpec(StrictModel):
             f"is of kind {kind!r}; use one of {list(dataset_names(needed))}"
             + (f", or train {dataset!r} with one of {others}" if others else "")
         )
-
-    @property
-    def is_cross_modal(self) -> bool:
-        """Trains one of the cross-modal methods (family `image_text`); kept for older callers."""
-        return self.method.family == "image_text"
 
     @model_validator(mode="after")
     def _landmark_whitening_needs_held_out_images(self) -> JobSpec:

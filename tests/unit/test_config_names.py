@@ -54,7 +54,6 @@ def test_every_table_name_is_a_valid_dataset_with_its_kind_and_root_rule() -> No
         root = None if info.bundled else "/data/somewhere"
         spec = DatasetSpec(name=name, root=root)
         assert (spec.kind, spec.info) == (info.kind, info)
-        assert spec.is_cross_modal == (info.kind == "image_text")
         if info.bundled:
             with pytest.raises(ValidationError, match=f"dataset '{name}' is bundled and takes no 'root'"):
                 DatasetSpec(name=name, root="/data/somewhere")
@@ -113,11 +112,11 @@ def test_a_row_added_to_the_table_is_a_dataset_everywhere_in_config(monkeypatch:
     with pytest.raises(ValidationError, match=r"dataset 'fake_pairs' needs 'root' \(a folder holding pairs\)"):
         DatasetSpec(name="fake_pairs")
     spec = DatasetSpec(name="fake_pairs", root="/data/pairs")
-    assert spec.kind == "image_text" and spec.is_cross_modal
+    assert spec.kind == "image_text"
     assert "fake_pairs" in dataset_names("image_text")
     # The method/dataset pairing reads the kind from the table too.
     job = JobSpec.model_validate(_job(method={"name": "cross_modal_hashing"}, dataset=spec.model_dump()))
-    assert job.is_cross_modal
+    assert job.method.family == "image_text"
     with pytest.raises(ValidationError, match="dataset 'fake_pairs' is of kind 'image_text'"):
         JobSpec.model_validate(_job(dataset=spec.model_dump()))
 
@@ -216,7 +215,7 @@ def test_a_method_family_must_fit_the_dataset_kind(method: dict[str, Any], datas
 
 def test_a_landmark_benchmark_is_evaluated_with_an_image_method_but_never_a_task() -> None:
     job = JobSpec.model_validate(_job(dataset={"name": "roxford5k", "root": "/data/roxford5k"}))
-    assert job.dataset.kind == "landmark" and not job.is_cross_modal
+    assert job.dataset.kind == "landmark" and job.method.family == "image"
     for dataset, kind in (({"name": "ukbench", "root": "/data/ukbench"}, "landmark"), ("digit_pairs", "image_text")):
         with pytest.raises(ValidationError, match=rf"tasks\[1\]\.dataset '\w+' is an? [\w-]+ \w+ \(kind '{kind}'\)"):
             JobSpec.model_validate(

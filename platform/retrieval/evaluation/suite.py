@@ -103,7 +103,7 @@ class _EvaluationData:
 def _evaluation_data(spec: JobSpec) -> _EvaluationData:
     settings = spec.evaluation
     dataset = spec.dataset
-    if dataset.is_cross_modal:
+    if dataset.kind == "image_text":
         raise ConfigError(
             f"{spec.name}: an image-text dataset has no off-the-shelf protocol; a cross-modal model is scored "
             "with its trained encoders: `retrieval evaluate --model models:/<name>@champion`"
