@@ -30,7 +30,7 @@ import torch
 
 from retrieval.config import JobSpec
 from retrieval.index.extraction import FeaturePart, extract_features
-from retrieval.index.gallery import gallery_dataset
+from retrieval.methods.gallery import gallery_dataset
 from retrieval.methods.package import load_model_package, save_model_package
 from retrieval.methods.registry import build_method
 from retrieval.train.extract import extract_features_distributed

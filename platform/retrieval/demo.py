@@ -23,8 +23,8 @@ from retrieval.config import JobSpec, load_job_spec
 from retrieval.data.from_spec import datasets_from_spec
 from retrieval.errors import redact_credentials
 from retrieval.evaluation.runs import SEEN_CLASSES_PREFIX
-from retrieval.index.gallery import gallery_dataset
 from retrieval.index.manifest import read_manifest
+from retrieval.methods.gallery import gallery_dataset
 from retrieval.tracking.runs import resolve_tracking_uri
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import torch
 
 from retrieval.errors import ModelNotFoundError
 from retrieval.index.extraction import PARTS_DIR, extract_features, read_features
-from retrieval.index.gallery import gallery_dataset
+from retrieval.methods.gallery import gallery_dataset
 from retrieval.methods.package import load_model_package
 from retrieval.train.extract import contiguous_ranges, extract_features_distributed
 

@@ -24,6 +24,10 @@ from retrieval.index.gallery import build_cross_modal_index, cross_modal_items
 from retrieval.index.manifest import IndexManifest, ModelRef, read_manifest
 from retrieval.index.merge import merge_topk
 from retrieval.index.shards import build_shards, load_shard
+from retrieval.methods import build_method
+from retrieval.methods import cross_modal_gallery as cross_modal_gallery_module
+from retrieval.methods import gallery as image_gallery_module
+from retrieval.methods.base import Gallery
 from retrieval.models.codes import pack_codes, unpack_codes
 
 MODEL = ModelRef(name="pairs-hashing", version="4", uri="models:/pairs-hashing/4")
@@ -234,12 +238,16 @@ def tiny_pairs() -> CrossModalDataset:
 
 class FakeCrossModalPackage:
     """Honours the `ModelPackage` contract: an image's code is a fixed ±1 row, and so is every
-    caption of it, so a caption's nearest image is its own at Hamming distance 0."""
+    caption of it, so a caption's nearest image is its own at Hamming distance 0.
+
+    Its method's `gallery` is the real one of the cross-modal methods (`cross_modal_gallery`).
+    """
 
     def __init__(self, *, code_bits: int | None) -> None:
         self.code_bits = code_bits
-        self.is_cross_modal = True
+        self.source = MODEL.uri
         self.codes = sign_codes(4, BITS, seed=11)
+        self.method = SimpleNamespace(name="cross_modal_hashing", gallery=self.gallery)
         self.spec = SimpleNamespace(
             name="pairs-job",
             dataset=SimpleNamespace(name="digit_pairs", model_dump=lambda mode: {"name": "digit_pairs"}),
@@ -252,12 +260,17 @@ class FakeCrossModalPackage:
         owner = {text: position for position, captions in enumerate(CAPTIONS) for text in captions}
         return self.codes[[owner[text] for text in texts]]
 
+    def gallery(self, package: Any, gallery: Any, *, modality: Any, batch_size: int) -> Gallery:
+        return cross_modal_gallery_module.cross_modal_gallery(
+            self.method, package, gallery, modality=modality, batch_size=batch_size
+        )
+
 
 @pytest.fixture
 def pairs_gallery(monkeypatch: pytest.MonkeyPatch) -> None:
     dataset = tiny_pairs()
     monkeypatch.setattr(
-        gallery_module,
+        cross_modal_gallery_module,
         "cross_modal_datasets_from_spec",
         lambda spec: CrossModalSplits(train=dataset, query=dataset, retrieval=dataset),
     )
@@ -313,10 +326,12 @@ def test_real_valued_gallery_of_images_is_a_float_index(tmp_path: Path) -> None:
         )  # fmt: skip
 
 
-def test_text_gallery_of_an_image_only_model_is_refused(tmp_path: Path) -> None:
-    package = SimpleNamespace(is_cross_modal=False, spec=SimpleNamespace(method=SimpleNamespace(name="triplet")))
+def test_text_gallery_of_an_image_only_model_is_refused(tmp_path: Path, make_job_spec: Any) -> None:
+    package = image_package(make_job_spec)
     with pytest.raises(
-        ConfigError, match=r"index modality 'text' needs a cross-modal model, but models:/pairs-hashing/4"
+        ConfigError,
+        match=r"index modality 'text' needs a model that embeds texts, but models:/pairs-hashing/4 "
+        r"\(method 'deep_metric'\) embeds images only",
     ):
         gallery_module.build_gallery_index(
             package,  # type: ignore[arg-type]
@@ -344,21 +359,23 @@ def digits_gallery(monkeypatch: pytest.MonkeyPatch) -> ImageDataset:
         # The model's transform must not reach the thumbnails: it would turn every image black.
         transform=lambda image: Image.new("L", (4, 4)),  # type: ignore[arg-type,return-value]
     )
-    monkeypatch.setattr(gallery_module, "gallery_dataset", lambda package, gallery: dataset)
+    monkeypatch.setattr(image_gallery_module, "gallery_dataset", lambda package, gallery: dataset)
     monkeypatch.setattr(
-        gallery_module,
+        image_gallery_module,
         "embed_dataset",
         lambda embed, data, *, batch_size, device: np.eye(len(data), 4, dtype=np.float32),
     )
     return dataset
 
 
-def image_package() -> SimpleNamespace:
+def image_package(make_job_spec: Any) -> SimpleNamespace:
+    """A package of a real image method (its default `gallery`); the gallery's data and embedding are patched."""
     return SimpleNamespace(
-        is_cross_modal=False,
-        method=None,
+        method=build_method(make_job_spec()),
         model=None,
         device="cpu",
+        source=MODEL.uri,
+        code_bits=None,
         spec=SimpleNamespace(name="digits-job", dataset=SimpleNamespace(model_dump=lambda mode: {"name": "digits"})),
     )
 
@@ -373,9 +390,9 @@ def thumbnails_of(path: Path) -> dict[int, bytes | None]:
 
 
 @pytest.mark.usefixtures("digits_gallery")
-def test_image_gallery_stores_thumbnails_of_the_raw_images(tmp_path: Path) -> None:
+def test_image_gallery_stores_thumbnails_of_the_raw_images(tmp_path: Path, make_job_spec: Any) -> None:
     path = gallery_module.build_gallery_index(
-        image_package(),  # type: ignore[arg-type]
+        image_package(make_job_spec),  # type: ignore[arg-type]
         model=MODEL, out_root=tmp_path / "index", gallery="test", num_shards=2, factory="Flat", metric="ip",
         thumbnail_px=32,
     )  # fmt: skip
@@ -392,9 +409,9 @@ def test_image_gallery_stores_thumbnails_of_the_raw_images(tmp_path: Path) -> No
 
 
 @pytest.mark.usefixtures("digits_gallery")
-def test_thumbnail_px_zero_stores_none(tmp_path: Path) -> None:
+def test_thumbnail_px_zero_stores_none(tmp_path: Path, make_job_spec: Any) -> None:
     path = gallery_module.build_gallery_index(
-        image_package(),  # type: ignore[arg-type]
+        image_package(make_job_spec),  # type: ignore[arg-type]
         model=MODEL, out_root=tmp_path / "index", gallery="test", num_shards=1, factory="Flat", metric="ip",
         thumbnail_px=0,
     )  # fmt: skip

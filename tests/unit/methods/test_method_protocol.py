@@ -131,18 +131,14 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def test_every_family_is_in_the_one_registry() -> None:
-    families = {
-        ("text" in method.modalities, method.carry_type is not None) for method in METHODS.values()
-    }
+    families = {("text" in method.modalities, method.carry_type is not None) for method in METHODS.values()}
     assert families == {(False, False), (False, True), (True, False)}
     assert len(METHODS) == 12
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_method_keeps_the_protocol(
-    name: str, registry: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_method_keeps_the_protocol(name: str, registry: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from retrieval.tracking.registry import load_embedder, register_model_package
 
     monkeypatch.setenv("RETRIEVAL_CACHE", str(tmp_path / "cache"))

@@ -151,7 +151,7 @@ def decode_base64_image(data: str, *, max_bytes: int) -> bytes:
 def text_queries_supported(manifest_modality: str, gallery: Mapping[str, Any]) -> bool:
     """Whether the served model is cross-modal, so text queries can be embedded.
 
-    Cross-modal indices record their gallery's modality (`build_cross_modal_index`) and may
+    Cross-modal indices record their gallery's modality (`cross_modal_gallery`) and may
     index texts; image-only models index images and record neither.
     """
     return manifest_modality == "text" or "modality" in gallery
