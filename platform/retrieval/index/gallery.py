@@ -25,7 +25,7 @@ from PIL import Image
 
 from retrieval.index.manifest import IndexMetric, Modality, ModelRef
 from retrieval.index.shards import build_shards
-from retrieval.methods.base import GalleryName
+from retrieval.methods.base import Gallery, GalleryName
 from retrieval.methods.cross_modal_gallery import cross_modal_gallery_dataset, cross_modal_items
 from retrieval.methods.gallery import gallery_dataset
 from retrieval.methods.package import ModelPackage
@@ -126,9 +126,46 @@ def build_gallery_index(
         ValueError: a hashing model's codes are not ``code_bits`` wide.
     """
     content = package.method.gallery(package, gallery, modality=modality, batch_size=batch_size)
+    return write_gallery_index(
+        content,
+        job=package.spec.name,
+        code_bits=package.code_bits,
+        model=model,
+        out_root=out_root,
+        num_shards=num_shards,
+        factory=factory,
+        metric=metric,
+        train_sample=train_sample,
+        add_batch_size=add_batch_size,
+        search_defaults=search_defaults,
+        thumbnail_px=thumbnail_px,
+    )
+
+
+def write_gallery_index(
+    content: Gallery,
+    *,
+    job: str,
+    code_bits: int | None,
+    model: ModelRef,
+    out_root: str | Path,
+    num_shards: int,
+    factory: str,
+    metric: Literal["ip", "l2"],
+    train_sample: int = 100_000,
+    add_batch_size: int = 65_536,
+    search_defaults: Mapping[str, int] | None = None,
+    thumbnail_px: int = 64,
+) -> Path:
+    """Write a method's gallery as a new index version, the same way for every method; returns its manifest path.
+
+    ``code_bits`` set (a hashing model): the ±1 codes are packed and searched by Hamming distance.
+    Thumbnails come from ``content.thumbnails_from`` (``thumbnail_px`` 0: none); the manifest's
+    ``gallery`` record is the method's description plus ``job``.
+    """
     vectors: np.ndarray = content.vectors
     index_metric: IndexMetric = metric
-    bits = package.code_bits
+    bits = code_bits
     if bits is not None:
         if vectors.shape[1] != bits:
             raise ValueError(f"the model gave {vectors.shape[1]}-dim codes, it declares {bits} bits")
@@ -151,7 +188,7 @@ def build_gallery_index(
         add_batch_size=add_batch_size,
         search_defaults=search_defaults,
         thumbnails=thumbnails,
-        gallery={**content.description, "job": package.spec.name},
+        gallery={**content.description, "job": job},
     )
 
 

@@ -29,7 +29,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ from retrieval.losses.feature_estimation import (
     fit_backward_map,
 )
 from retrieval.losses.metric import MetricLoss
-from retrieval.methods.base import Phase, RetrievalMethod, TaskAssignment, TrainingData
+from retrieval.methods.base import Gallery, Phase, RetrievalMethod, TaskAssignment, TrainingData
 from retrieval.models.incremental import IncrementalNetwork
 from retrieval.models.inversion import class_mean_logits, synthesize_images
 
@@ -186,6 +186,33 @@ class IncrementalMethod(RetrievalMethod):
         with eval_mode(model), torch.no_grad():
             vectors = embed_dataset(lambda images: self.embed(model, images), task_data.test, batch_size=batch_size)
         return score_embeddings(vectors, task_data.test.labels, ks=ks)
+
+    def task_gallery(self, model: nn.Module, tasks: Sequence[TaskData], *, upto: int, batch_size: int) -> Gallery:
+        """What the index after task `upto` holds: the test images of every class seen so far, tagged with their task.
+
+        Items `{"label", "source", "task"}`; thumbnails from the images; the description names the tasks.
+        """
+        seen = tasks[: upto + 1]
+        gallery = concatenate_datasets([task.test for task in seen])
+        with eval_mode(model), torch.no_grad():
+            vectors = embed_dataset(lambda images: self.embed(model, images), gallery, batch_size=batch_size)
+        names = gallery.class_names
+        task_of = {class_id: task.index for task in tasks for class_id in task.classes}
+        items: list[dict[str, Any]] = [
+            {"label": names[label], "source": gallery.source(position), "task": str(task_of[int(label)])}
+            for position, label in enumerate(gallery.labels.tolist())
+        ]
+        return Gallery(
+            vectors=vectors,
+            items=items,
+            thumbnails_from=gallery,
+            description={
+                "dataset": self.spec.dataset.model_dump(mode="json"),
+                "split": "test",
+                "tasks": [task.name for task in seen],
+                "count": len(gallery),
+            },
+        )
 
     def needs_teacher(self, phase: Phase) -> bool:
         """Whether `phase` distils from the frozen previous model (only then is one built)."""

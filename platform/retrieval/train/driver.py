@@ -8,6 +8,7 @@ when the job's gate holds.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import tempfile
@@ -27,9 +28,8 @@ from retrieval.methods import build_method, load_model_package, save_model_packa
 from retrieval.methods.base import Evaluation, TaskAssignment
 from retrieval.methods.training import package_files_of
 from retrieval.serialization import load_state
-from retrieval.tracking.registry import register_model_package
 from retrieval.tracking.runs import TrainingRun, code_version
-from retrieval.train.outcome import TrainingOutcome, apply_gate
+from retrieval.train.outcome import TrainingOutcome, register_package
 from retrieval.train.worker import (
     CHECKPOINT_STATE,
     FaultPlan,
@@ -101,7 +101,7 @@ def run_training(spec: JobSpec, *, fault: FaultPlan | Mapping[str, Any] | None =
     except BaseException:
         run.finish(status="FAILED")
         raise
-    outcome.resumed = resumed
+    outcome = dataclasses.replace(outcome, resumed=resumed)
     run.finish()
     return outcome
 
@@ -199,24 +199,19 @@ def register_checkpoint(
         package = load_model_package(package_dir)
         evaluation = package.method.evaluate_package(package, history=history)
         log_evaluation(run, evaluation)
-        registered = register_model_package(
-            package_dir,
-            tracking_uri=run.tracking_uri,
-            run_id=run.run_id,
-            registered_model=spec.registered_model_name,
-            aliases=("candidate",),
+        metrics = evaluation.metrics
+        registered, promoted, gate = register_package(
+            spec,
+            package_dir=package_dir,
+            run=run,
+            metrics=metrics,
             tags={
-                "retrieval.job": spec.name,
                 **package.method.registration_tags(),
-                **{f"test.{key}": f"{value:.6f}" for key, value in evaluation.metrics.items()},
+                **{f"test.{key}": f"{value:.6f}" for key, value in metrics.items()},
                 **(tags or {}),
             },
+            promote_with_gate=promote_with_gate,
         )
-
-    metrics = evaluation.metrics
-    registered, promoted, gate = apply_gate(
-        spec, registered=registered, metrics=metrics, run=run, promote_with_gate=promote_with_gate
-    )
     return TrainingOutcome(
         metrics=metrics,
         baselines=evaluation.baselines,

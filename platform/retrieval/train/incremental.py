@@ -24,7 +24,6 @@ carry), so running the same job again continues where it stopped.
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import logging
@@ -42,21 +41,19 @@ import ray
 import torch
 
 from retrieval.config import INCREMENTAL_METHODS, DualDistillationSpec, JobSpec
-from retrieval.data.base import concatenate_datasets
 from retrieval.data.tasks import TaskData, build_task_sequence
 from retrieval.errors import ConfigError, IntegrityError
 from retrieval.evaluation.forgetting import as_matrix, forgetting, format_matrix, mean_forgetting
 from retrieval.evaluation.plots import image_grid_figure, task_lines_figure, task_matrix_figure
-from retrieval.evaluation.runs import embed_dataset
+from retrieval.index.gallery import write_gallery_index
 from retrieval.index.manifest import ModelRef, read_manifest
-from retrieval.index.shards import build_shards
 from retrieval.methods import build_method, save_model_package
 from retrieval.methods.base import TaskAssignment
 from retrieval.methods.incremental import IncrementalMethod, TaskCarry
 from retrieval.serialization import from_plain, load_state, to_plain
-from retrieval.tracking.registry import RegisteredModel, register_model_package, set_alias
 from retrieval.tracking.runs import TrainingRun, code_version
 from retrieval.train.driver import build_trainer, storage_location, storage_path
+from retrieval.train.outcome import register_package
 from retrieval.train.worker import CHECKPOINT_STATE
 
 logger = logging.getLogger(__name__)
@@ -304,9 +301,8 @@ def _run_tasks(
         outcome.tasks.append(task_outcome)
         _log_matrices(spec, outcome=outcome, run=run)
         task_outcome.model, task_outcome.promoted = _register(
-            spec, state_dict=state_dict, run=run, task=task_outcome, promote=promote
+            spec, method=method, state_dict=state_dict, run=run, task=task_outcome, promote=promote
         )
-        run.set_tag("retrieval.registered_version", str(task_outcome.model["version"]))
         if spec.incremental.index:
             task_outcome.index_version = _build_index(
                 spec, method=method, model=model, tasks=tasks, task=task, registered=task_outcome.model
@@ -416,34 +412,30 @@ def _log_matrices(spec: JobSpec, *, outcome: IncrementalOutcome, run: TrainingRu
 
 
 def _register(
-    spec: JobSpec, *, state_dict: dict[str, torch.Tensor], run: TrainingRun, task: TaskOutcome, promote: bool
+    spec: JobSpec,
+    *,
+    method: IncrementalMethod,
+    state_dict: dict[str, torch.Tensor],
+    run: TrainingRun,
+    task: TaskOutcome,
+    promote: bool,
 ) -> tuple[dict[str, Any], bool]:
-    """Register the task's model; champion when the gate holds on the mean over the tasks seen."""
+    """Register the task's model (the one registration path); champion when the gate holds on the seen-task means."""
     means = task.seen_means()
     with tempfile.TemporaryDirectory() as folder:
         package_dir = save_model_package(Path(folder) / "package", spec=spec, state_dict=state_dict)
-        registered = register_model_package(
-            package_dir,
-            tracking_uri=run.tracking_uri,
-            run_id=run.run_id,
-            registered_model=spec.registered_model_name,
-            aliases=("candidate",),
+        registered, promoted, _ = register_package(
+            spec,
+            package_dir=package_dir,
+            run=run,
+            metrics=means,
             tags={
-                "retrieval.job": spec.name,
+                **method.registration_tags(),
                 "retrieval.task": str(task.task),
                 "retrieval.task_name": task.name,
                 **{f"seen_mean.{key}": f"{value:.6f}" for key, value in means.items()},
             },
-        )
-    promoted = promote and all(condition.holds(means) for condition in spec.tracking.gate)
-    if promoted:
-        set_alias(tracking_uri=run.tracking_uri, name=registered.name, alias="champion", version=registered.version)
-        registered = RegisteredModel(
-            name=registered.name, version=registered.version, aliases=(*registered.aliases, "champion")
-        )
-    else:
-        logger.warning(
-            "task %s: gate does not hold for %s; version %s stays candidate", task.name, means, registered.version
+            promote_with_gate=promote,
         )
     return {
         "name": registered.name,
@@ -462,40 +454,33 @@ def _build_index(
     task: TaskData,
     registered: dict[str, Any],
 ) -> str:
-    """A new index version of the test images of every class seen so far, built with this task's model."""
-    gallery = concatenate_datasets([seen.test for seen in tasks[: task.index + 1]])
-    with torch.no_grad():
-        vectors = embed_dataset(functools.partial(method.embed, model), gallery, batch_size=spec.train.embed_batch_size)
-    names = gallery.class_names
-    task_of = {class_id: seen.index for seen in tasks for class_id in seen.classes}
-    items = [
-        {"label": names[label], "source": gallery.source(position), "task": str(task_of[int(label)])}
-        for position, label in enumerate(gallery.labels.tolist())
-    ]
-    manifest_path = build_shards(
-        vectors=vectors,
-        ids=np.arange(len(gallery), dtype=np.int64),
-        items=items,
-        out_root=spec.index_root,
-        num_shards=spec.index.num_shards,
-        factory=spec.index.factory,
-        metric=spec.index.metric,
+    """A new index version of the test images of every class seen so far, built with this task's model.
+
+    The method says what the index holds (`IncrementalMethod.task_gallery`); the one index writer writes it.
+    """
+    content = method.task_gallery(model, tasks, upto=task.index, batch_size=spec.train.embed_batch_size)
+    manifest_path = write_gallery_index(
+        content,
+        job=spec.name,
+        code_bits=method.code_bits,
         model=ModelRef(
             name=registered["name"],
             version=str(registered["version"]),
             uri=f"models:/{registered['name']}/{registered['version']}",
         ),
-        gallery={
-            "dataset": spec.dataset.model_dump(mode="json"),
-            "split": "test",
-            "tasks": [seen.name for seen in tasks[: task.index + 1]],
-            "count": len(gallery),
-            "job": spec.name,
-        },
+        out_root=spec.index_root,
+        num_shards=spec.index.num_shards,
+        factory=spec.index.factory,
+        metric=spec.index.metric,
+        thumbnail_px=spec.index.thumbnail_px,
     )
     manifest, _ = read_manifest(manifest_path)
     logger.info(
-        "task %s: index version %s (%d items) at %s", task.name, manifest.index_version, len(gallery), manifest_path
+        "task %s: index version %s (%d items) at %s",
+        task.name,
+        manifest.index_version,
+        len(content.items),
+        manifest_path,
     )
     return manifest.index_version
 

@@ -1,6 +1,7 @@
-"""What a finished training job produced, and the gate that decides whether it becomes `champion`.
+"""What a finished training job produced, the one registration path, and the gate that decides `champion`.
 
-Shared by every family's driver (image, cross-modal, incremental) without importing one another.
+Shared by the job driver (`retrieval.train.driver`) and the task-sequence runner
+(`retrieval.train.incremental`) without importing one another.
 """
 
 from __future__ import annotations
@@ -8,18 +9,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from retrieval.config import JobSpec
-from retrieval.tracking.registry import RegisteredModel, set_alias
+from retrieval.tracking.registry import RegisteredModel, register_model_package, set_alias
 from retrieval.tracking.runs import TrainingRun
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingOutcome:
-    """What a finished job produced."""
+    """What a finished job produced (the registered version, its scores, whether it became champion)."""
 
     metrics: dict[str, float]
     baselines: dict[str, dict[str, float]]
@@ -73,3 +75,29 @@ def apply_gate(
         logger.warning("gate %s does not hold for %s: version %s stays candidate", gate, metrics, registered.version)
     run.set_tag("retrieval.registered_version", registered.version)
     return registered, promoted, gate
+
+
+def register_package(
+    spec: JobSpec,
+    *,
+    package_dir: Path,
+    run: TrainingRun,
+    metrics: Mapping[str, float],
+    tags: Mapping[str, str],
+    promote_with_gate: bool,
+) -> tuple[RegisteredModel, bool, list[str]]:
+    """Register a package from `run` as a new version (`candidate`); `champion` when the gate holds on `metrics`.
+
+    The one registration path of every job and of every task of a sequence: the version is
+    tagged with the job, the method's own tags (`RetrievalMethod.registration_tags`, passed in
+    `tags` with the scores) and the package digest (by `register_model_package`).
+    """
+    registered = register_model_package(
+        package_dir,
+        tracking_uri=run.tracking_uri,
+        run_id=run.run_id,
+        registered_model=spec.registered_model_name,
+        aliases=("candidate",),
+        tags={"retrieval.job": spec.name, **tags},
+    )
+    return apply_gate(spec, registered=registered, metrics=metrics, run=run, promote_with_gate=promote_with_gate)
