@@ -175,6 +175,14 @@ class IncrementalMethod(RetrievalMethod):
         """The training runs of a task, in order (ch. 7 trains its specialist first)."""
         return ["student"]
 
+    def phase_epochs(self, phase: Phase, *, task_epochs: int) -> int:
+        """Epochs of one phase of a task whose runs train `task_epochs` (default: all of them)."""
+        return task_epochs
+
+    def finish_phase(self, phase: Phase, *, model: nn.Module, carry: TaskCarry) -> TaskCarry:
+        """The carry for the next phase of the same task, from the bare model `phase` trained (default: unchanged)."""
+        return carry
+
     def score_task(
         self, model: nn.Module, task_data: TaskData, *, ks: Sequence[int], batch_size: int
     ) -> dict[str, float]:
@@ -583,6 +591,16 @@ class DualDistillation(IncrementalMethod):
             terms["corr_new"] = correlation_distillation(embeddings, new_embeddings, temperature=temperature)
             terms["loss"] = terms["loss"] + settings.new_teacher_weight * terms["corr_new"]
         return terms
+
+    def phase_epochs(self, phase: Phase, *, task_epochs: int) -> int:
+        settings = self.settings
+        assert isinstance(settings, DualDistillationSpec)
+        if phase == "specialist" and settings.specialist_epochs:
+            return settings.specialist_epochs
+        return task_epochs
+
+    def finish_phase(self, phase: Phase, *, model: nn.Module, carry: TaskCarry) -> TaskCarry:
+        return self.finish_specialist(model=model, carry=carry) if phase == "specialist" else carry
 
     def finish_specialist(self, *, model: nn.Module, carry: TaskCarry) -> TaskCarry:
         """The carry of the student phase: the same, plus the specialist (new teacher) just trained."""

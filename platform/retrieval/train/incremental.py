@@ -40,7 +40,7 @@ import pyarrow.fs
 import ray
 import torch
 
-from retrieval.config import INCREMENTAL_METHODS, DualDistillationSpec, JobSpec
+from retrieval.config import INCREMENTAL_METHODS, JobSpec
 from retrieval.data.tasks import TaskData, build_task_sequence
 from retrieval.errors import ConfigError, IntegrityError
 from retrieval.evaluation.forgetting import as_matrix, forgetting, format_matrix, mean_forgetting
@@ -273,7 +273,7 @@ def _run_tasks(
         state_dict = None
         specialist: torch.nn.Module | None = None
         for phase in method.phases(task.index):
-            epochs = _phase_epochs(spec, task.index, phase)
+            epochs = method.phase_epochs(phase, task_epochs=_task_epochs(spec, task.index))
             logger.info("task %d/%d (%s), phase %s: %d epochs", task.index + 1, len(tasks), task.name, phase, epochs)
             trainer = build_trainer(
                 spec,
@@ -287,10 +287,11 @@ def _run_tasks(
                 raise RuntimeError(f"task {task.index} ({phase}) of {spec.name!r} finished without a checkpoint")
             with result.checkpoint.as_directory() as folder:
                 state_dict = load_state(Path(folder) / CHECKPOINT_STATE)["model"]
+            trained = method.build_model()
+            trained.load_state_dict(state_dict)
+            carry = method.finish_phase(phase, model=trained, carry=carry)
             if phase == "specialist":
-                specialist = method.build_model()
-                specialist.load_state_dict(state_dict)
-                carry = method.finish_specialist(model=specialist, carry=carry)  # type: ignore[attr-defined]
+                specialist = trained
         step_offset += _task_epochs(spec, task.index)
         assert state_dict is not None
         model = method.build_model()
@@ -334,12 +335,6 @@ def _progress_metrics(outcome: IncrementalOutcome, spec: JobSpec) -> dict[str, f
 def _task_epochs(spec: JobSpec, task: int) -> int:
     assert spec.incremental is not None
     return spec.incremental.tasks[task].epochs or spec.train.epochs
-
-
-def _phase_epochs(spec: JobSpec, task: int, phase: str) -> int:
-    if phase == "specialist" and isinstance(spec.method, DualDistillationSpec) and spec.method.specialist_epochs:
-        return spec.method.specialist_epochs
-    return _task_epochs(spec, task)
 
 
 def _evaluate(
