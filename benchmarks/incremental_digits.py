@@ -52,7 +52,7 @@ from retrieval.data.tasks import build_task_sequence
 from retrieval.evaluation.forgetting import as_matrix, mean_forgetting
 from retrieval.methods import build_method
 from retrieval.methods.incremental import IncrementalMethod, TaskCarry
-from retrieval.train.worker import begin_task, build_optimizer, training_loader
+from retrieval.methods.training import begin_task, build_optimizer, training_loader
 
 SCENARIO_NAMES = ("two_tasks", "cross_domain", "five_tasks", "cross_domain_long")
 #: cross_domain_long: the pair task trains this many times the epochs (its 420 training images give

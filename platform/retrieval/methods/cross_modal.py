@@ -1,11 +1,14 @@
 """Cross-modal methods: entropy-regularised hashing (thesis ch. 3) and adversarial real-valued retrieval (ch. 4).
 
-Both train two players in alternation (see `retrieval.train.cross_modal`): the encoders (the
-"generator") and the modality classifiers (the "discriminator"). A method here defines each
+Both are `RetrievalMethod`s trained by the one worker loop; their own parts of the protocol make
+them two-player: the modality classifiers are the adversary (`build_adversary`), and `train_step`
+runs the alternating schedule (`alternating_step`) of the encoders (the "generator") and the
+classifiers (the "discriminator") on pairs drawn by `training_loader`. A method here defines each
 player's loss terms on a batch, how a batch's texts are prepared, how items are embedded for
-retrieval, and how a model is scored. It holds no training state; what it derives from the
-training data (the vocabulary, the tag width, the number of labels) is a `TextContext`, built
-the same way on every worker and saved with the model.
+retrieval, how a model is scored (`evaluate`, `evaluate_package`) and what its index holds
+(`gallery`). What it derives from the training data (the vocabulary, the tag width, the number of
+labels) is a `TextContext`, built the same way on every worker (`load_training_data`) and saved
+with the model (`package_files`).
 
 Modality labels: image 0, text 1. A batch has `B` images and `T` texts (a tag vector per image,
 or every caption of each image), `owner[t]` the batch position of text `t`'s image. The

@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
-from retrieval.config import OptimizerSpec
+from retrieval.config import JobSpec, OptimizerSpec
+from retrieval.data.base import ImageDataset
+from retrieval.data.sampler import ClassBalancedBatchSampler
 from retrieval.methods.base import Players, RetrievalMethod, TaskAssignment, TrainingData, unwrap
+from retrieval.methods.registry import build_method
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +195,54 @@ class MethodTrainer:
         return int(state["epoch"]) + 1
 
 
+def training_loader(
+    train_data: ImageDataset,
+    *,
+    training_labels: np.ndarray | None,
+    classes_per_batch: int,
+    spec: JobSpec,
+    num_replicas: int,
+    rank: int,
+) -> tuple[DataLoader[Any], ClassBalancedBatchSampler]:
+    """The P x K loader of one worker of an image method (`RetrievalMethod.training_loader`'s default).
+
+    For a test or benchmark that drives the steps itself; `MethodTrainer` calls the method's own.
+    """
+    data = TrainingData(
+        train=train_data, evaluation=None, epochs=spec.train.epochs, classes_per_batch=classes_per_batch
+    )
+    method = build_method(spec)
+    loader, sampler = RetrievalMethod.training_loader(
+        method, data, training_labels=training_labels, num_replicas=num_replicas, rank=rank
+    )
+    return loader, sampler
+
+
+def begin_task(
+    method: Any,
+    model: nn.Module,
+    *,
+    task: Mapping[str, Any] | TaskAssignment,
+    carry: Any,
+    spec: JobSpec,
+    device: torch.device,
+) -> tuple[ImageDataset, ImageDataset]:
+    """Set `model` and `method` up for one task of an incremental sequence; its train and test data.
+
+    What `MethodTrainer` does for a task, for a benchmark or test that drives the steps itself.
+    """
+    if not isinstance(task, TaskAssignment):
+        task = TaskAssignment(
+            index=int(task["index"]),
+            phase=task["phase"],
+            epochs=int(task.get("epochs", spec.train.epochs)),
+            step_offset=int(task.get("step_offset", 0)),
+        )
+    data = method.load_training_data(task)
+    method.begin_task(model=model, carry=carry, phase=task.phase, device=device)
+    return data.train, data.evaluation
+
+
 def package_files_of(state: dict[str, Any]) -> dict[str, str]:
     """The package files a training state keeps (a state written before they were kept: its text context)."""
     if "package_files" in state:
@@ -204,8 +257,10 @@ def package_files_of(state: dict[str, Any]) -> dict[str, str]:
 __all__ = [
     "ADVERSARY_KEYS",
     "MethodTrainer",
+    "begin_task",
     "build_optimizer",
     "build_scheduler",
     "package_files_of",
+    "training_loader",
     "unwrap",
 ]

@@ -18,20 +18,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 import yaml
-from torch import nn
-from torch.utils.data import DataLoader
 
 from retrieval.config import JobSpec
-from retrieval.data.base import ImageDataset
-from retrieval.data.sampler import ClassBalancedBatchSampler
 from retrieval.methods import build_method
-from retrieval.methods.base import RetrievalMethod, TaskAssignment, TrainingData, unwrap
+from retrieval.methods.base import TaskAssignment, unwrap
 from retrieval.methods.training import MethodTrainer, build_optimizer, build_scheduler
 from retrieval.serialization import load_state
 from retrieval.tracking.runs import TrainingRun
@@ -47,11 +42,9 @@ __all__ = [
     "FaultPlan",
     "RunAddress",
     "WorkerConfig",
-    "begin_task",
     "build_optimizer",
     "build_scheduler",
     "train_loop_per_worker",
-    "training_loader",
     "unwrap",
     "with_system_metrics",
 ]
@@ -185,51 +178,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics, checkpoint=None)
-
-
-def training_loader(
-    train_data: ImageDataset,
-    *,
-    training_labels: np.ndarray | None,
-    classes_per_batch: int,
-    spec: JobSpec,
-    num_replicas: int,
-    rank: int,
-) -> tuple[DataLoader[Any], ClassBalancedBatchSampler]:
-    """The P x K loader of one worker of an image method (`RetrievalMethod.training_loader`'s default)."""
-    data = TrainingData(
-        train=train_data, evaluation=None, epochs=spec.train.epochs, classes_per_batch=classes_per_batch
-    )
-    method = build_method(spec)
-    loader, sampler = RetrievalMethod.training_loader(
-        method, data, training_labels=training_labels, num_replicas=num_replicas, rank=rank
-    )
-    return loader, sampler
-
-
-def begin_task(
-    method: Any,
-    model: nn.Module,
-    *,
-    task: Mapping[str, Any] | TaskAssignment,
-    carry: Any,
-    spec: JobSpec,
-    device: torch.device,
-) -> tuple[ImageDataset, ImageDataset]:
-    """Set `model` and `method` up for one task of an incremental sequence; its train and test data.
-
-    What `MethodTrainer` does for a task, for a benchmark or test that drives the steps itself.
-    """
-    if not isinstance(task, TaskAssignment):
-        task = TaskAssignment(
-            index=int(task["index"]),
-            phase=task["phase"],
-            epochs=int(task.get("epochs", spec.train.epochs)),
-            step_offset=int(task.get("step_offset", 0)),
-        )
-    data = method.load_training_data(task)
-    method.begin_task(model=model, carry=carry, phase=task.phase, device=device)
-    return data.train, data.evaluation
 
 
 def _mean_across_workers(

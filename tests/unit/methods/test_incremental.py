@@ -16,7 +16,7 @@ from retrieval.errors import DatasetError
 from retrieval.losses.feature_estimation import estimate_older_features
 from retrieval.methods import METHODS, build_method, load_model_package, save_model_package
 from retrieval.methods.incremental import IncrementalMethod, TaskCarry, _sample_batches, network
-from retrieval.train.worker import begin_task, training_loader
+from retrieval.methods.training import begin_task, training_loader
 
 JOBS = Path(__file__).resolve().parents[3] / "jobs"
 EXTRA_TERMS_AT_TASK_1 = {
