@@ -39,6 +39,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +211,7 @@ def run_sequence(spec: JobSpec) -> tuple[np.ndarray, list[float | None]]:
     rows = []
     specialists: list[float | None] = []
     for task in tasks:
-        carry.task, carry.classes = task.index, task.classes
+        carry = replace(carry, task=task.index, classes=task.classes)
         specialist_recall = None
         for phase in method.phases(task.index):
             # As the runner: a task's own epochs, else train.epochs (ch. 7's specialist: specialist_epochs first).

@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskCarry:
     """What a method keeps from the tasks before `task` (plain tensors and arrays, no images of old tasks).
 
@@ -405,14 +405,14 @@ class ElasticWeightConsolidation(IncrementalMethod):
         fisher = empirical_fisher(model, batches, log_likelihood, max_samples=settings.fisher_samples)
         anchor = {name: parameter.detach().clone() for name, parameter in model.named_parameters() if name in fisher}
         following = super().finish_task(model=model, carry=carry, task_data=task_data, device=device)
-        following.fisher = [
+        fishers = [
             *carry.fisher,
             (
                 {name: tensor.cpu() for name, tensor in fisher.items()},
                 {name: tensor.cpu() for name, tensor in anchor.items()},
             ),
         ]
-        return following
+        return replace(following, fisher=fishers)
 
 
 class IncrementalKdMmd(IncrementalMethod):
@@ -498,8 +498,7 @@ class FeatureEstimation(IncrementalMethod):
         before, after = _paired_embeddings(
             previous, model, task_data, limit=settings.estimation_samples, spec=self.spec, device=device
         )
-        following.drift = {**carry.drift, carry.task: fit_backward_map(before, after)}
-        return following
+        return replace(following, drift={**carry.drift, carry.task: fit_backward_map(before, after)})
 
 
 def _sample_batches(
@@ -627,7 +626,7 @@ class DualDistillation(IncrementalMethod):
                 f"{task_data.index}, whose first class is {task_data.classes[0]}: it was saved without class means "
                 "(before issue 17); train the sequence again from task 0"
             )
-        following.class_means = class_means
+        following = replace(following, class_means=class_means)
         targets = torch.tensor(
             [class_id for class_id in task_data.classes for _ in range(synthesis.images_per_class)], dtype=torch.int64
         )
@@ -668,11 +667,8 @@ class DualDistillation(IncrementalMethod):
             std=self.spec.dataset.std,
         ).cpu()
         if carry.replay_images is not None and carry.replay_labels is not None:
-            following.replay_images = torch.cat([carry.replay_images, images])
-            following.replay_labels = torch.cat([carry.replay_labels, targets])
-        else:
-            following.replay_images, following.replay_labels = images, targets
-        return following
+            images, targets = torch.cat([carry.replay_images, images]), torch.cat([carry.replay_labels, targets])
+        return replace(following, replay_images=images, replay_labels=targets)
 
 
 @contextmanager

@@ -30,7 +30,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -269,7 +269,7 @@ def _run_tasks(
     step_offset = sum(_task_epochs(spec, position) for position in range(len(finished)))
 
     for task in tasks[len(finished) :]:
-        carry.task, carry.classes = task.index, task.classes
+        carry = replace(carry, task=task.index, classes=task.classes)
         state_dict = None
         specialist: torch.nn.Module | None = None
         for phase in method.phases(task.index):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,7 @@ def test_each_method_trains_two_tasks_with_its_own_terms(name: str) -> None:
     assert network(first).classifier.num_classes == 3
     assert carry.task == 1 and carry.previous_state is not None
 
-    carry.classes = tasks[1].classes
+    carry = replace(carry, classes=tasks[1].classes)
     second, _, terms = train_task(method, spec, tasks, carry)
     student_terms = terms["student"]
     assert set(student_terms) == {"loss", "metric", "ce"} | EXTRA_TERMS_AT_TASK_1[name]
@@ -165,7 +166,7 @@ def test_feature_estimation_distils_estimated_older_models_from_the_third_task()
     tasks = build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)  # type: ignore[arg-type]
     carry = TaskCarry(task=0, classes=tasks[0].classes)
     for index in range(3):
-        carry.classes = tasks[index].classes
+        carry = replace(carry, classes=tasks[index].classes)
         _, carry, terms = train_task(method, spec, tasks, carry)
         if index == 1:
             # Task 1 finished: the backward map from model 1 to model 0 is recorded, 3 x D floats, no images.
@@ -186,7 +187,7 @@ def test_on_a_real_three_task_run_the_estimate_is_closer_to_the_oldest_model_tha
     carry = TaskCarry(task=0, classes=tasks[0].classes)
     models = []
     for index in range(2):
-        carry.classes = tasks[index].classes
+        carry = replace(carry, classes=tasks[index].classes)
         model, carry, _ = train_task(
             method, spec, tasks, carry, steps=30, optimizer_factory=lambda p: torch.optim.Adam(p, lr=1e-3)
         )
@@ -214,7 +215,7 @@ def test_ewc_keeps_one_fisher_per_finished_task() -> None:
     tasks = build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)  # type: ignore[arg-type]
     carry = TaskCarry(task=0, classes=tasks[0].classes)
     for index in range(2):
-        carry.classes = tasks[index].classes
+        carry = replace(carry, classes=tasks[index].classes)
         _, carry, _ = train_task(method, spec, tasks, carry)
     assert len(carry.fisher) == 2
     fisher, anchor = carry.fisher[1]
@@ -267,7 +268,7 @@ def test_dual_distillation_replays_synthesised_images_of_every_old_class() -> No
     tasks = build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)  # type: ignore[arg-type]
     carry = TaskCarry(task=0, classes=tasks[0].classes)
     for index in range(2):
-        carry.classes = tasks[index].classes
+        carry = replace(carry, classes=tasks[index].classes)
         _, carry, _ = train_task(method, spec, tasks, carry)
     assert carry.replay_images is not None and carry.replay_labels is not None
     assert carry.replay_images.shape == (4, 3, 16, 16)
@@ -473,7 +474,7 @@ def test_replay_images_go_through_the_student_in_a_pass_of_their_own() -> None:
     assert isinstance(method, IncrementalMethod)
     tasks = build_task_sequence(dataset=spec.dataset, incremental=spec.incremental)  # type: ignore[arg-type]
     _, carry, _ = train_task(method, spec, tasks, TaskCarry(task=0, classes=tasks[0].classes))
-    carry.classes = tasks[1].classes
+    carry = replace(carry, classes=tasks[1].classes)
     student = method.build_model()
     method.begin_task(model=student, carry=carry, phase="student", device=torch.device("cpu"))
     student.train()
