@@ -441,6 +441,8 @@ FAMILY_TRAINS_ON: dict[MethodFamily, DatasetKind] = {
 }
 
 
+# The docs' "Adding a method" page shows this class (between the snippet markers) as its example.
+# --8<-- [start:deep_metric_spec]
 class DeepMetricSpec(StrictModel):
     """Thesis ch. 2, verification-based fine-tuning with pytorch-metric-learning losses."""
 
@@ -457,6 +459,9 @@ class DeepMetricSpec(StrictModel):
     contrastive_pos_margin: float = 1.0
     contrastive_neg_margin: float = 0.0
     metric_weight: float = Field(1.0, ge=0.0)
+
+
+# --8<-- [end:deep_metric_spec]
 
 
 class ClassificationSpec(StrictModel):
