@@ -164,3 +164,78 @@ def test_readme_links_and_mentions_of_docs_pages_resolve() -> None:
             if not (ROOT / page).exists():
                 broken.append(f"{path.relative_to(ROOT)} mentions {page}")
     assert broken == []
+
+
+# --------------------------------------------------------------------------- the "Adding a method" page
+
+ADDING_A_METHOD = ROOT / "docs" / "methods" / "adding.md"
+# `--8<-- "path"` or `--8<-- "path:section"` on a line of its own (pymdownx.snippets, mkdocs.yml).
+_SNIPPET = re.compile(r'^\s*--8<-- "([^":]+)(?::([\w-]+))?"\s*$', re.MULTILINE)
+
+
+def _yaml_blocks(markdown: str) -> list[str]:
+    return re.findall(r"^```yaml\n(.*?)^```$", markdown, flags=re.MULTILINE | re.DOTALL)
+
+
+def test_the_job_of_the_adding_a_method_page_trains_a_step() -> None:
+    import math
+
+    import torch
+
+    from retrieval.config import JobSpec
+    from retrieval.methods import build_method
+    from retrieval.methods.training import MethodTrainer
+
+    blocks = _yaml_blocks(ADDING_A_METHOD.read_text())
+    assert len(blocks) == 1, f"{ADDING_A_METHOD.name}: expected the one job YAML, found {len(blocks)} YAML blocks"
+    spec = JobSpec.from_mapping(yaml.safe_load(blocks[0]), source=ADDING_A_METHOD.name)
+    assert spec.method.name == "deep_metric" and spec.dataset.name == "digits"
+    torch.set_num_threads(1)
+    trainer = MethodTrainer(build_method(spec))
+    before = [parameter.detach().clone() for parameter in trainer.players.bare_model.parameters()]
+    sums, steps = trainer.train_epoch(0, max_steps=1)
+    assert steps == 1 and math.isfinite(sums["loss"]), sums
+    after = list(trainer.players.bare_model.parameters())
+    assert any(not torch.equal(old, new.detach()) for old, new in zip(before, after, strict=True))
+
+
+def test_the_adding_a_method_page_shows_the_registry_line_that_is_in_the_registry() -> None:
+    page = ADDING_A_METHOD.read_text()
+    registry = (ROOT / "platform" / "retrieval" / "methods" / "registry.py").read_text()
+    for line in ("from retrieval.methods.deep_metric import DeepMetric", "    DeepMetric.name: DeepMetric,"):
+        assert line in page, f"{ADDING_A_METHOD.name} lacks {line!r}"
+        assert line in registry, f"{ADDING_A_METHOD.name} shows {line!r}, which methods/registry.py no longer has"
+
+
+def _snippet_problems(page: str, markdown: str) -> list[str]:
+    """What is wrong with each snippet the page `page` includes: a missing file, or a section not marked once."""
+    problems = []
+    for path, section in _SNIPPET.findall(markdown):
+        where = f"{page} includes {path}{':' + section if section else ''}"
+        target = ROOT / path
+        if not target.is_file():
+            problems.append(f"{where}: no such file")
+            continue
+        if section:
+            text = target.read_text()
+            for marker in (f"--8<-- [start:{section}]", f"--8<-- [end:{section}]"):
+                if text.count(marker) != 1:
+                    problems.append(f"{where}: {marker!r} occurs {text.count(marker)} times in {path}")
+    return problems
+
+
+def test_every_snippet_of_the_docs_exists() -> None:
+    pages = {str(page.relative_to(ROOT)): page.read_text() for page in sorted((ROOT / "docs").rglob("*.md"))}
+    assert len(_SNIPPET.findall(pages["docs/methods/adding.md"])) >= 2
+    assert [problem for page, text in pages.items() for problem in _snippet_problems(page, text)] == []
+
+
+def test_a_moved_snippet_would_be_caught() -> None:
+    page = '--8<-- "platform/retrieval/methods/moved.py"\n\n--8<-- "platform/retrieval/config.py:no_such_spec"\n'
+    assert _snippet_problems("a fake page", page) == [
+        "a fake page includes platform/retrieval/methods/moved.py: no such file",
+        "a fake page includes platform/retrieval/config.py:no_such_spec: '--8<-- [start:no_such_spec]' "
+        "occurs 0 times in platform/retrieval/config.py",
+        "a fake page includes platform/retrieval/config.py:no_such_spec: '--8<-- [end:no_such_spec]' "
+        "occurs 0 times in platform/retrieval/config.py",
+    ]
