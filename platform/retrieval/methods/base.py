@@ -2,10 +2,12 @@
 
 Every method, whatever its family (image metric learning, incremental task sequences, image-text
 retrieval), is a `RetrievalMethod` registered by name in `retrieval.methods.registry.METHODS`,
-trained by the one Ray Train worker loop (`retrieval.train.worker`), registered by the one path
-(`retrieval.train.driver.register_checkpoint`) and indexed by the one gallery builder
-(`retrieval.index.gallery`). What differs between families is the method's own code, in the
-optional parts below; the edge never asks which family a method is.
+trained by the one loop (`retrieval.methods.training.MethodTrainer`, which every Ray Train worker
+runs: `retrieval.train.worker`), registered by the one path (`retrieval.train.outcome.register_package`,
+after the method's own `evaluate_package` in `retrieval.train.driver.register_checkpoint`) and
+indexed by the one writer (`retrieval.index.gallery.write_gallery_index`, fed by the method's
+`gallery`). What differs between families is the method's own code, in the optional parts below;
+the edge never asks which family a method is.
 
 Required: `build_model`, `training_step` (or `train_step`), `embed`. Optional parts, each with
 a default that fits an image metric-learning method:

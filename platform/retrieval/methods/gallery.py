@@ -2,8 +2,8 @@
 
 An image model indexes images of its own job's dataset, preprocessed exactly as its evaluation
 transform: one item per image, `{"label", "source"}`, its vector the method's `embed` of it.
-The index builder (`retrieval.index.gallery.build_gallery_index`) writes whatever a method's
-`gallery` returns, the same way for every method.
+The index builder (`retrieval.index.gallery.build_gallery_index`) asks the method for its
+`gallery`, and the one writer (`write_gallery_index`) writes it the same way for every method.
 """
 
 from __future__ import annotations
