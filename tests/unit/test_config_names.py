@@ -167,12 +167,12 @@ def test_a_method_spec_class_without_a_family_or_a_name_is_refused(monkeypatch: 
     class NoFamily(config.StrictModel):
         name: typing.Literal["no_family"] = "no_family"
 
-    monkeypatch.setattr(config, "METHOD_SPECS", (*METHOD_SPECS, NoFamily))
+    monkeypatch.setattr(config.job, "METHOD_SPECS", (*METHOD_SPECS, NoFamily))
     with pytest.raises(TypeError, match="NoFamily needs `family: ClassVar"):
-        config._method_families()
-    monkeypatch.setattr(config, "METHOD_SPECS", (*METHOD_SPECS, config.DeepMetricSpec))
+        config.job._method_families()
+    monkeypatch.setattr(config.job, "METHOD_SPECS", (*METHOD_SPECS, config.DeepMetricSpec))
     with pytest.raises(TypeError, match="two method spec classes are named 'deep_metric'"):
-        config._method_families()
+        config.job._method_families()
     with pytest.raises(TypeError, match="needs a field `name: Literal"):
         method_name(config.ModelSpec)
 
