@@ -29,6 +29,7 @@ from retrieval.config import (
     load_sweep_spec,
     method_name,
 )
+from retrieval.config import methods as method_specs
 from retrieval.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,12 +168,13 @@ def test_a_method_spec_class_without_a_family_or_a_name_is_refused(monkeypatch: 
     class NoFamily(config.StrictModel):
         name: typing.Literal["no_family"] = "no_family"
 
-    monkeypatch.setattr(config, "METHOD_SPECS", (*METHOD_SPECS, NoFamily))
+    # `_method_families` reads METHOD_SPECS of the module that defines both.
+    monkeypatch.setattr(method_specs, "METHOD_SPECS", (*METHOD_SPECS, NoFamily))
     with pytest.raises(TypeError, match="NoFamily needs `family: ClassVar"):
-        config._method_families()
-    monkeypatch.setattr(config, "METHOD_SPECS", (*METHOD_SPECS, config.DeepMetricSpec))
+        method_specs._method_families()
+    monkeypatch.setattr(method_specs, "METHOD_SPECS", (*METHOD_SPECS, config.DeepMetricSpec))
     with pytest.raises(TypeError, match="two method spec classes are named 'deep_metric'"):
-        config._method_families()
+        method_specs._method_families()
     with pytest.raises(TypeError, match="needs a field `name: Literal"):
         method_name(config.ModelSpec)
 

@@ -231,11 +231,13 @@ def test_every_snippet_of_the_docs_exists() -> None:
 
 
 def test_a_moved_snippet_would_be_caught() -> None:
-    page = '--8<-- "platform/retrieval/methods/moved.py"\n\n--8<-- "platform/retrieval/config.py:no_such_spec"\n'
+    page = (
+        '--8<-- "platform/retrieval/methods/moved.py"\n\n--8<-- "platform/retrieval/config/methods.py:no_such_spec"\n'
+    )
     assert _snippet_problems("a fake page", page) == [
         "a fake page includes platform/retrieval/methods/moved.py: no such file",
-        "a fake page includes platform/retrieval/config.py:no_such_spec: '--8<-- [start:no_such_spec]' "
-        "occurs 0 times in platform/retrieval/config.py",
-        "a fake page includes platform/retrieval/config.py:no_such_spec: '--8<-- [end:no_such_spec]' "
-        "occurs 0 times in platform/retrieval/config.py",
+        "a fake page includes platform/retrieval/config/methods.py:no_such_spec: '--8<-- [start:no_such_spec]' "
+        "occurs 0 times in platform/retrieval/config/methods.py",
+        "a fake page includes platform/retrieval/config/methods.py:no_such_spec: '--8<-- [end:no_such_spec]' "
+        "occurs 0 times in platform/retrieval/config/methods.py",
     ]
