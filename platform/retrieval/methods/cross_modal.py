@@ -375,11 +375,6 @@ class CrossModalMethod(RetrievalMethod):
     # ----------------------------------------------------------------- the package and the index
 
     @property
-    def embedding_dim(self) -> int | None:
-        bits = getattr(self.settings, "bits", None)
-        return int(bits) if self.hashing and bits is not None else int(self.settings.embedding_dim)  # type: ignore[union-attr]
-
-    @property
     def code_bits(self) -> int | None:
         return self.embedding_dim if self.hashing else None
 
@@ -619,6 +614,11 @@ class CrossModalHashing(CrossModalMethod):
     def build_discriminator(self) -> ModalityDiscriminator:
         return ModalityDiscriminator(feature_dim=self.settings.feature_dim, bits=self.settings.bits)
 
+    @property
+    def embedding_dim(self) -> int:
+        """K: every embedding is a K-bit sign code."""
+        return self.settings.bits
+
     def generator_terms(
         self, *, output: CrossModalOutput, discriminator: nn.Module, batch: CrossModalBatch
     ) -> dict[str, torch.Tensor]:
@@ -715,6 +715,11 @@ class AdversarialCrossModal(CrossModalMethod):
 
     def build_discriminator(self) -> ModalityDiscriminator:
         return ModalityDiscriminator(feature_dim=self.settings.embedding_dim, bits=None)
+
+    @property
+    def embedding_dim(self) -> int:
+        """The common space's width."""
+        return self.settings.embedding_dim
 
     def generator_terms(
         self, *, output: CrossModalOutput, discriminator: nn.Module, batch: CrossModalBatch

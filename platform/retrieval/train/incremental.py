@@ -271,6 +271,7 @@ def _run_tasks(
     for task in tasks[len(finished) :]:
         carry = replace(carry, task=task.index, classes=task.classes)
         state_dict = None
+        trained: torch.nn.Module | None = None
         specialist: torch.nn.Module | None = None
         for phase in method.phases(task.index):
             epochs = method.phase_epochs(phase, task_epochs=_task_epochs(spec, task.index))
@@ -293,10 +294,9 @@ def _run_tasks(
             if phase == "specialist":
                 specialist = trained
         step_offset += _task_epochs(spec, task.index)
-        assert state_dict is not None
-        model = method.build_model()
-        model.load_state_dict(state_dict)
-        model.eval()
+        assert state_dict is not None and trained is not None
+        # The last phase trains the task's model.
+        model = trained.eval()
 
         task_outcome = _evaluate(spec, method=method, model=model, tasks=tasks, task=task, specialist=specialist)
         outcome.tasks.append(task_outcome)
